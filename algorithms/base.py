@@ -1,0 +1,83 @@
+"""What an algorithm is: a dataclass of its hyperparameters and a loss on one batch.
+
+An algorithm receives the student, the EMA teacher and a `Batch`, and returns `Losses`. Everything
+else (loop, optimizer, schedules, EMA update, distribution, checkpoints, logging) is shared.
+Register with `@register('name')`; its dataclass fields become flags (`--help` shows them under
+the algorithm's module). A field declared by several algorithms (e.g. `consistency_weight`) is one
+flag whose default (None) means "this algorithm's own default".
+"""
+import dataclasses
+from typing import Dict, Tuple
+
+import tensorflow as tf
+
+from ssl_ema import losses
+from ssl_ema.config import ConfigError, define_flags, from_flags, hparam  # noqa: F401
+
+ALGORITHMS: Dict[str, type] = {}
+
+
+@dataclasses.dataclass
+class Batch:
+    labeled_x: tf.Tensor
+    labels: tf.Tensor
+    unlabeled: Tuple[tf.Tensor, ...]   # the views named by the algorithm's `views`, same images
+    ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (linear over warmup_fraction)
+    rng: tf.random.Generator           # checkpointed, so a resumed run draws the same noise
+
+
+@dataclasses.dataclass
+class Losses:
+    labeled: tf.Tensor                 # supervised term
+    unlabeled: tf.Tensor               # everything else, weights and ramp-up already applied
+    metrics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Algorithm:
+    views: Tuple[str, ...] = ('weak',)  # augmentations of each unlabeled image it needs
+    consistency_weight: float = 0.
+
+    def __call__(self, student, teacher, batch: Batch) -> Losses:
+        raise NotImplementedError
+
+
+def forward(model, batch: Batch, *unlabeled):
+    """Run `model` in training mode once on the labeled images and `unlabeled` batches together.
+
+    One concatenated forward pass means batch norm normalises and updates its statistics over
+    the labeled and unlabeled images alike (as FixMatch does), instead of once per sub-batch.
+    Returns (labeled cross-entropy, [logits of each unlabeled batch]).
+    """
+    parts = (batch.labeled_x,) + unlabeled
+    logits = model(tf.concat(parts, 0), training=True)
+    logits = tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
+    return losses.cross_entropy(batch.labels, logits[0]), logits[1:]
+
+
+def register(name: str):
+    def wrap(cls):
+        cls = dataclasses.dataclass(cls)
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return wrap
+
+
+def define_algorithm_flags():
+    """One flag per hyperparameter name across all registered algorithms."""
+    owners: Dict[str, list] = {}
+    for name, cls in sorted(ALGORITHMS.items()):
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append((name, f.default))
+    for name, cls in sorted(ALGORITHMS.items()):
+        shared = {k: None for k, v in owners.items() if len(v) > 1}
+        suffix = {k: ' Default: ' + ', '.join(f'{a} {d}' for a, d in v) + '.'
+                  for k, v in owners.items() if len(v) > 1}
+        define_flags(cls, cls.__module__, shared, suffix)
+
+
+def create(name: str, **overrides) -> Algorithm:
+    """The algorithm `name` with hyperparameters from the parsed flags (and `overrides`)."""
+    if name not in ALGORITHMS:
+        raise ConfigError(f'--algorithm={name} is unknown; valid: {", ".join(sorted(ALGORITHMS))}')
+    return from_flags(ALGORITHMS[name], **overrides)

@@ -1,0 +1,43 @@
+"""Virtual Adversarial Training (Miyato et al., TPAMI 2018, arXiv:1704.03976), with optional
+entropy minimisation (the anchors' VAT+EntMin).
+
+Consistency: KL(target || student(x + r_adv)) (Eq. 4-5), r_adv by one power iteration
+(Eqs. 11-13, `losses.vat_perturbation`). By default the target distribution comes from the EMA
+teacher (this toolkit's design: the EMA produces the consistency targets);
+`--vat_target=student` uses the paper's stop-gradient student prediction on the clean image.
+"""
+import tensorflow as tf
+
+from ssl_ema import losses
+from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, forward, hparam, register
+
+
+@register('vat')
+class VAT(Algorithm):
+    views = ('weak',)
+    consistency_weight: float = hparam(0.3, 'Weight of the VAT consistency (ramped up).')
+    vat_eps: float = hparam(6., 'Norm epsilon of the adversarial perturbation r_adv (Eq. 13).')
+    vat_xi: float = hparam(1e-6, 'Finite-difference step xi of the power iteration (Eq. 12).')
+    vat_target: str = hparam('ema', 'Target distribution: ema (the EMA teacher) or student '
+                             '(stop-gradient student, as in the paper).')
+    entmin_weight: float = hparam(0.06, 'Weight of entropy minimisation on unlabeled images '
+                                  '(0 disables it; not ramped).')
+
+    def __post_init__(self):
+        if self.vat_target not in ('ema', 'student'):
+            raise ConfigError(f'--vat_target={self.vat_target} is unknown; valid: ema, student')
+
+    def __call__(self, student, teacher, batch):
+        (x,) = batch.unlabeled
+        xe, (logits,) = forward(student, batch, x)
+        if self.vat_target == 'ema':
+            target = teacher(x, training=False)
+        else:
+            target = tf.stop_gradient(logits)
+        r_adv = losses.vat_perturbation(lambda v: student(v, training=True), x, target,
+                                        batch.rng.normal(tf.shape(x)), self.vat_xi, self.vat_eps)
+        consistency = losses.kl_divergence(target, student(x + r_adv, training=True))
+        entropy = losses.entropy(logits)
+        return Losses(xe, batch.ramp * self.consistency_weight * consistency
+                      + self.entmin_weight * entropy,
+                      {'consistency': consistency, 'entropy': entropy})

@@ -1,0 +1,48 @@
+"""Augmentations on batches of float images [B, H, W, C], driven by stateless seeds.
+
+Every random choice is a pure function of a seed of shape [2], so a batch can be rebuilt exactly
+from (run seed, step): that is what makes a resumed run identical to an uninterrupted one.
+"""
+import tensorflow as tf
+
+
+def _seeds(seed, n):
+    """n independent stateless seeds derived from one."""
+    return tf.random.experimental.stateless_split(seed, n)
+
+
+def translate(images, seed, fraction=0.125):
+    """Random translation by up to `fraction` of the side, reflect padding (the anchors' weak aug)."""
+    shape = tf.shape(images)
+    b, h, w = shape[0], shape[1], shape[2]
+    pad_h = max(1, round(fraction * images.shape[1]))
+    pad_w = max(1, round(fraction * images.shape[2]))
+    padded = tf.pad(images, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode='REFLECT')
+    s = _seeds(seed, 2)
+    dy = tf.random.stateless_uniform([b], s[0], 0, 2 * pad_h + 1, dtype=tf.int32)
+    dx = tf.random.stateless_uniform([b], s[1], 0, 2 * pad_w + 1, dtype=tf.int32)
+    rows = dy[:, None] + tf.range(h)[None]
+    cols = dx[:, None] + tf.range(w)[None]
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
+def flip_left_right(images, seed):
+    flip = tf.random.stateless_uniform([tf.shape(images)[0]], seed) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(images, [2]), images)
+
+
+def weak(images, seed, flip=True):
+    """Random horizontal flip (unless `flip` is False, e.g. for digits) and translation."""
+    s = _seeds(seed, 2)
+    if flip:
+        images = flip_left_right(images, s[0])
+    return translate(images, s[1])
+
+
+def none(images, seed, flip=True):
+    del seed, flip
+    return images
+
+
+AUGMENTATIONS = {'weak': weak, 'none': none}

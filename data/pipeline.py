@@ -1,0 +1,120 @@
+"""The input pipeline: arrays + split -> normalised, augmented batches as a function of the step.
+
+Design: every batch is a pure function of (seed, step). Each epoch's order is a stateless
+permutation of the indices, and augmentation uses stateless seeds, so starting the stream at step k
+yields exactly the batches an uninterrupted run sees from step k on. Resuming therefore needs only
+the step counter from the checkpoint, never a saved shuffle buffer (which for SVHN-extra would
+hold gigabytes), and works the same under any tf.distribute strategy.
+"""
+import dataclasses
+from typing import Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from ssl_ema.data import augment as augment_lib
+from ssl_ema.data.datasets import Arrays, DataError, load
+from ssl_ema.data.splits import Split, make_split
+
+_LABELED, _UNLABELED = 1, 2   # stream ids folded into the seed so streams are independent
+
+
+def _index_batches(n: int, batch: int, seed: int, stream: int, start_step: int):
+    """Batches of indices in [0, n): epoch e is the stateless permutation seeded by (seed, e)."""
+    first_epoch, offset = divmod(start_step * batch, n)
+    base = tf.constant([seed, stream], tf.int64)
+
+    def permutation(epoch):
+        epoch_seed = tf.random.experimental.stateless_fold_in(base, epoch)
+        return tf.data.Dataset.from_tensor_slices(
+            tf.argsort(tf.random.stateless_uniform([n], epoch_seed)))
+
+    epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+    return epochs.flat_map(permutation).skip(offset).batch(batch, drop_remainder=True)
+
+
+@dataclasses.dataclass
+class SSLData:
+    arrays: Arrays
+    split: Split
+    seed: int
+    augment: str = 'weak'
+
+    def __post_init__(self):
+        if self.augment not in augment_lib.AUGMENTATIONS:
+            raise DataError(f'--augment={self.augment} is unknown; valid: '
+                            f'{", ".join(sorted(augment_lib.AUGMENTATIONS))}')
+        x = self.arrays.x_train
+        # Per-channel statistics of the training part, in 0..255 units.
+        self.mean = x.reshape(-1, x.shape[-1]).mean(0).astype(np.float32)
+        self.std = np.maximum(x.reshape(-1, x.shape[-1]).std(0), 1e-3).astype(np.float32)
+        self._labeled_x = tf.constant(x[self.split.labeled])
+        self._labels = tf.constant(self.arrays.y_train[self.split.labeled])
+        pool = x[self.split.unlabeled]
+        if self.arrays.x_extra is not None:
+            pool = np.concatenate([pool, self.arrays.x_extra])
+        self._unlabeled_x = tf.constant(pool)
+
+    @property
+    def num_classes(self):
+        return self.arrays.num_classes
+
+    @property
+    def image_shape(self):
+        return self.arrays.image_shape
+
+    def normalize(self, images):
+        return (tf.cast(images, tf.float32) - self.mean) / self.std
+
+    def _augment(self, name, images, seed):
+        return augment_lib.AUGMENTATIONS[name](images, seed, flip=self.arrays.flip)
+
+    def _stream(self, images, batch, stream, start_step):
+        indices = _index_batches(int(images.shape[0]), batch, self.seed, stream, start_step)
+        base = tf.constant([self.seed, stream], tf.int64)
+        return indices.enumerate(start_step), base
+
+    def labeled(self, batch: int, start_step: int = 0) -> tf.data.Dataset:
+        """(images, labels) per step, with the run's --augment."""
+        steps, base = self._stream(self._labeled_x, batch, _LABELED, start_step)
+
+        def make(step, idx):
+            seed = tf.random.experimental.stateless_fold_in(base, step)
+            x = self.normalize(tf.gather(self._labeled_x, idx))
+            return self._augment(self.augment, x, seed), tf.gather(self._labels, idx)
+        return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def unlabeled(self, batch: int, views: Sequence[str], start_step: int = 0) -> tf.data.Dataset:
+        """A tuple of augmented views of the same unlabeled images per step.
+
+        A view named 'weak' gets the run's --augment; other names ('strong', 'none') are taken
+        literally, so an algorithm asks for exactly the views its paper uses.
+        """
+        steps, base = self._stream(self._unlabeled_x, batch, _UNLABELED, start_step)
+
+        def make(step, idx):
+            x = self.normalize(tf.gather(self._unlabeled_x, idx))
+            seeds = tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(base, step), len(views))
+            return tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i])
+                         for i, v in enumerate(views))
+        return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0):
+        """((labeled images, labels), unlabeled views) per step, prefetched."""
+        return tf.data.Dataset.zip((self.labeled(batch, start_step),
+                                    self.unlabeled(batch * uratio, views, start_step))
+                                   ).prefetch(tf.data.AUTOTUNE)
+
+    def eval_arrays(self) -> dict:
+        """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented."""
+        a, s = self.arrays, self.split
+        out = {'valid': (a.x_train[s.valid], a.y_train[s.valid]), 'test': (a.x_test, a.y_test)}
+        return {k: (self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
+
+
+def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
+          data_dir: str = None) -> SSLData:
+    arrays = load(dataset, data_dir)
+    split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
+    return SSLData(arrays, split, seed, augment)

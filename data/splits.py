@@ -1,0 +1,54 @@
+"""Label splits: which training images are labeled, which are held out for validation."""
+import dataclasses
+
+import numpy as np
+
+from ssl_ema.data.datasets import DataError
+
+VALID_SEED = 0   # the validation part is the same for every --seed, so seeds are comparable
+
+
+@dataclasses.dataclass
+class Split:
+    labeled: np.ndarray     # indices into the training arrays
+    valid: np.ndarray
+    unlabeled: np.ndarray   # the whole training part minus validation; labeled images included,
+                            # as in the anchors (FixMatch/MixMatch), so no image is wasted
+
+    def as_dict(self):
+        return {k: getattr(self, k).tolist() for k in ('labeled', 'valid', 'unlabeled')}
+
+
+def _stratified_pick(rng, labels, candidates, per_class, num_classes):
+    picked = []
+    for c in range(num_classes):
+        pool = candidates[labels[candidates] == c]
+        picked.append(rng.choice(pool, per_class, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def make_split(labels: np.ndarray, num_labeled: int, num_valid: int, seed: int,
+               num_classes: int) -> Split:
+    """Class-balanced labeled set of `num_labeled` images chosen by `seed`; a fixed validation set.
+
+    The validation part is drawn first, class-balanced where possible, with a fixed seed.
+    """
+    n = len(labels)
+    if num_labeled <= 0:
+        raise DataError(f'--labels={num_labeled} must be positive (a multiple of {num_classes})')
+    if num_labeled % num_classes:
+        raise DataError(f'--labels={num_labeled} must be a multiple of the {num_classes} classes '
+                        f'(class-balanced split), e.g. {num_classes * max(1, num_labeled // num_classes)}')
+    if num_valid < 0 or num_valid >= n:
+        raise DataError(f'--valid={num_valid} must be in [0, {n - 1}] (training set has {n} images)')
+    everything = np.arange(n)
+    valid = np.sort(np.random.RandomState(VALID_SEED).permutation(n)[:num_valid])
+    rest = np.setdiff1d(everything, valid)
+    per_class = num_labeled // num_classes
+    counts = np.bincount(labels[rest], minlength=num_classes)
+    if counts.min() < per_class:
+        raise DataError(f'--labels={num_labeled} needs {per_class} images per class, but class '
+                        f'{int(counts.argmin())} has only {int(counts.min())} outside validation; '
+                        f'use --labels<={num_classes * int(counts.min())}')
+    labeled = _stratified_pick(np.random.RandomState(seed), labels, rest, per_class, num_classes)
+    return Split(labeled=labeled, valid=valid, unlabeled=rest)

@@ -1,0 +1,113 @@
+"""Backbone classifiers shared by every algorithm (`--arch`). Keras 3, channels-last, logits out.
+
+- `wrnD_K` (e.g. `wrn28_2`): Wide ResNet-D-K as in the SSL literature (Oliver et al. 2018; the
+  FixMatch code base): pre-activation residual blocks, leaky ReLU 0.1, batch norm momentum 0.999.
+- `cnn13`: the 13-layer "conv-large" of Laine & Aila 2017, used by Mean Teacher and VAT.
+- `small_cnn`: a few-thousand-image CNN for tiny inputs such as the 8x8 digits.
+- `auto`: `small_cnn` below 32 pixels, `wrn28_2` from 32 pixels up.
+"""
+import math
+import re
+
+import keras
+from keras import layers
+
+from ssl_ema.config import ConfigError
+
+LEAK = 0.1
+
+
+def _conv(filters, kernel, strides=1, padding='same'):
+    # He-normal fan-out initialisation, as the WRN papers use.
+    std = math.sqrt(2. / (kernel * kernel * filters))
+    return layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
+                         kernel_initializer=keras.initializers.RandomNormal(stddev=std))
+
+
+def _bn_act(x, momentum):
+    x = layers.BatchNormalization(momentum=momentum, epsilon=1e-3)(x)
+    return layers.LeakyReLU(LEAK)(x)
+
+
+def wide_resnet(input_shape, num_classes, depth=28, width=2, bn_momentum=0.999):
+    if (depth - 4) % 6:
+        raise ConfigError(f'--arch=wrn{depth}_{width}: depth must be 6n+4 (e.g. 16, 22, 28)')
+    blocks = (depth - 4) // 6
+
+    def residual(x, filters, stride, activate_before_residual=False):
+        y = _bn_act(x, bn_momentum)
+        if activate_before_residual:
+            x = y
+        y = _conv(filters, 3, stride)(y)
+        y = _bn_act(y, bn_momentum)
+        y = _conv(filters, 3)(y)
+        if x.shape[-1] != filters or stride != 1:
+            x = _conv(filters, 1, stride)(x)
+        return layers.Add()([x, y])
+
+    inputs = keras.Input(input_shape)
+    x = _conv(16, 3)(inputs)
+    for scale in range(3):
+        filters = 16 * width << scale
+        x = residual(x, filters, 2 if scale else 1, activate_before_residual=scale == 0)
+        for _ in range(blocks - 1):
+            x = residual(x, filters, 1)
+    x = _bn_act(x, bn_momentum)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(num_classes, kernel_initializer='glorot_normal')(x)
+    return keras.Model(inputs, outputs, name=f'wrn{depth}_{width}')
+
+
+def _conv_bn_act(x, filters, kernel, padding='same', bn_momentum=0.99):
+    x = layers.Conv2D(filters, kernel, padding=padding)(x)
+    return _bn_act(x, bn_momentum)
+
+
+def cnn13(input_shape, num_classes, dropout=0.5, bn_momentum=0.99):
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for filters in (128, 256):
+        for _ in range(3):
+            x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
+        x = layers.MaxPooling2D(2, 2, padding='same')(x)
+        x = layers.Dropout(dropout)(x)
+    # The 3x3 'valid' convolution needs at least 3x3 maps; on tiny inputs it pads instead.
+    x = _conv_bn_act(x, 512, 3, 'valid' if min(x.shape[1:3]) >= 3 else 'same', bn_momentum)
+    x = _conv_bn_act(x, 256, 1, bn_momentum=bn_momentum)
+    x = _conv_bn_act(x, 128, 1, bn_momentum=bn_momentum)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name='cnn13')
+
+
+def small_cnn(input_shape, num_classes, bn_momentum=0.99):
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for filters in (32, 64):
+        x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
+        x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
+        x = layers.MaxPooling2D(2, 2, padding='same')(x)
+    x = _conv_bn_act(x, 128, 3, bn_momentum=bn_momentum)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name='small_cnn')
+
+
+ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K, parsed from the name
+
+
+def resolve(arch: str, input_shape) -> str:
+    if arch == 'auto':
+        return 'small_cnn' if min(input_shape[:2]) < 32 else 'wrn28_2'
+    return arch
+
+
+def build(arch: str, input_shape, num_classes: int) -> keras.Model:
+    arch = resolve(arch, input_shape)
+    wrn = re.fullmatch(r'wrn(\d+)_(\d+)', arch)
+    if wrn:
+        return wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]))
+    if arch in ARCHS:
+        return ARCHS[arch](input_shape, num_classes)
+    raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, cnn13, '
+                      f'wrnD_K (e.g. wrn28_2)')

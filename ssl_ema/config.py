@@ -1,0 +1,138 @@
+"""Hyperparameters declared once, as dataclass fields, and exposed as absl flags.
+
+A field's metadata carries its help string; `define_flags` turns the fields into flags and
+`from_flags` builds the dataclass back from parsed flags. The training loop's settings
+(`TrainConfig`) and every algorithm's own hyperparameters use the same mechanism, so a
+hyperparameter is written in exactly one place.
+"""
+import dataclasses
+import typing
+from typing import Optional
+
+from absl import flags
+
+
+class ConfigError(ValueError):
+    """Bad flag value; the message is one line naming the flag and what would be valid."""
+
+
+def hparam(default, help: str, run_defining: bool = True):
+    """A dataclass field that becomes a flag. `run_defining=False` marks settings that may change
+    when a run resumes (paths, logging cadence, training length)."""
+    return dataclasses.field(default=default, metadata={'help': help, 'run_defining': run_defining})
+
+
+def _base_type(tp):
+    if typing.get_origin(tp) is typing.Union:   # Optional[X]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+           float: flags.DEFINE_float, str: flags.DEFINE_string}
+
+
+def define_flags(cls, module_name: str, defaults_override: Optional[dict] = None,
+                 help_suffix: Optional[dict] = None):
+    """Define one absl flag per field of dataclass `cls` (skipping flags already defined)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in flags.FLAGS:
+            continue
+        default = (defaults_override or {}).get(f.name, f.default)
+        help_text = f.metadata.get('help', '') + (help_suffix or {}).get(f.name, '')
+        _DEFINE[_base_type(hints[f.name])](f.name, default, help_text, module_name=module_name)
+
+
+def from_flags(cls, **overrides):
+    """Instantiate `cls` from parsed flags; flags left at None keep the field's default."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in flags.FLAGS and flags.FLAGS[f.name].value is not None:
+            values[f.name] = flags.FLAGS[f.name].value
+    values.update(overrides)
+    return cls(**values)
+
+
+def run_defining(obj) -> dict:
+    """The fields of a config dataclass that define a run (what a resumed run must match)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if f.metadata.get('run_defining', True)}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything the shared training loop needs; each field is the flag of the same name."""
+    algorithm: str = hparam('mean_teacher', 'SSL algorithm (its own flags are listed under its '
+                            'module in --helpfull).')
+    dataset: str = hparam('digits', 'Dataset; digits is embedded in scikit-learn (no download).')
+    data_dir: Optional[str] = hparam(None, 'Where dataset files live (default: tensorflow-datasets\''
+                                     ' own directory).', run_defining=False)
+    labels: int = hparam(50, 'Labeled training images, class-balanced, chosen by --seed.')
+    valid: int = hparam(200, 'Training images held out for validation (the same for every seed).')
+    seed: int = hparam(1, 'Seed of the label split, the initialisation and the data order.')
+    augment: str = hparam('weak', 'Augmentation of labeled images and of unlabeled views that '
+                          'the algorithm does not ask to be strong: weak, strong or none.')
+    arch: str = hparam('auto', 'Backbone: small_cnn, cnn13, wrnD_K (e.g. wrn28_2), or auto '
+                       '(small_cnn below 32 pixels, wrn28_2 from 32 up).')
+    batch: int = hparam(32, 'Labeled images per step (global, over all replicas).')
+    uratio: int = hparam(4, 'Unlabeled images per step = uratio * batch.')
+    train_kimg: float = hparam(64., 'Training length in thousands (1024) of labeled images, as the '
+                               'anchors count; steps = train_kimg * 1024 / batch.',
+                               run_defining=False)
+    train_steps: int = hparam(0, 'Training length in steps; overrides --train_kimg when > 0.',
+                              run_defining=False)
+    eval_every_kimg: float = hparam(2., 'Evaluate raw and EMA models (and checkpoint) every this '
+                                    'many thousand labeled images.', run_defining=False)
+    log_every_steps: int = hparam(100, 'Print a progress line every this many steps.',
+                                  run_defining=False)
+    optimizer: str = hparam('sgd', 'sgd (Nesterov momentum) or adam.')
+    lr: float = hparam(0.03, 'Peak learning rate.')
+    lr_decay: str = hparam('cosine', 'cosine (the anchors\' cos(7 pi t / 16 T)) or constant.')
+    momentum: float = hparam(0.9, 'SGD momentum (Nesterov) or Adam beta_1.')
+    weight_decay: float = hparam(5e-4, 'Decoupled weight decay on kernels (not biases or batch '
+                                 'norm), per unit learning rate.')
+    warmup_fraction: float = hparam(0.4, 'Fraction of training over which the consistency weight '
+                                    'ramps up linearly from 0.')
+    ema_decay: float = hparam(0.999, 'EMA decay per step, in [0, 1).')
+    ema_warmup: bool = hparam(False, 'Use decay min(ema_decay, (1+t)/(10+t)) at update t, as '
+                              'tf.train.ExponentialMovingAverage(num_updates=t).')
+    train_dir: Optional[str] = hparam(None, 'Run directory; an existing run there resumes. '
+                                      'Default: experiments/<dataset>.<labels>@<seed>/<algorithm>_'
+                                      '<arch>[_<non-default flags>].', run_defining=False)
+    keep_checkpoints: int = hparam(3, 'Checkpoints kept in --train_dir.', run_defining=False)
+    distribute: str = hparam('default', 'default (one device) or mirrored (tf.distribute.'
+                             'MirroredStrategy over all GPUs, else --cpu_devices logical CPUs).',
+                             run_defining=False)
+    cpu_devices: int = hparam(2, 'Logical CPU devices for --distribute=mirrored without GPUs.',
+                              run_defining=False)
+    deterministic: bool = hparam(False, 'Enable TensorFlow op determinism (bitwise-reproducible '
+                                 'runs; slower on GPU).', run_defining=False)
+
+    def __post_init__(self):
+        choices = {'optimizer': ('sgd', 'adam'), 'lr_decay': ('cosine', 'constant'),
+                   'distribute': ('default', 'mirrored'), 'augment': ('weak', 'strong', 'none')}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '
+                                  f'{", ".join(valid)}')
+        for name in ('batch', 'uratio', 'labels', 'keep_checkpoints', 'cpu_devices'):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f'--{name}={getattr(self, name)} must be a positive integer')
+        for name in ('train_kimg', 'eval_every_kimg', 'lr'):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+        if not 0. <= self.ema_decay < 1.:
+            raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
+        if not 0. <= self.warmup_fraction <= 1.:
+            raise ConfigError(f'--warmup_fraction={self.warmup_fraction} must be in [0, 1]')
+        if self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0:
+            raise ConfigError('--valid, --train_steps and --weight_decay must be >= 0')
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_steps or max(1, round(self.train_kimg * 1024 / self.batch))
+
+    @property
+    def eval_every_steps(self) -> int:
+        return max(1, round(self.eval_every_kimg * 1024 / self.batch))

@@ -1,0 +1,64 @@
+"""Accuracy of a model on arrays, and the run summary written to accuracy.json.
+
+The summary follows the anchors' protocol (FixMatch's extract_accuracy.py): besides the last
+value, the median over the last 10 and 20 evaluations, for the raw student and the EMA model,
+on validation and test.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+MEDIAN_WINDOWS = (10, 20)
+
+
+def make_predict(model, image_shape):
+    """A compiled inference-mode arg-max for `model`, traced once for any batch size."""
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    def predict(x):
+        return tf.argmax(model(x, training=False), axis=-1)
+    return predict
+
+
+def accuracy(predict, x, y, batch_size: int = 1024) -> float:
+    """Percentage of `x` that `predict` classifies as `y`."""
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        pred = predict(tf.constant(x[start:start + batch_size])).numpy()
+        correct += int((pred == y[start:start + batch_size]).sum())
+    return 100. * correct / max(1, len(x))
+
+
+def summarize(history: list) -> dict:
+    """accuracy.json from the list of evaluations (each {'step', 'kimg', 'raw': {split: acc},
+    'ema': {split: acc}, ...})."""
+    if not history:
+        return {}
+    last = history[-1]
+    out = {k: v for k, v in last.items() if k not in ('raw', 'ema')}
+    out['evaluations'] = len(history)
+    for model in ('raw', 'ema'):
+        out[model] = {}
+        for split in last[model]:
+            values = [h[model][split] for h in history]
+            stats = {'last': values[-1]}
+            for n in MEDIAN_WINDOWS:
+                stats[f'median_last_{n}'] = float(np.median(values[-n:]))
+            out[model][split] = stats
+    return out
+
+
+def write_json(path: str, obj) -> None:
+    """Write JSON atomically: a reader (or a crash) never sees a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path))
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write('\n')
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

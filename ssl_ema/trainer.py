@@ -1,0 +1,196 @@
+"""The one training loop shared by every algorithm.
+
+Per step: the algorithm's loss on a labeled batch and its unlabeled views (student in training
+mode, EMA teacher in inference mode), one optimizer step on the student, one EMA update. Every
+`eval_every_steps`: accuracy of the raw student and of the EMA model on validation and test, a
+checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure function of
+(seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
+exactly where it stopped.
+"""
+import json
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from ssl_ema import backbones, evaluation, losses
+from ssl_ema.algorithms import Batch
+from ssl_ema.config import TrainConfig
+from ssl_ema.ema import EMA
+
+HISTORY = 'evaluations.jsonl'
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant)."""
+
+    def __init__(self, lr, total_steps, decay='cosine'):
+        self.lr, self.total_steps, self.decay = lr, total_steps, decay
+
+    def __call__(self, step):
+        if self.decay == 'constant':
+            return tf.constant(self.lr, tf.float32)
+        progress = tf.minimum(tf.cast(step, tf.float32) / self.total_steps, 1.)
+        return self.lr * losses.fixmatch_cosine(progress)
+
+
+def make_optimizer(cfg: TrainConfig):
+    lr = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+    if cfg.optimizer == 'sgd':
+        opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True,
+                                   weight_decay=cfg.weight_decay or None)
+    else:
+        opt = keras.optimizers.Adam(lr, beta_1=cfg.momentum, weight_decay=cfg.weight_decay or None)
+    opt.exclude_from_weight_decay(var_names=['bias', 'gamma', 'beta'])
+    return opt
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None):
+        self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        keras.utils.set_random_seed(cfg.seed)
+        with self.strategy.scope():
+            self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes)
+            self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
+            self.optimizer = make_optimizer(cfg)
+            self.optimizer.build(self.student.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+            self.rng = tf.random.Generator.from_seed(cfg.seed)
+        # Model variables are listed explicitly: this includes the dropout seed generators,
+        # which Keras models do not expose to tf.train.Checkpoint themselves.
+        self.checkpoint = tf.train.Checkpoint(
+            step=self.step, student=list(self.student.variables), teacher=list(self.ema.model.weights),
+            ema_updates=self.ema.updates, optimizer=self.optimizer, rng=self.rng)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
+        self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
+                        'ema': evaluation.make_predict(self.ema.model, data.image_shape)}
+        self.eval_arrays = data.eval_arrays()
+        self.writer = tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+        self.history = []
+        self._wall_time = 0.
+
+    # ---- state ------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Restore the latest checkpoint if any; returns the step to continue from."""
+        if self.manager.latest_checkpoint:
+            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        step = int(self.step.numpy())
+        path = os.path.join(self.train_dir, HISTORY)
+        if os.path.exists(path):
+            with open(path) as f:
+                # Evaluations logged after the last checkpoint are redone by the resumed run.
+                self.history = [h for h in map(json.loads, f) if h['step'] <= step]
+            self._write_history()
+        if self.history:
+            self._wall_time = self.history[-1]['wall_time_s']
+        return step
+
+    def _write_history(self):
+        path = os.path.join(self.train_dir, HISTORY)
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in self.history)
+        os.replace(path + '.tmp', path)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _replica_step(self, labeled_x, labels, unlabeled):
+        progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
+        ramp = losses.linear_rampup(progress, self.cfg.warmup_fraction)
+        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng)
+        with tf.GradientTape() as tape:
+            out = self.algorithm(self.student, self.ema.model, batch)
+            total = out.labeled + out.unlabeled
+            # Each replica averages over its share of the batch; the optimizer sums replicas.
+            scaled = total / self.strategy.num_replicas_in_sync
+        grads = tape.gradient(scaled, self.student.trainable_variables)
+        self.optimizer.apply(grads, self.student.trainable_variables)
+        metrics = {'loss/total': total, 'loss/labeled': out.labeled, 'loss/unlabeled': out.unlabeled,
+                   'consistency_weight': ramp * self.algorithm.consistency_weight}
+        metrics.update({f'algorithm/{k}': v for k, v in out.metrics.items()})
+        return metrics
+
+    @tf.function
+    def _train_step(self, iterator):
+        (labeled_x, labels), unlabeled = next(iterator)
+        per_replica = self.strategy.run(self._replica_step, args=(labeled_x, labels, unlabeled))
+        self.ema.update()   # cross-replica context: every replica's copy gets the same average
+        self.step.assign_add(1)
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in per_replica.items()}
+
+    def _dataset(self, start_step):
+        cfg, views = self.cfg, tuple(self.algorithm.views)
+        if views:
+            ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
+        else:   # supervised: never touch the unlabeled pool
+            ds = self.data.labeled(cfg.batch, start_step).map(lambda x, y: ((x, y), ()))
+        return iter(self.strategy.experimental_distribute_dataset(ds))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        result = {'step': int(self.step.numpy()),
+                  'kimg': int(self.step.numpy()) * self.cfg.batch / 1024}
+        for model, predict in self.predict.items():
+            result[model] = {split: evaluation.accuracy(predict, x, y)
+                             for split, (x, y) in self.eval_arrays.items()}
+        return result
+
+    def _record(self, result):
+        self.history.append(result)
+        self._write_history()   # before the checkpoint: a resumed run drops what is newer
+        self.manager.save(checkpoint_number=result['step'])
+        evaluation.write_json(os.path.join(self.train_dir, 'accuracy.json'),
+                              evaluation.summarize(self.history))
+        with self.writer.as_default(step=result['step']):
+            for model in ('raw', 'ema'):
+                for split, acc in result[model].items():
+                    tf.summary.scalar(f'accuracy/{model}/{split}', acc)
+
+    def train(self, log=print):
+        cfg, total = self.cfg, self.cfg.total_steps
+        step = self.restore()
+        if step:
+            log(f'Resuming {self.train_dir} at step {step}/{total}')
+        images_per_step = cfg.batch * (1 + (cfg.uratio if self.algorithm.views else 0))
+        iterator = self._dataset(step) if step < total else None
+        start = mark = eval_time = time.time()
+        mark_step = eval_step = step
+        try:
+            while step < total:
+                metrics = self._train_step(iterator)
+                step += 1
+                if step % cfg.log_every_steps == 0 or step == total:
+                    now = time.time()
+                    speed = images_per_step * (step - mark_step) / max(now - mark, 1e-9)
+                    mark, mark_step = now, step
+                    eta = (total - step) * images_per_step / speed
+                    metrics = {k: float(v) for k, v in metrics.items()}
+                    metrics['lr'] = float(self.optimizer.learning_rate)
+                    with self.writer.as_default(step=step):
+                        for k, v in dict(metrics, images_per_sec=speed).items():
+                            tf.summary.scalar(k, v)
+                    log(f'step {step}/{total} ' + ' '.join(
+                        f'{k.split("/")[-1] if k.startswith("loss") else k}={v:.4g}'
+                        for k, v in metrics.items() if k.startswith('loss'))
+                        + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
+                if step % cfg.eval_every_steps == 0 or step == total:
+                    now = time.time()
+                    result = self.evaluate()
+                    result['images_per_sec'] = (images_per_step * (step - eval_step)
+                                                / max(now - eval_time, 1e-9))
+                    result['wall_time_s'] = self._wall_time + now - start
+                    eval_time, eval_step = time.time(), step
+                    self._record(result)
+                    log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
+                        f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}'
+                        for s in result['raw']))
+        except KeyboardInterrupt:
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
+                'run the same command again to resume.')
+            raise
+        finally:
+            self.writer.flush()
+        return evaluation.summarize(self.history)
