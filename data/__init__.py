@@ -2,3 +2,5 @@
 from ssl_ema.data.datasets import Arrays, DATASETS, load
 from ssl_ema.data.splits import Split, make_split
 from ssl_ema.data.pipeline import SSLData, build
+# Importing these registers their --dataset names (cifar10, ..., npz:, folder:).
+from ssl_ema.data import custom as _custom, official as _official  # noqa: E402,F401

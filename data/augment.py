@@ -1,9 +1,14 @@
-"""Augmentations on batches of float images [B, H, W, C], driven by stateless seeds.
+"""Augmentations on batches of float32 images [B, H, W, C] in [0, 1], driven by stateless seeds.
+
+The pipeline augments before it normalises, so every op sees pixel values in [0, 1] and returns
+values in [0, 1]: `weak` and `none` here, `strong` (RandAugment + Cutout) in randaugment.py.
 
 Every random choice is a pure function of a seed of shape [2], so a batch can be rebuilt exactly
 from (run seed, step): that is what makes a resumed run identical to an uninterrupted one.
 """
 import tensorflow as tf
+
+from ssl_ema.data.randaugment import cutout, rand_augment
 
 
 def _seeds(seed, n):
@@ -40,9 +45,16 @@ def weak(images, seed, flip=True):
     return translate(images, s[1])
 
 
+def strong(images, seed, flip=True):
+    """weak, then RandAugment (FixMatch variant), then Cutout. The reference FixMatch and USB code
+    also start their strong view with the weak flip-and-translate."""
+    s = _seeds(seed, 3)
+    return cutout(rand_augment(weak(images, s[0], flip=flip), s[1]), s[2])
+
+
 def none(images, seed, flip=True):
     del seed, flip
     return images
 
 
-AUGMENTATIONS = {'weak': weak, 'none': none}
+AUGMENTATIONS = {'weak': weak, 'strong': strong, 'none': none}

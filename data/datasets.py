@@ -39,22 +39,24 @@ def register(name: str):
     return wrap
 
 
-def load(name: str, data_dir: Optional[str] = None) -> Arrays:
+def load(name: str, data_dir: Optional[str] = None, download: bool = True) -> Arrays:
+    """The arrays of --dataset=name. `download=False` forbids fetching from the internet."""
     if name not in DATASETS:
         # Prefixed sources (e.g. npz:PATH) register their prefix with a trailing colon.
         prefix = name.split(':', 1)[0] + ':'
         if ':' in name and prefix in DATASETS:
             return DATASETS[prefix](name.split(':', 1)[1])
         raise DataError(f'--dataset={name} is unknown; valid: {", ".join(sorted(DATASETS))}')
-    return DATASETS[name](data_dir)
+    return DATASETS[name](data_dir, download=download)
 
 
 @register('digits')
-def digits(data_dir=None) -> Arrays:
+def digits(data_dir=None, download=True) -> Arrays:
     """scikit-learn's bundled 8x8 digits (1,797 images): the embedded default, no download.
 
     A fixed stratified 30% is the test part (random_state=0), identical for every run and seed.
     """
+    del data_dir, download   # embedded in scikit-learn
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     bunch = load_digits()

@@ -64,10 +64,14 @@ class SSLData:
         return self.arrays.image_shape
 
     def normalize(self, images):
+        """uint8 images, or floats in 0..255 units -> per-channel standardised float32."""
         return (tf.cast(images, tf.float32) - self.mean) / self.std
 
     def _augment(self, name, images, seed):
-        return augment_lib.AUGMENTATIONS[name](images, seed, flip=self.arrays.flip)
+        """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
+        unit = tf.cast(images, tf.float32) / 255.0
+        unit = augment_lib.AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip)
+        return self.normalize(unit * 255.0)
 
     def _stream(self, images, batch, stream, start_step):
         indices = _index_batches(int(images.shape[0]), batch, self.seed, stream, start_step)
@@ -80,7 +84,7 @@ class SSLData:
 
         def make(step, idx):
             seed = tf.random.experimental.stateless_fold_in(base, step)
-            x = self.normalize(tf.gather(self._labeled_x, idx))
+            x = tf.gather(self._labeled_x, idx)
             return self._augment(self.augment, x, seed), tf.gather(self._labels, idx)
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -93,7 +97,7 @@ class SSLData:
         steps, base = self._stream(self._unlabeled_x, batch, _UNLABELED, start_step)
 
         def make(step, idx):
-            x = self.normalize(tf.gather(self._unlabeled_x, idx))
+            x = tf.gather(self._unlabeled_x, idx)
             seeds = tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base, step), len(views))
             return tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i])
@@ -114,7 +118,11 @@ class SSLData:
 
 
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
-          data_dir: str = None) -> SSLData:
-    arrays = load(dataset, data_dir)
+          data_dir: str = None, download: bool = True) -> SSLData:
+    """--dataset, --labels, --valid, --seed, --augment, --data_dir -> SSLData.
+
+    `download=False` forbids tfds from fetching from the internet (see official.py for where the
+    files are looked for first)."""
+    arrays = load(dataset, data_dir, download=download)
     split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
     return SSLData(arrays, split, seed, augment)

@@ -1,0 +1,183 @@
+"""RandAugment as FixMatch uses it (Sohn et al. 2020, Sec. 2.3 and Table 12), and Cutout: the parts
+of the `strong` augmentation (augment.py).
+
+FixMatch's variant of RandAugment samples, for every image, `NUM_OPS` operations uniformly from
+the list below and a magnitude for each uniformly from its range, instead of one global magnitude.
+Everything is vectorised over the batch: each per-image choice is a tensor of shape [B], each op is
+computed for the whole batch and the chosen one kept per image, and the geometric ops (rotate,
+shear, translate) are one projective transform whose matrix is the identity for images that drew a
+colour op. Keras' own RandAugment layer draws from a stateful generator, which would break the
+pure-function-of-the-seed guarantee that exact resume depends on; hence the hand-written ops.
+
+Images are float32 in [0, 1]; outputs stay in [0, 1] with the same shape.
+"""
+import math
+
+import tensorflow as tf
+
+NUM_OPS = 2
+FILL = 0.5          # grey: fill for pixels a geometric op or Cutout uncovers (the reference's 128)
+CUTOUT_MAX = 0.5    # Cutout square side drawn from [0, CUTOUT_MAX] x image side
+
+# FixMatch Table 12 ranges. Enhance factors (brightness, colour, contrast, sharpness) are centred
+# on 1 (identity) so that an op weakens or strengthens equally often.
+ENHANCE = (0.05, 1.95)
+POSTERIZE_BITS = (4, 8)
+ROTATE_DEGREES = 30.0
+SHEAR = 0.3
+TRANSLATE = 0.3     # fraction of the side
+COLOR_OPS = ('identity', 'autocontrast', 'equalize', 'brightness', 'color', 'contrast',
+             'sharpness', 'posterize', 'solarize')
+GEOMETRIC_OPS = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+OPS = COLOR_OPS + GEOMETRIC_OPS
+
+
+def _per_image(v):
+    return v[:, None, None, None]
+
+
+def _blend(degenerate, images, factor):
+    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), clipped."""
+    return tf.clip_by_value(degenerate + _per_image(factor) * (images - degenerate), 0.0, 1.0)
+
+
+def _grey(images):
+    if images.shape[-1] == 1:
+        return images
+    return tf.image.rgb_to_grayscale(images)
+
+
+def autocontrast(images):
+    """Stretch each channel of each image to the full [0, 1] range (no-op for a flat channel)."""
+    lo = tf.reduce_min(images, axis=[1, 2], keepdims=True)
+    hi = tf.reduce_max(images, axis=[1, 2], keepdims=True)
+    scale = tf.where(hi > lo, 1.0 / tf.maximum(hi - lo, 1e-6), 1.0)
+    offset = tf.where(hi > lo, lo, 0.0)
+    return tf.clip_by_value((images - offset) * scale, 0.0, 1.0)
+
+
+def equalize(images):
+    """Per image and channel histogram equalisation, PIL's algorithm on 256 levels."""
+    b, h, w, c = tf.unstack(tf.shape(images))
+    levels = tf.cast(tf.round(images * 255.0), tf.int32)
+    rows = tf.reshape(tf.transpose(levels, [0, 3, 1, 2]), [b * c, h * w])
+    hist = tf.math.bincount(rows, minlength=256, maxlength=256, axis=-1)        # [B*C, 256]
+    # PIL: step = (pixels - count of the last non-empty level) // 255; identity if step == 0.
+    last_level = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), [1]), axis=1,
+                                 output_type=tf.int32)
+    last_count = tf.gather(hist, last_level, batch_dims=1)
+    step = (h * w - last_count) // 255
+    cum_before = tf.cumsum(hist, axis=1, exclusive=True)
+    safe_step = tf.maximum(step, 1)[:, None]
+    lut = tf.minimum((cum_before + safe_step // 2) // safe_step, 255)
+    lut = tf.where((step > 0)[:, None], lut, tf.range(256)[None])
+    out = tf.gather(lut, rows, batch_dims=1)                                     # [B*C, H*W]
+    out = tf.transpose(tf.reshape(out, [b, c, h, w]), [0, 2, 3, 1])
+    return tf.cast(out, tf.float32) / 255.0
+
+
+def sharpness(images, factor):
+    """Blend with PIL's SMOOTH filter (3x3, centre weight 5); border pixels keep their value."""
+    kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+    channels = images.shape[-1]
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
+    smooth = tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], 'VALID')
+    smooth = tf.pad(smooth, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+    inside = tf.pad(tf.ones([h - 2, w - 2]), [[1, 1], [1, 1]])[None, :, :, None] > 0
+    smooth = tf.where(inside, smooth, images)
+    return _blend(smooth, images, factor)
+
+
+def posterize(images, bits):
+    """Keep the top `bits` bits of each 8-bit level."""
+    shift = tf.cast(_per_image(8 - bits), tf.float32)
+    quantum = tf.pow(2.0, shift)
+    return tf.floor(tf.round(images * 255.0) / quantum) * quantum / 255.0
+
+
+def solarize(images, threshold):
+    return tf.where(images >= _per_image(threshold), 1.0 - images, images)
+
+
+def _affine(op, v, height, width):
+    """Per-image [B, 8] projective transforms (output -> input pixel) for the geometric ops.
+
+    `op` indexes OPS, `v` is the signed magnitude in [-1, 1]; images whose op is not geometric get
+    the identity.
+    """
+    zeros, ones = tf.zeros_like(v), tf.ones_like(v)
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    theta = v * ROTATE_DEGREES * math.pi / 180.0
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    candidates = {
+        'rotate': [cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy],
+        'shear_x': [ones, v * SHEAR, zeros, zeros, ones, zeros],
+        'shear_y': [ones, zeros, zeros, v * SHEAR, ones, zeros],
+        'translate_x': [ones, zeros, v * TRANSLATE * w, zeros, ones, zeros],
+        'translate_y': [ones, zeros, zeros, zeros, ones, v * TRANSLATE * h],
+    }
+    matrix = tf.stack([ones, zeros, zeros, zeros, ones, zeros], axis=1)
+    for name, rows in candidates.items():
+        chosen = tf.equal(op, OPS.index(name))[:, None]
+        matrix = tf.where(chosen, tf.stack(rows, axis=1), matrix)
+    return tf.concat([matrix, tf.zeros_like(matrix[:, :2])], axis=1)
+
+
+def apply_op(images, op, magnitude):
+    """Apply, per image, OPS[op] at `magnitude` in [0, 1] (mapped onto the op's range)."""
+    signed = 2.0 * magnitude - 1.0
+    enhance = ENHANCE[0] + (ENHANCE[1] - ENHANCE[0]) * magnitude
+    bits = tf.cast(tf.round(POSTERIZE_BITS[0] + (POSTERIZE_BITS[1] - POSTERIZE_BITS[0]) * magnitude),
+                   tf.int32)
+    grey = _grey(images)
+    colour = {
+        'identity': lambda: images,
+        'autocontrast': lambda: autocontrast(images),
+        'equalize': lambda: equalize(images),
+        'brightness': lambda: _blend(tf.zeros_like(images), images, enhance),
+        'color': lambda: _blend(grey, images, enhance),
+        'contrast': lambda: _blend(tf.reduce_mean(grey, axis=[1, 2, 3], keepdims=True),
+                                   images, enhance),
+        'sharpness': lambda: sharpness(images, enhance),
+        'posterize': lambda: posterize(images, bits),
+        'solarize': lambda: solarize(images, magnitude),
+    }
+    out = images
+    for name, fn in colour.items():
+        if name != 'identity':
+            out = tf.where(_per_image(tf.equal(op, OPS.index(name))), fn(), out)
+    shape = tf.shape(images)
+    transforms = _affine(op, signed, shape[1], shape[2])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=out, transforms=transforms, output_shape=shape[1:3], fill_value=FILL,
+        interpolation='BILINEAR', fill_mode='CONSTANT')
+
+
+def cutout(images, seed, max_fraction=CUTOUT_MAX):
+    """Grey out one square per image, side uniform in [0, max_fraction] x min(H, W), centre uniform
+    over the image (the square is clipped at the borders)."""
+    shape = tf.shape(images)
+    b, h, w = shape[0], shape[1], shape[2]
+    s = tf.random.experimental.stateless_split(seed, 3)
+    side = tf.random.stateless_uniform([b], s[0], 0.0, max_fraction) * tf.cast(tf.minimum(h, w), tf.float32)
+    cy = tf.random.stateless_uniform([b], s[1], 0.0, tf.cast(h, tf.float32))
+    cx = tf.random.stateless_uniform([b], s[2], 0.0, tf.cast(w, tf.float32))
+    rows = tf.cast(tf.range(h), tf.float32)[None, :] + 0.5
+    cols = tf.cast(tf.range(w), tf.float32)[None, :] + 0.5
+    in_rows = tf.abs(rows - cy[:, None]) < side[:, None] / 2          # [B, H]
+    in_cols = tf.abs(cols - cx[:, None]) < side[:, None] / 2          # [B, W]
+    mask = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])[..., None]
+    return tf.where(mask, tf.cast(FILL, images.dtype), images)
+
+
+def rand_augment(images, seed, num_ops=NUM_OPS):
+    """`num_ops` random ops per image with magnitudes drawn per image and op."""
+    s = tf.random.experimental.stateless_split(seed, 2 * num_ops)
+    b = tf.shape(images)[0]
+    for k in range(num_ops):
+        op = tf.random.stateless_uniform([b], s[2 * k], 0, len(OPS), dtype=tf.int32)
+        magnitude = tf.random.stateless_uniform([b], s[2 * k + 1])
+        images = apply_op(images, op, magnitude)
+    return images
