@@ -26,13 +26,12 @@ import pickle
 import shutil
 import socket
 import tarfile
-import tempfile
 import urllib.parse
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssl_ema.data.datasets import Arrays, DataError, register
+from ssl_ema.data.datasets import Arrays, DataError, register, write_atomically
 
 CACHE_VERSION = 1   # bump when the cached arrays' layout changes, so stale caches are rebuilt
 
@@ -251,12 +250,33 @@ def _tfds_accepts(builder, directory: pathlib.Path) -> bool:
     return True
 
 
+def _tfds_positions(split: str, n: int) -> np.ndarray:
+    """For each example in tfds' stored order, its index in the official files.
+
+    tfds stores a split sorted by md5(split name + str(key)) (tensorflow_datasets/core/hashing.py,
+    shuffle.py) and these builders key each example by its index in the official files. Undoing
+    that order makes the arrays, and so every label split, identical whichever way the data
+    arrived (tfds download, tfds manual_dir, or our own reader).
+    """
+    salted = hashlib.md5(split.encode())
+    keys = []
+    for index in range(n):
+        md5 = salted.copy()
+        md5.update(str(index).encode())
+        keys.append(int(md5.hexdigest(), 16))
+    return np.asarray(sorted(range(n), key=keys.__getitem__), np.int64)
+
+
 def _from_tfds(builder, spec: Official) -> dict:
     import tensorflow_datasets as tfds
 
     def split(name):
-        data = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1, as_supervised=True))
-        return data[0], data[1].astype(np.int64)
+        x, y = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1, as_supervised=True,
+                                                shuffle_files=False))
+        x_official, y_official = np.empty_like(x), np.empty(len(y), np.int64)
+        positions = _tfds_positions(name, len(y))
+        x_official[positions], y_official[positions] = x, y
+        return x_official, y_official
     x_train, y_train = split('train')
     x_test, y_test = split('test')
     out = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
@@ -345,22 +365,6 @@ def _check(spec: Official, arrays: dict, source: str) -> dict:
     return arrays
 
 
-def write_npz_atomically(path: pathlib.Path, arrays: dict):
-    """np.savez to a temporary file in the same directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private; the cache is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_official(name: str, data_dir: Optional[str] = None, download: bool = True) -> Arrays:
     spec = OFFICIAL[name]
     root = data_root(data_dir)
@@ -374,7 +378,7 @@ def load_official(name: str, data_dir: Optional[str] = None, download: bool = Tr
     else:
         arrays = _check(spec, _decode(spec, root, download), f'--dataset={name}')
         try:
-            write_npz_atomically(cache, arrays)
+            write_atomically(cache, lambda f: np.savez(f, **arrays))
         except OSError as e:   # a read-only data_dir still trains, just without the cache
             logging.warning('cannot cache %s at %s: %s', name, cache, e)
     return Arrays(name, arrays['x_train'], arrays['y_train'], arrays['x_test'], arrays['y_test'],

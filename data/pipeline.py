@@ -7,7 +7,7 @@ the step counter from the checkpoint, never a saved shuffle buffer (which for SV
 hold gigabytes), and works the same under any tf.distribute strategy.
 """
 import dataclasses
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf

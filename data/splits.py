@@ -31,7 +31,10 @@ def make_split(labels: np.ndarray, num_labeled: int, num_valid: int, seed: int,
                num_classes: int) -> Split:
     """Class-balanced labeled set of `num_labeled` images chosen by `seed`; a fixed validation set.
 
-    The validation part is drawn first, class-balanced where possible, with a fixed seed.
+    The validation part is drawn first: a uniformly random `num_valid` images chosen with the fixed
+    VALID_SEED (not --seed), so every seed is validated on the same images. The labeled images are
+    then drawn per class from the rest with `seed`. The unlabeled pool is the whole rest, labeled
+    images included.
     """
     n = len(labels)
     if num_labeled <= 0:
@@ -41,6 +44,9 @@ def make_split(labels: np.ndarray, num_labeled: int, num_valid: int, seed: int,
                         f'(class-balanced split), e.g. {num_classes * max(1, num_labeled // num_classes)}')
     if num_valid < 0 or num_valid >= n:
         raise DataError(f'--valid={num_valid} must be in [0, {n - 1}] (training set has {n} images)')
+    if num_labeled + num_valid > n:
+        raise DataError(f'--labels={num_labeled} is larger than the training set: {n} images, '
+                        f'{n - num_valid} of them outside --valid={num_valid}')
     everything = np.arange(n)
     valid = np.sort(np.random.RandomState(VALID_SEED).permutation(n)[:num_valid])
     rest = np.setdiff1d(everything, valid)
