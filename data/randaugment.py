@@ -81,11 +81,11 @@ def sharpness(images, factor):
     kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
     channels = images.shape[-1]
     kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
-    smooth = tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], 'VALID')
-    smooth = tf.pad(smooth, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    smooth = tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], 'SAME')
     h, w = tf.shape(images)[1], tf.shape(images)[2]
-    inside = tf.pad(tf.ones([h - 2, w - 2]), [[1, 1], [1, 1]])[None, :, :, None] > 0
-    smooth = tf.where(inside, smooth, images)
+    rows, cols = tf.range(h), tf.range(w)
+    inside = tf.logical_and(((rows > 0) & (rows < h - 1))[:, None], ((cols > 0) & (cols < w - 1))[None])
+    smooth = tf.where(inside[None, :, :, None], smooth, images)
     return _blend(smooth, images, factor)
 
 
