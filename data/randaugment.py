@@ -3,10 +3,8 @@ of the `strong` augmentation (augment.py).
 
 FixMatch's variant of RandAugment samples, for every image, `NUM_OPS` operations uniformly from
 the list below and a magnitude for each uniformly from its range, instead of one global magnitude.
-Everything is vectorised over the batch: each per-image choice is a tensor of shape [B], each op is
-computed for the whole batch and the chosen one kept per image, and the geometric ops (rotate,
-shear, translate) are one projective transform whose matrix is the identity for images that drew a
-colour op. Keras' own RandAugment layer draws from a stateful generator, which would break the
+Everything is vectorised over the batch: each per-image choice is a tensor of shape [B], and each
+op runs once per step on the images that drew it. Keras' own RandAugment layer draws from a stateful generator, which would break the
 pure-function-of-the-seed guarantee that exact resume depends on; hence the hand-written ops.
 
 Images are float32 in [0, 1]; outputs stay in [0, 1] with the same shape.
@@ -100,59 +98,79 @@ def solarize(images, threshold):
     return tf.where(images >= _per_image(threshold), 1.0 - images, images)
 
 
-def _affine(op, v, height, width):
-    """Per-image [B, 8] projective transforms (output -> input pixel) for the geometric ops.
+def _transform(images, rows):
+    """Projective transform with per-image rows [a0, a1, a2, b0, b1, b2] (output -> input pixel:
+    x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2), bilinear, grey fill."""
+    matrix = tf.stack(rows, axis=1)
+    matrix = tf.concat([matrix, tf.zeros_like(matrix[:, :2])], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=matrix, output_shape=tf.shape(images)[1:3], fill_value=FILL,
+        interpolation='BILINEAR', fill_mode='CONSTANT')
 
-    `op` indexes OPS, `v` is the signed magnitude in [-1, 1]; images whose op is not geometric get
-    the identity.
-    """
-    zeros, ones = tf.zeros_like(v), tf.ones_like(v)
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+
+def rotate(images, v):
+    """Rotate about the centre by v * ROTATE_DEGREES, v in [-1, 1]."""
+    h = tf.cast(tf.shape(images)[1], tf.float32)
+    w = tf.cast(tf.shape(images)[2], tf.float32)
     theta = v * ROTATE_DEGREES * math.pi / 180.0
     cos, sin = tf.cos(theta), tf.sin(theta)
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    candidates = {
-        'rotate': [cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy],
-        'shear_x': [ones, v * SHEAR, zeros, zeros, ones, zeros],
-        'shear_y': [ones, zeros, zeros, v * SHEAR, ones, zeros],
-        'translate_x': [ones, zeros, v * TRANSLATE * w, zeros, ones, zeros],
-        'translate_y': [ones, zeros, zeros, zeros, ones, v * TRANSLATE * h],
+    return _transform(images, [cos, sin, cx - cos * cx - sin * cy,
+                               -sin, cos, cy + sin * cx - cos * cy])
+
+
+def _shift_rows(images, v, which):
+    """Rows of a shear or translation along x or y with signed magnitude v in [-1, 1]."""
+    zeros, ones = tf.zeros_like(v), tf.ones_like(v)
+    h = tf.cast(tf.shape(images)[1], tf.float32)
+    w = tf.cast(tf.shape(images)[2], tf.float32)
+    return {'shear_x': [ones, v * SHEAR, zeros, zeros, ones, zeros],
+            'shear_y': [ones, zeros, zeros, v * SHEAR, ones, zeros],
+            'translate_x': [ones, zeros, v * TRANSLATE * w, zeros, ones, zeros],
+            'translate_y': [ones, zeros, zeros, zeros, ones, v * TRANSLATE * h]}[which]
+
+
+def _op_functions():
+    """name -> f(images, magnitude in [0, 1]) mapping the magnitude onto the op's range."""
+    def enhance(m):
+        return ENHANCE[0] + (ENHANCE[1] - ENHANCE[0]) * m
+
+    def bits(m):
+        return tf.cast(tf.round(POSTERIZE_BITS[0] + (POSTERIZE_BITS[1] - POSTERIZE_BITS[0]) * m),
+                       tf.int32)
+
+    def shift(which):
+        return lambda x, m: _transform(x, _shift_rows(x, 2.0 * m - 1.0, which))
+    return {
+        'identity': lambda x, m: x,
+        'autocontrast': lambda x, m: autocontrast(x),
+        'equalize': lambda x, m: equalize(x),
+        'brightness': lambda x, m: _blend(tf.zeros_like(x), x, enhance(m)),
+        'color': lambda x, m: _blend(_grey(x), x, enhance(m)),
+        'contrast': lambda x, m: _blend(tf.reduce_mean(_grey(x), axis=[1, 2, 3], keepdims=True),
+                                        x, enhance(m)),
+        'sharpness': lambda x, m: sharpness(x, enhance(m)),
+        'posterize': lambda x, m: posterize(x, bits(m)),
+        'solarize': solarize,
+        'rotate': lambda x, m: rotate(x, 2.0 * m - 1.0),
+        **{name: shift(name) for name in ('shear_x', 'shear_y', 'translate_x', 'translate_y')},
     }
-    matrix = tf.stack([ones, zeros, zeros, zeros, ones, zeros], axis=1)
-    for name, rows in candidates.items():
-        chosen = tf.equal(op, OPS.index(name))[:, None]
-        matrix = tf.where(chosen, tf.stack(rows, axis=1), matrix)
-    return tf.concat([matrix, tf.zeros_like(matrix[:, :2])], axis=1)
 
 
 def apply_op(images, op, magnitude):
-    """Apply, per image, OPS[op] at `magnitude` in [0, 1] (mapped onto the op's range)."""
-    signed = 2.0 * magnitude - 1.0
-    enhance = ENHANCE[0] + (ENHANCE[1] - ENHANCE[0]) * magnitude
-    bits = tf.cast(tf.round(POSTERIZE_BITS[0] + (POSTERIZE_BITS[1] - POSTERIZE_BITS[0]) * magnitude),
-                   tf.int32)
-    grey = _grey(images)
-    colour = {
-        'identity': lambda: images,
-        'autocontrast': lambda: autocontrast(images),
-        'equalize': lambda: equalize(images),
-        'brightness': lambda: _blend(tf.zeros_like(images), images, enhance),
-        'color': lambda: _blend(grey, images, enhance),
-        'contrast': lambda: _blend(tf.reduce_mean(grey, axis=[1, 2, 3], keepdims=True),
-                                   images, enhance),
-        'sharpness': lambda: sharpness(images, enhance),
-        'posterize': lambda: posterize(images, bits),
-        'solarize': lambda: solarize(images, magnitude),
-    }
-    out = images
-    for name, fn in colour.items():
-        if name != 'identity':
-            out = tf.where(_per_image(tf.equal(op, OPS.index(name))), fn(), out)
-    shape = tf.shape(images)
-    transforms = _affine(op, signed, shape[1], shape[2])
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=out, transforms=transforms, output_shape=shape[1:3], fill_value=FILL,
-        interpolation='BILINEAR', fill_mode='CONSTANT')
+    """Apply, per image, OPS[op] at `magnitude` in [0, 1] (mapped onto the op's range).
+
+    Each op runs only on the images that drew it (dynamic_partition, then dynamic_stitch back in
+    batch order), so a batch costs about one op per image, not every op on every image.
+    """
+    functions = _op_functions()
+    positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), op, len(OPS))
+    parts = tf.dynamic_partition(images, op, len(OPS))
+    magnitudes = tf.dynamic_partition(magnitude, op, len(OPS))
+    outputs = [functions[name](parts[i], magnitudes[i]) for i, name in enumerate(OPS)]
+    out = tf.dynamic_stitch(positions, outputs)
+    out.set_shape(images.shape)
+    return out
 
 
 def cutout(images, seed, max_fraction=CUTOUT_MAX):
