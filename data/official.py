@@ -235,9 +235,9 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def _tfds_accepts(builder, directory: pathlib.Path) -> bool:
+def _tfds_accepts(builder_cls, directory: pathlib.Path) -> bool:
     """True when every file the tfds builder downloads is in `directory` with its registered sha256."""
-    infos = type(builder).url_infos or {}
+    infos = builder_cls.url_infos or {}
     if not infos:
         return False
     for info in infos.values():
@@ -285,9 +285,9 @@ def _from_tfds(builder, spec: Official) -> dict:
     return out
 
 
-def _hosts_resolve(builder) -> Optional[str]:
+def _hosts_resolve(builder_cls) -> Optional[str]:
     """The first download host that does not resolve, if any: offline, fail now, not after retries."""
-    for url in (type(builder).url_infos or {}):
+    for url in (builder_cls.url_infos or {}):
         host = urllib.parse.urlparse(url).hostname
         try:
             socket.getaddrinfo(host, 443)
@@ -316,20 +316,23 @@ def _prepare_cleanly(builder, **kwargs):
 
 def _decode(spec: Official, root: pathlib.Path, download: bool) -> dict:
     import tensorflow_datasets as tfds
-    builder = tfds.builder(spec.tfds_name, data_dir=str(root))
-    if builder.is_prepared():
-        return _from_tfds(builder, spec)
+
+    def builder():
+        return tfds.builder(spec.tfds_name, data_dir=str(root))
+    builder_cls = tfds.builder_cls(spec.tfds_name)   # its checksums, without touching root
+    if (root / spec.tfds_name).is_dir() and builder().is_prepared():
+        return _from_tfds(builder(), spec)
     found = _find_files(spec, root)
     if found:
         directory, files, reader = found
-        if _tfds_accepts(builder, directory):
+        if _tfds_accepts(builder_cls, directory):
             try:
-                _prepare_cleanly(builder, download_config=tfds.download.DownloadConfig(
+                _prepare_cleanly(builder(), download_config=tfds.download.DownloadConfig(
                     manual_dir=str(directory)))
             except Exception as e:
                 raise DataError(f'--dataset={spec.name}: tfds could not prepare the files in '
                                 f'{directory} ({type(e).__name__}: {str(e).splitlines()[0]})')
-            return _from_tfds(builder, spec)
+            return _from_tfds(builder(), spec)
         try:
             return reader({f: directory / f for f in files})
         except DataError:
@@ -341,16 +344,16 @@ def _decode(spec: Official, root: pathlib.Path, download: bool) -> dict:
     where = f'put {spec.expected()} in {manual_dir(root)}/ (see README, "Datasets")'
     if not download:
         raise DataError(f'--dataset={spec.name}: no data under {root}; {where}')
-    unreachable = _hosts_resolve(builder)
+    unreachable = _hosts_resolve(builder_cls)
     if unreachable:
         raise DataError(f'--dataset={spec.name}: no data under {root} and {unreachable} cannot be '
                         f'resolved (offline?); {where}')
     try:
-        _prepare_cleanly(builder)
+        _prepare_cleanly(builder())
     except Exception as e:
         raise DataError(f'--dataset={spec.name}: tfds download failed ({type(e).__name__}: '
                         f'{str(e).splitlines()[0] if str(e) else ""}); {where}')
-    return _from_tfds(builder, spec)
+    return _from_tfds(builder(), spec)
 
 
 def _check(spec: Official, arrays: dict, source: str) -> dict:

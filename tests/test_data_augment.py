@@ -97,7 +97,7 @@ def test_colour_ops_match_pil(name):
     from PIL import Image, ImageEnhance, ImageOps
     rng = np.random.RandomState(1)
     # Low-contrast images so that autocontrast and equalize have work to do.
-    uint8 = rng.randint(40, 180, (4, 12, 12, 3)).astype(np.uint8)
+    uint8 = rng.randint(40, 180, (4, 32, 32, 3)).astype(np.uint8)   # > 512 pixels: PIL equalizes
     images = [Image.fromarray(u) for u in uint8]
     magnitude = 0.7
     factor = randaugment.ENHANCE[0] + (randaugment.ENHANCE[1] - randaugment.ENHANCE[0]) * magnitude
@@ -114,6 +114,7 @@ def test_colour_ops_match_pil(name):
     expected = _pil(reference, images).astype(np.float32)
     got = _op(name, tf.constant(uint8 / 255.0, tf.float32), magnitude) * 255
     # PIL rounds to uint8 at every step (and uses integer grey/mean); allow that, nothing more.
-    tolerance = {'contrast': 3.0, 'color': 2.0, 'sharpness': 1.5}.get(name, 1.0)
+    tolerance = {'contrast': 3.0, 'color': 2.0, 'sharpness': 1.5, 'autocontrast': 1.0,
+                 'brightness': 1.0}.get(name, 1e-3)   # equalize, posterize, solarize: exact
     np.testing.assert_allclose(got, expected, atol=tolerance)
     del PIL
