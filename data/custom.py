@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ssl_ema.data.datasets import Arrays, DataError, register
+from ssl_ema.data.datasets import Arrays, DataError, one_line, register
 
 TEST_FRACTION = 0.1
 TEST_SEED = 0
@@ -97,7 +97,7 @@ def npz(path: str) -> Arrays:
     except FileNotFoundError:
         raise DataError(f'--dataset={source}: no such file')
     except Exception as e:
-        raise DataError(f'--dataset={source}: not a readable .npz ({type(e).__name__}: {e})')
+        raise DataError(f'--dataset={source}: not a readable .npz ({one_line(e)})')
     with f:
         keys = set(f.files)
         missing = [k for k in ('x_train', 'y_train') if k not in keys]

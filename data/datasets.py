@@ -16,6 +16,12 @@ class DataError(ValueError):
     """Bad data input; its message is a single line naming the flag or file at fault."""
 
 
+def one_line(error: Exception) -> str:
+    """An exception's type and the first line of its message, for one-line DataError messages."""
+    lines = str(error).splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
 @dataclasses.dataclass
 class Arrays:
     name: str

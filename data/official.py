@@ -31,7 +31,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssl_ema.data.datasets import Arrays, DataError, register, write_atomically
+from ssl_ema.data.datasets import Arrays, DataError, one_line, register, write_atomically
 
 CACHE_VERSION = 1   # bump when the cached arrays' layout changes, so stale caches are rebuilt
 
@@ -122,7 +122,7 @@ def read_svhn_mat(path: pathlib.Path):
         mat = scipy.io.loadmat(path)
         x, y = mat['X'], mat['y']
     except Exception as e:  # scipy raises several types for a damaged file
-        raise DataError(f'{path}: not an SVHN .mat file with X and y ({type(e).__name__}: {e})')
+        raise DataError(f'{path}: not an SVHN .mat file with X and y ({one_line(e)})')
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != y.size:
         raise DataError(f'{path}: X has shape {x.shape}, expected (32, 32, 3, N) with N={y.size}')
     return np.moveaxis(x, -1, 0).astype(np.uint8), y.reshape(-1).astype(np.int64) % 10
@@ -331,7 +331,7 @@ def _decode(spec: Official, root: pathlib.Path, download: bool) -> dict:
                     manual_dir=str(directory)))
             except Exception as e:
                 raise DataError(f'--dataset={spec.name}: tfds could not prepare the files in '
-                                f'{directory} ({type(e).__name__}: {str(e).splitlines()[0]})')
+                                f'{directory} ({one_line(e)})')
             return _from_tfds(builder(), spec)
         try:
             return reader({f: directory / f for f in files})
@@ -339,7 +339,7 @@ def _decode(spec: Official, root: pathlib.Path, download: bool) -> dict:
             raise
         except Exception as e:  # tarfile/gzip/pickle/zlib errors from a damaged file
             raise DataError(f'--dataset={spec.name}: cannot read {", ".join(files)} in {directory} '
-                            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                            f'({one_line(e)}); '
                             f'expected the official files, unmodified')
     where = f'put {spec.expected()} in {manual_dir(root)}/ (see README, "Datasets")'
     if not download:
@@ -351,8 +351,7 @@ def _decode(spec: Official, root: pathlib.Path, download: bool) -> dict:
     try:
         _prepare_cleanly(builder())
     except Exception as e:
-        raise DataError(f'--dataset={spec.name}: tfds download failed ({type(e).__name__}: '
-                        f'{str(e).splitlines()[0] if str(e) else ""}); {where}')
+        raise DataError(f'--dataset={spec.name}: tfds download failed ({one_line(e)}); {where}')
     return _from_tfds(builder(), spec)
 
 
