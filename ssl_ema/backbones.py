@@ -80,7 +80,7 @@ def cnn13(input_shape, num_classes, dropout=0.5, bn_momentum=0.99):
     return keras.Model(inputs, outputs, name='cnn13')
 
 
-def small_cnn(input_shape, num_classes, bn_momentum=0.99):
+def small_cnn(input_shape, num_classes, bn_momentum=0.9):
     inputs = keras.Input(input_shape)
     x = inputs
     for filters in (32, 64):

@@ -48,6 +48,8 @@ def from_flags(cls, **overrides):
     """Instantiate `cls` from parsed flags; flags left at None keep the field's default."""
     values = {}
     for f in dataclasses.fields(cls):
+        if not flags.FLAGS.is_parsed():   # used as a library: defaults and overrides only
+            break
         if f.name in flags.FLAGS and flags.FLAGS[f.name].value is not None:
             values[f.name] = flags.FLAGS[f.name].value
     values.update(overrides)
@@ -95,8 +97,11 @@ class TrainConfig:
     warmup_fraction: float = hparam(0.4, 'Fraction of training over which the consistency weight '
                                     'ramps up linearly from 0.')
     ema_decay: float = hparam(0.999, 'EMA decay per step, in [0, 1).')
-    ema_warmup: bool = hparam(False, 'Use decay min(ema_decay, (1+t)/(10+t)) at update t, as '
-                              'tf.train.ExponentialMovingAverage(num_updates=t).')
+    ema_warmup: bool = hparam(True, 'Use decay min(ema_decay, (1+t)/(10+t)) at update t, as '
+                              'tf.train.ExponentialMovingAverage(num_updates=t): the teacher '
+                              'tracks the student early instead of averaging in the random '
+                              'initialisation for ~1/(1-decay) steps. --noema_warmup for a '
+                              'constant decay.')
     train_dir: Optional[str] = hparam(None, 'Run directory; an existing run there resumes. '
                                       'Default: experiments/<dataset>.<labels>@<seed>/<algorithm>_'
                                       '<arch>[_<non-default flags>].', run_defining=False)

@@ -14,11 +14,13 @@ from absl import app, flags
 
 from ssl_ema import config as config_lib
 from ssl_ema.config import ConfigError, TrainConfig
+from ssl_ema.data.datasets import DataError
 
-config_lib.define_flags(TrainConfig, __name__)
+config_lib.define_flags(TrainConfig, 'ssl_ema.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(config_lib)   # --help shows the training flags, not just --helpfull
 ROOT = 'experiments'
 _NAMED = ('algorithm', 'dataset', 'labels', 'seed', 'arch')   # already in the directory name
 
@@ -121,7 +123,7 @@ def main(argv):
         cfg = config_lib.from_flags(TrainConfig)
         algorithm = algorithms.create(cfg.algorithm)
         run(cfg, algorithm)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def digits_data():
+    """The embedded digits with 50 labels (seed 1), built once for the whole session."""
+    from ssl_ema import data
+    return data.build('digits', labels=50, valid=200, seed=1)
+
+
+def tiny_config(**overrides):
+    """A TrainConfig for fast tests: small batches, few steps, every setting overridable."""
+    from ssl_ema.config import TrainConfig
+    settings = dict(batch=16, uratio=2, train_steps=40, eval_every_kimg=0.3125,
+                    log_every_steps=10, arch='small_cnn')
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
