@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ssl_ema import config as config_lib
 from ssl_ema.config import ConfigError, TrainConfig
@@ -65,8 +65,13 @@ def make_strategy(cfg: TrainConfig):
     if tf.config.list_physical_devices('GPU'):
         return tf.distribute.MirroredStrategy()
     cpu = tf.config.list_physical_devices('CPU')[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_devices)
+    if len(tf.config.get_logical_device_configuration(cpu) or []) < cfg.cpu_devices:
+        try:   # possible only before TensorFlow initialises its devices, hence run() starts here
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_devices)
+        except RuntimeError:
+            raise ConfigError(f'--cpu_devices={cfg.cpu_devices} must be set before TensorFlow '
+                              'starts (as from the command line)') from None
     return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(cfg.cpu_devices)])
 
 
@@ -76,6 +81,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     from ssl_ema.evaluation import write_json
     from ssl_ema.trainer import Trainer
 
+    strategy = make_strategy(cfg)
     dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir)
     arch = backbones.resolve(cfg.arch, dataset.image_shape)
     cfg = dataclasses.replace(cfg, arch=arch)
@@ -85,7 +91,6 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     if cfg.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
-    strategy = make_strategy(cfg)
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
     if not resuming:
         os.makedirs(train_dir, exist_ok=True)
@@ -114,7 +119,8 @@ def main(argv):
         sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
 
     import tensorflow as tf
-    tf.get_logger().setLevel("WARNING")
+    tf.get_logger().setLevel('WARNING')
+    logging.set_verbosity(logging.WARNING)   # TF's per-checkpoint INFO lines
 
     def stop(signum, frame):
         raise KeyboardInterrupt
