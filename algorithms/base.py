@@ -24,6 +24,7 @@ class Batch:
     unlabeled: Tuple[tf.Tensor, ...]   # the views named by the algorithm's `views`, same images
     ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (linear over warmup_fraction)
     rng: tf.random.Generator           # checkpointed, so a resumed run draws the same noise
+    progress: tf.Tensor = 0.           # step / total steps, in [0, 1] (UDA's TSA schedule)
 
 
 @dataclasses.dataclass
@@ -48,10 +49,15 @@ def forward(model, batch: Batch, *unlabeled):
     the labeled and unlabeled images alike (as FixMatch does), instead of once per sub-batch.
     Returns (labeled cross-entropy, [logits of each unlabeled batch]).
     """
-    parts = (batch.labeled_x,) + unlabeled
-    logits = model(tf.concat(parts, 0), training=True)
-    logits = tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
+    logits = concat_forward(model, batch.labeled_x, *unlabeled)
     return losses.cross_entropy(batch.labels, logits[0]), logits[1:]
+
+
+def concat_forward(model, *parts):
+    """The logits of each of `parts`, from one training-mode forward pass over all of them (for
+    algorithms that feed transformed labeled images, like MixMatch's mixup, or no labeled ones)."""
+    logits = model(tf.concat(parts, 0), training=True)
+    return tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
 
 
 def register(name: str):

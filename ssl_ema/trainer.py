@@ -98,7 +98,7 @@ class Trainer:
     def _replica_step(self, labeled_x, labels, unlabeled):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
         ramp = losses.linear_rampup(progress, self.cfg.warmup_fraction)
-        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng)
+        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema.model, batch)
             total = out.labeled + out.unlabeled
