@@ -63,3 +63,74 @@ def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps):
         divergence = kl_divergence(tf.stop_gradient(target_logits), logits_fn(x + r))
     g = tape.gradient(divergence, r)
     return tf.stop_gradient(eps * l2_normalize(g))
+
+
+def soft_cross_entropy(target_probs, logits, mask=None):
+    """Cross-entropy H(target, softmax(logits)) summed over classes; the batch mean of each
+    example's value times `mask` (1 if None). The denominator is the whole batch, masked-out
+    examples included, as in FixMatch's Eq. 4 and UDA's Eq. 3."""
+    per_example = -tf.reduce_sum(target_probs * tf.nn.log_softmax(logits), axis=-1)
+    if mask is not None:
+        per_example *= mask
+    return tf.reduce_mean(per_example)
+
+
+def confidence_mask(probs, threshold):
+    """1. where the largest class probability reaches `threshold`, else 0. (FixMatch Eq. 4's
+    1(max q >= tau), UDA's confidence-based masking, Lee 2013's confident pseudo-labels)."""
+    return tf.cast(tf.reduce_max(probs, axis=-1) >= threshold, tf.float32)
+
+
+def confident_pseudo_label_loss(target_logits, logits, threshold):
+    """Hard pseudo-labels argmax(target) where the target is confident, trained by cross-entropy
+    on `logits` (FixMatch Eq. 4; Lee 2013 with target = logits). Returns (loss, mask)."""
+    probs = tf.stop_gradient(tf.nn.softmax(target_logits))
+    mask = confidence_mask(probs, threshold)
+    hard = tf.one_hot(tf.argmax(probs, axis=-1), tf.shape(probs)[-1])
+    return soft_cross_entropy(hard, logits, mask), mask
+
+
+def sharpen(probs, temperature):
+    """p^(1/T) / sum p^(1/T) (MixMatch Eq. 7); equals softmax(logits / T) for p = softmax(logits),
+    UDA's softmax temperature control."""
+    powered = tf.pow(probs, 1. / temperature)
+    return powered / tf.reduce_sum(powered, axis=-1, keepdims=True)
+
+
+def mix(a, b, weight):
+    """weight * a + (1 - weight) * b, with one weight per example broadcast over the other axes."""
+    weight = tf.reshape(weight, [-1] + [1] * (len(a.shape) - 1))
+    return weight * a + (1. - weight) * b
+
+
+def mixup(rng, alpha, *tensors):
+    """MixUp (Zhang et al. 2018) of each example with a random partner from the same batch:
+    lambda ~ Beta(alpha, alpha), lambda' = max(lambda, 1 - lambda) (MixMatch Eqs. 8-9), so each
+    mixed example stays closer to its own row. Every tensor (images, targets) gets the same
+    partners and weights. `rng` is the run's tf.random.Generator. Returns the mixed tensors."""
+    n = tf.shape(tensors[0])[0]
+    seeds = rng.make_seeds(2)
+    # Beta(a, a) = X / (X + Y) for X, Y ~ Gamma(a): tf.random.Generator has no beta or gamma.
+    x, y = (tf.random.stateless_gamma([n], seeds[:, i], alpha) for i in range(2))
+    weight = x / (x + y)
+    weight = tf.maximum(weight, 1. - weight)
+    partner = tf.argsort(rng.uniform([n]))
+    return [mix(t, tf.gather(t, partner), weight) for t in tensors]
+
+
+def tsa_threshold(schedule, progress, num_classes):
+    """Training Signal Annealing (Xie et al. 2020, Sec. 3.3): labeled examples whose correct-class
+    probability exceeds eta_t = alpha_t (1 - 1/K) + 1/K leave the loss; alpha_t is t/T (linear),
+    1 - exp(-5 t/T) (log), exp(5 (t/T - 1)) (exp), or 1 (none: no annealing)."""
+    alpha = {'linear': lambda t: t, 'log': lambda t: 1. - tf.exp(-5. * t),
+             'exp': lambda t: tf.exp(5. * (t - 1.)), 'none': tf.ones_like}[schedule](
+                 tf.cast(progress, tf.float32))
+    return alpha * (1. - 1. / num_classes) + 1. / num_classes
+
+
+def tsa_cross_entropy(labels, logits, threshold):
+    """Labeled cross-entropy over the examples whose correct-class probability is at most
+    `threshold` (TSA), averaged over those examples as in UDA's code."""
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    keep = tf.cast(tf.exp(-per_example) <= threshold, tf.float32)   # p_correct = exp(-CE)
+    return tf.reduce_sum(per_example * keep) / tf.maximum(tf.reduce_sum(keep), 1.)

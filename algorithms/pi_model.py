@@ -1,0 +1,26 @@
+"""Pi-model (Laine & Aila, ICLR 2017, arXiv:1610.02242; Sajjadi et al. 2016).
+
+Two stochastic passes of the *student* (two random augmentations, and dropout where the backbone
+has it) on each unlabeled image; the squared difference of their class probabilities is the
+consistency cost (Sec. 2.1, Algorithm 1: w(t) ||z_i - z~_i||^2), here averaged over classes and
+ramped up like every consistency weight. As in the anchors (google-research/fixmatch
+pi_model.py), one pass is the target with its gradient stopped, and `consistency_weight` is 10.
+"""
+import tensorflow as tf
+
+from ssl_ema import losses
+from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+
+
+@register('pi_model')
+class PiModel(Algorithm):
+    views = ('weak', 'weak')   # target pass, student pass
+    consistency_weight: float = hparam(
+        10., 'Weight of the Pi-model consistency cost at the end of the ramp-up.')
+
+    def __call__(self, student, teacher, batch):
+        xe, (target_logits, logits) = forward(student, batch, *batch.unlabeled)
+        target = tf.stop_gradient(tf.nn.softmax(target_logits))
+        consistency = losses.softmax_mse(logits, target)
+        return Losses(xe, batch.ramp * self.consistency_weight * consistency,
+                      {'consistency': consistency})

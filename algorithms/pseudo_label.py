@@ -1,0 +1,28 @@
+"""Pseudo-Label (Lee, ICML 2013 Workshop on Challenges in Representation Learning).
+
+The class the student predicts for an unlabeled image is taken as its label (Eq. 1, the argmax)
+and trained with cross-entropy (Eq. 15's second term), weighted by `consistency_weight` (the
+paper's alpha(t), Eq. 16, here the shared linear ramp-up). As in the anchors
+(google-research/fixmatch pseudo_label.py and the realistic-evaluation code), only predictions
+with confidence >= `confidence_threshold` (0.95) count, the mean is over the whole unlabeled
+batch, and the weight is 1.
+"""
+import tensorflow as tf
+
+from ssl_ema import losses
+from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+
+
+@register('pseudo_label')
+class PseudoLabel(Algorithm):
+    views = ('weak',)
+    consistency_weight: float = hparam(1., 'Weight of the pseudo-label loss (ramped up).')
+    confidence_threshold: float = hparam(
+        0.95, 'Largest class probability a prediction needs to become a (pseudo-)label.')
+
+    def __call__(self, student, teacher, batch):
+        xe, (logits,) = forward(student, batch, *batch.unlabeled)
+        # The same logits give the label (gradient stopped) and are trained toward it.
+        pseudo, mask = losses.confident_pseudo_label_loss(logits, logits, self.confidence_threshold)
+        return Losses(xe, batch.ramp * self.consistency_weight * pseudo,
+                      {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask)})
