@@ -71,6 +71,7 @@ class Trainer:
         self.writer = tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
         self.history = []
         self._wall_time = 0.
+        self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
 
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -148,44 +149,43 @@ class Trainer:
                 for split, acc in result[model].items():
                     tf.summary.scalar(f'accuracy/{model}/{split}', acc)
 
+    def _log_progress(self, step, metrics, speed, log):
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics['lr'] = float(self.optimizer.learning_rate)
+        metrics['images_per_sec'] = speed
+        with self.writer.as_default(step=step):
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+        total = self.cfg.total_steps
+        eta = (total - step) * self.images_per_step / speed
+        log(f'step {step}/{total} '
+            + ' '.join(f'{k[5:]}={v:.4g}' for k, v in metrics.items() if k.startswith('loss/'))
+            + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
+
     def train(self, log=print):
+        """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
         cfg, total = self.cfg, self.cfg.total_steps
         step = self.restore()
         if step:
             log(f'Resuming {self.train_dir} at step {step}/{total}')
-        images_per_step = cfg.batch * (1 + (cfg.uratio if self.algorithm.views else 0))
         iterator = self._dataset(step) if step < total else None
-        start = mark = eval_time = time.time()
-        mark_step = eval_step = step
+        start = time.time()
+        log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
         try:
             while step < total:
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
-                    now = time.time()
-                    speed = images_per_step * (step - mark_step) / max(now - mark, 1e-9)
-                    mark, mark_step = now, step
-                    eta = (total - step) * images_per_step / speed
-                    metrics = {k: float(v) for k, v in metrics.items()}
-                    metrics['lr'] = float(self.optimizer.learning_rate)
-                    with self.writer.as_default(step=step):
-                        for k, v in dict(metrics, images_per_sec=speed).items():
-                            tf.summary.scalar(k, v)
-                    log(f'step {step}/{total} ' + ' '.join(
-                        f'{k.split("/")[-1] if k.startswith("loss") else k}={v:.4g}'
-                        for k, v in metrics.items() if k.startswith('loss'))
-                        + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
+                    self._log_progress(step, metrics, self._speed(log_mark, step), log)
+                    log_mark = (time.time(), step)
                 if step % cfg.eval_every_steps == 0 or step == total:
-                    now = time.time()
                     result = self.evaluate()
-                    result['images_per_sec'] = (images_per_step * (step - eval_step)
-                                                / max(now - eval_time, 1e-9))
-                    result['wall_time_s'] = self._wall_time + now - start
-                    eval_time, eval_step = time.time(), step
+                    result['images_per_sec'] = self._speed(eval_mark, step)
+                    result['wall_time_s'] = self._wall_time + time.time() - start
                     self._record(result)
+                    eval_mark = (time.time(), step)
                     log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
-                        f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}'
-                        for s in result['raw']))
+                        f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
         except KeyboardInterrupt:
             self.manager.save(checkpoint_number=int(self.step.numpy()))
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
@@ -194,3 +194,7 @@ class Trainer:
         finally:
             self.writer.flush()
         return evaluation.summarize(self.history)
+
+    def _speed(self, mark, step):
+        """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""
+        return self.images_per_step * (step - mark[1]) / max(time.time() - mark[0], 1e-9)
