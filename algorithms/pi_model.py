@@ -15,8 +15,7 @@ from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 @register('pi_model')
 class PiModel(Algorithm):
     views = ('weak', 'weak')   # target pass, student pass
-    consistency_weight: float = hparam(
-        10., 'Weight of the Pi-model consistency cost at the end of the ramp-up.')
+    consistency_weight: float = hparam(10., 'Weight of the Pi-model consistency (ramped up).')
 
     def __call__(self, student, teacher, batch):
         xe, (target_logits, logits) = forward(student, batch, *batch.unlabeled)

@@ -62,3 +62,90 @@ def test_vat_perturbation_power_iteration_finds_the_hessian_direction():
     r = losses.vat_perturbation(lambda v: v, x, x, tf.constant([[1., 0.]]), xi=1e-2, eps=1.)
     np.testing.assert_allclose(r, [[1 / math.sqrt(2.), -1 / math.sqrt(2.)]], rtol=1e-3)
     assert float(tf.norm(r)) == pytest.approx(1., 1e-5)
+
+
+def test_soft_cross_entropy_and_its_mask():
+    # target [.5, .5], prediction [.75, .25]: -(.5 ln .75 + .5 ln .25)
+    value = 0.5 * math.log(4 / 3) + 0.5 * math.log(4.)
+    assert float(losses.soft_cross_entropy([[.5, .5]], [[math.log(3.), 0.]])) == pytest.approx(value, 1e-6)
+    # a masked-out example still counts in the denominator (FixMatch Eq. 4: 1 / (mu B))
+    masked = losses.soft_cross_entropy([[.5, .5], [.5, .5]], [[math.log(3.), 0.]] * 2, [1., 0.])
+    assert float(masked) == pytest.approx(value / 2, 1e-6)
+
+
+def test_confidence_mask_includes_the_threshold():
+    probs = tf.constant([[.96, .04], [.95, .05], [.6, .4], [.02, .98]])
+    np.testing.assert_array_equal(losses.confidence_mask(probs, 0.95), [1., 1., 0., 1.])
+
+
+def test_fixmatch_mask_and_hard_pseudo_label():
+    # Row 1: weak p = softmax([ln 19, 0]) = [.95, .05] -> confident, label 0; the strong view
+    # predicts [.75, .25] -> -ln .75. Row 2: weak p = [.5, .5] -> masked out.
+    weak = tf.constant([[math.log(19.), 0.], [0., 0.]])
+    strong = tf.constant([[math.log(3.), 0.], [5., -5.]])
+    loss, mask = losses.confident_pseudo_label_loss(weak, strong, 0.95)
+    np.testing.assert_array_equal(mask, [1., 0.])
+    assert float(loss) == pytest.approx(math.log(4 / 3) / 2, 1e-5)
+    # the target side gets no gradient: pseudo-labelling a view with its own logits is allowed
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(weak)
+        loss, _ = losses.confident_pseudo_label_loss(weak, strong, 0.95)
+        same, _ = losses.confident_pseudo_label_loss(weak, weak, 0.95)
+    assert tape.gradient(loss, weak) is None
+    # Lee 2013 (target = logits): -ln .95 on row 1, nothing on row 2, gradient through logits only
+    assert float(same) == pytest.approx(-math.log(.95) / 2, 1e-5)
+    assert float(tf.reduce_sum(tf.abs(tape.gradient(same, weak)))) > 0
+
+
+def test_sharpen():
+    # MixMatch Eq. 7: [.6, .4] at T = .5 -> [.36, .16] / .52 = [9/13, 4/13]; T = 1 changes nothing
+    np.testing.assert_allclose(losses.sharpen(tf.constant([[.6, .4]]), 0.5), [[9 / 13, 4 / 13]], rtol=1e-6)
+    np.testing.assert_allclose(losses.sharpen(tf.constant([[.6, .4]]), 1.), [[.6, .4]], rtol=1e-6)
+    # UDA's temperature control: sharpen(softmax(z), T) = softmax(z / T);
+    # softmax([ln 3, 0]) = [.75, .25] -> [.5625, .0625] / .625 = [.9, .1] = softmax([2 ln 3, 0])
+    np.testing.assert_allclose(losses.sharpen(tf.nn.softmax([[math.log(3.), 0.]]), 0.5), [[.9, .1]], rtol=1e-6)
+
+
+def test_mix_broadcasts_one_weight_per_example():
+    np.testing.assert_allclose(losses.mix(tf.constant([[1., 0.], [2., 2.]]), tf.constant([[0., 1.], [0., 0.]]),
+                                          tf.constant([.75, .5])), [[.75, .25], [1., 1.]])
+    images = losses.mix(tf.ones([2, 3, 3, 1]), tf.zeros([2, 3, 3, 1]), tf.constant([.9, .6]))
+    np.testing.assert_allclose(images[:, 1, 2, 0], [.9, .6], rtol=1e-6)
+
+
+def test_mixup_mixes_images_and_targets_alike():
+    # ICT's and MixMatch's mix: image i is a constant i, its target the one-hot of i, so the mixed
+    # image must equal the mean index under the mixed target: the same partner and lambda for both.
+    n = 8
+    images = tf.reshape(tf.range(n, dtype=tf.float32), [n, 1, 1, 1]) * tf.ones([n, 2, 2, 1])
+    targets = tf.eye(n)
+    mixed_images, mixed_targets = losses.mixup(tf.random.Generator.from_seed(0), 0.75, images, targets)
+    np.testing.assert_allclose(mixed_images[:, 0, 0, 0], tf.linalg.matvec(mixed_targets, tf.range(n, dtype=tf.float32)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tf.reduce_sum(mixed_targets, 1), np.ones(n), rtol=1e-6)
+    # lambda' = max(lambda, 1 - lambda): each example keeps at least half of itself (MixMatch Eq. 9)
+    assert np.all(np.diag(mixed_targets) >= 0.5 - 1e-6)
+    assert not np.allclose(mixed_targets, np.eye(n))   # it does mix
+    # drawn from the run's generator only: the same state gives the same mix
+    again = losses.mixup(tf.random.Generator.from_seed(0), 0.75, images, targets)[1]
+    np.testing.assert_array_equal(mixed_targets, again)
+
+
+def test_tsa_threshold_schedules():
+    # eta_t = alpha_t (1 - 1/K) + 1/K with K = 10
+    assert float(losses.tsa_threshold('linear', 0.5, 10)) == pytest.approx(.55)
+    assert float(losses.tsa_threshold('linear', 0., 10)) == pytest.approx(.1)
+    assert float(losses.tsa_threshold('log', 0.2, 10)) == pytest.approx((1 - math.exp(-1)) * .9 + .1, 1e-6)
+    assert float(losses.tsa_threshold('exp', 0.8, 10)) == pytest.approx(math.exp(-1) * .9 + .1, 1e-6)
+    assert float(losses.tsa_threshold('exp', 1., 10)) == pytest.approx(1.)
+    assert float(losses.tsa_threshold('none', 0., 10)) == pytest.approx(1.)
+
+
+def test_tsa_cross_entropy_drops_confident_labeled_examples():
+    # p(correct) = .75 (CE ln 4/3) and .5 (CE ln 2); at eta = .6 only the second stays, averaged
+    # over the examples kept (UDA's code)
+    logits, labels = tf.constant([[math.log(3.), 0.], [0., 0.]]), tf.constant([0, 0])
+    assert float(losses.tsa_cross_entropy(labels, logits, 0.6)) == pytest.approx(math.log(2.), 1e-6)
+    assert float(losses.tsa_cross_entropy(labels, logits, 1.)) == pytest.approx(
+        float(losses.cross_entropy(labels, logits)), 1e-6)
+    assert float(losses.tsa_cross_entropy(labels, logits, 0.1)) == 0.
