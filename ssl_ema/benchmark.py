@@ -244,11 +244,11 @@ def run_grid(runs: List[Run], jobs: int = 1, log=print, poll_seconds: float = 0.
                     # Own session: a Ctrl-C reaches only this process, which forwards one SIGTERM.
                     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                env=env, start_new_session=True)
+                running[process] = (i, run, time.time(), log_path)
                 what = (f'resume    {run.name} from step {run.step}/{run.cfg.total_steps}'
                         if run.status == 'resume' else
                         f'train     {run.name} ({run.cfg.total_steps} steps)')
                 log(f'[{i}/{count}] {what}; log: {log_path}')
-                running[process] = (i, run, time.time(), log_path)
             time.sleep(poll_seconds)
             for process in list(running):
                 if process.poll() is None:
