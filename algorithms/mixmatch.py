@@ -31,6 +31,7 @@ class MixMatch(Algorithm):
         return ('weak',) * self.label_guess_views
 
     def __call__(self, student, teacher, batch):
+        # The guess comes from the student in training mode, as in the paper's code (Eq. 6).
         guesses = [tf.nn.softmax(logits) for logits in concat_forward(student, *batch.unlabeled)]
         guess = tf.stop_gradient(losses.sharpen(tf.add_n(guesses) / len(guesses),
                                                 self.temperature))
