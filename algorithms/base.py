@@ -39,6 +39,9 @@ class Algorithm:
     consistency_weight: float = 0.
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
+        """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:
+        `teacher(x)` is the averaged classifier, `teacher(x, training=True)` the same weights
+        with batch statistics and dropout (Mean Teacher's noisy teacher)."""
         raise NotImplementedError
 
 

@@ -1,9 +1,12 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017, arXiv:1703.01780).
 
-The teacher is the EMA of the student's weights (Eq. 1, the shared `ssl_ema.ema.EMA`). Its class
+The teacher is the EMA of the student's weights (Eq. 1, the shared `ssl_ema.ema.EMA`), run with
+noise like the student (batch statistics, dropout; the EMA itself is not changed by it). Its class
 probabilities on one augmented view are the target of the student's on another view, with a
 squared-error consistency cost J = E ||f(x, theta', eta') - f(x, theta, eta)||^2 (Sec. 2),
-weighted by `consistency_weight` and ramped up over the run's warm-up.
+weighted by `consistency_weight` and ramped up over the run's warm-up. Both views also get
+Gaussian input noise of std `input_noise` (the paper's eta, eta'; sigma = 0.15 in Appendix B),
+drawn independently for student and teacher.
 """
 import tensorflow as tf
 
@@ -16,11 +19,14 @@ class MeanTeacher(Algorithm):
     views = ('weak', 'weak')   # student view, teacher view
     consistency_weight: float = hparam(
         50., 'Weight of the unlabeled consistency cost at the end of the ramp-up.')
+    input_noise: float = hparam(0.15, 'Std of the Gaussian noise added to each (standardised) '
+                                'unlabeled view, student and teacher independently.')
 
     def __call__(self, student, teacher, batch):
-        student_view, teacher_view = batch.unlabeled
+        student_view, teacher_view = (v + self.input_noise * batch.rng.normal(tf.shape(v))
+                                      for v in batch.unlabeled)
         xe, (logits,) = forward(student, batch, student_view)
-        target = tf.stop_gradient(tf.nn.softmax(teacher(teacher_view, training=False)))
+        target = tf.stop_gradient(tf.nn.softmax(teacher(teacher_view, training=True)))
         consistency = losses.softmax_mse(logits, target)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency,
                       {'consistency': consistency})

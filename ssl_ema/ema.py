@@ -10,7 +10,12 @@ weights, updated after every optimizer step with the semantics of
 Batch-norm statistics: the moving mean and variance are averaged exactly like the weights (as
 the anchors' `tf.train.ExponentialMovingAverage` over all model variables did). The averaged
 statistics then belong to the averaged weights, and the EMA model in inference mode is a
-self-contained classifier: what teaches during training is exactly what is evaluated and exported.
+self-contained classifier: what is evaluated and exported is exactly the averaged model.
+
+As a teacher, `ema(x, training=True)` runs the averaged weights the way Mean Teacher's teacher
+runs (Tarvainen & Valpola 2017, Sec. 2): batch norm on the batch's statistics and dropout active,
+so the teacher is as noisy as the student; the shadow moving averages are left untouched, so
+only `update()` ever changes the EMA. `ema(x)` is the inference-mode classifier.
 """
 import keras
 import tensorflow as tf
@@ -24,9 +29,21 @@ class EMA:
         self.warmup = warmup
         self.model = keras.models.clone_model(model)
         self.model.set_weights(model.get_weights())
-        self.model.trainable = False
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name='ema_updates')
         self._pairs = list(zip(self.model.weights, model.weights))
+
+    def __call__(self, x, training=False):
+        if not training:
+            return self.model(x, training=False)
+        # Training mode would also move the batch-norm moving averages: read them first, and
+        # write them back after the call (ops on one variable run in program order).
+        stats = self.model.non_trainable_weights
+        saved = [tf.identity(v.value) for v in stats]
+        logits = self.model(x, training=True)
+        with tf.control_dependencies([logits]):
+            for v, value in zip(stats, saved):
+                v.assign(value)
+        return logits
 
     def current_decay(self):
         if not self.warmup:

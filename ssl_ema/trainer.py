@@ -61,7 +61,7 @@ class Trainer:
         # Model variables are listed explicitly: this includes the dropout seed generators,
         # which Keras models do not expose to tf.train.Checkpoint themselves.
         self.checkpoint = tf.train.Checkpoint(
-            step=self.step, student=list(self.student.variables), teacher=list(self.ema.model.weights),
+            step=self.step, student=list(self.student.variables), teacher=list(self.ema.model.variables),
             ema_updates=self.ema.updates, optimizer=self.optimizer, rng=self.rng)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
@@ -101,7 +101,7 @@ class Trainer:
         ramp = losses.linear_rampup(progress, self.cfg.warmup_fraction)
         batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress)
         with tf.GradientTape() as tape:
-            out = self.algorithm(self.student, self.ema.model, batch)
+            out = self.algorithm(self.student, self.ema, batch)
             total = out.labeled + out.unlabeled
             # Each replica averages over its share of the batch; the optimizer sums replicas.
             scaled = total / self.strategy.num_replicas_in_sync

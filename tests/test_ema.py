@@ -58,3 +58,20 @@ def test_ema_model_is_independent_and_starts_equal():
 def test_ema_rejects_decay_outside_unit_interval(decay):
     with pytest.raises(ValueError, match='ema_decay'):
         EMA(scalar_model(), decay=decay)
+
+
+def test_noisy_teacher_call_leaves_the_average_untouched():
+    """ema(x, training=True): batch statistics (Mean Teacher's teacher), shadow stats unchanged."""
+    import tensorflow as tf
+    inputs = keras.Input((3,))
+    student = keras.Model(inputs, keras.layers.BatchNormalization()(keras.layers.Dense(2)(inputs)))
+    ema = EMA(student, decay=0.9)
+    x = np.random.RandomState(0).normal(5., 3., (16, 3)).astype(np.float32)
+    before = [np.array(w) for w in ema.model.weights]
+    noisy = tf.function(lambda v: ema(v, training=True))(x)
+    after = [np.array(w) for w in ema.model.weights]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    # batch statistics: each output unit is standardised over the batch (gamma 1, beta 0)
+    np.testing.assert_allclose(np.mean(noisy, 0), 0., atol=1e-4)
+    assert not np.allclose(noisy, ema(x))   # inference mode uses the moving averages instead

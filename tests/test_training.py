@@ -84,13 +84,15 @@ def test_finished_run_is_not_retrained(tmp_path):
     assert not any(line.startswith('step ') for line in logged)
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    """tf.distribute: two replicas (logical CPUs) train VAT, EMA update in cross-replica context."""
+@pytest.mark.parametrize('algorithm', ['vat', 'mean_teacher'])
+def test_mirrored_strategy_on_two_logical_cpus(algorithm, tmp_path):
+    """tf.distribute: two replicas (logical CPUs); per-replica RNG (VAT) and noisy teacher (Mean
+    Teacher), EMA update in cross-replica context."""
     import subprocess
     import sys
     out = subprocess.run(
         [sys.executable, '-m', 'ssl_ema.train', '--distribute=mirrored', '--cpu_devices=2',
-         '--algorithm=vat', '--train_steps=40', '--eval_every_kimg=0.625', '--log_every_steps=20',
+         f'--algorithm={algorithm}', '--train_steps=40', '--eval_every_kimg=0.625', '--log_every_steps=20',
          f'--train_dir={tmp_path / "run"}'], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / 'run' / 'accuracy.json').read_text())
