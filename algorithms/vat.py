@@ -5,7 +5,13 @@ Consistency: KL(target || student(x + r_adv)) (Eq. 4-5), r_adv by one power iter
 (Eqs. 11-13, `losses.vat_perturbation`). By default the target distribution comes from the EMA
 teacher (this toolkit's design: the EMA produces the consistency targets);
 `--vat_target=student` uses the paper's stop-gradient student prediction on the clean image.
+
+`--vat_eps` is the perturbation norm for a 32x32x3 image (3,072 values; the anchors' 6). Other
+image sizes scale it by sqrt(values / 3072), keeping the per-value strength the same: an L2 norm
+grows with the square root of the number of values (on 8x8 digits, 6 becomes 0.87).
 """
+import math
+
 import tensorflow as tf
 
 from ssl_ema import losses
@@ -16,7 +22,8 @@ from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, forward, hpa
 class VAT(Algorithm):
     views = ('weak',)
     consistency_weight: float = hparam(0.3, 'Weight of the VAT consistency (ramped up).')
-    vat_eps: float = hparam(6., 'Norm epsilon of the adversarial perturbation r_adv (Eq. 13).')
+    vat_eps: float = hparam(6., 'Norm epsilon of the adversarial perturbation r_adv (Eq. 13) '
+                            'for a 32x32x3 image; scaled by sqrt(values / 3072) for other sizes.')
     vat_xi: float = hparam(1e-6, 'Finite-difference step xi of the power iteration (Eq. 12).')
     vat_target: str = hparam('ema', 'Target distribution: ema (the EMA teacher) or student '
                              '(stop-gradient student, as in the paper).')
@@ -34,8 +41,9 @@ class VAT(Algorithm):
             target = teacher(x, training=False)
         else:
             target = tf.stop_gradient(logits)
+        eps = self.vat_eps * math.sqrt(math.prod(x.shape[1:]) / 3072)
         r_adv = losses.vat_perturbation(lambda v: student(v, training=True), x, target,
-                                        batch.rng.normal(tf.shape(x)), self.vat_xi, self.vat_eps)
+                                        batch.rng.normal(tf.shape(x)), self.vat_xi, eps)
         consistency = losses.kl_divergence(target, student(x + r_adv, training=True))
         entropy = losses.entropy(logits)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency
