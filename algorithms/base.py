@@ -37,6 +37,7 @@ class Losses:
 class Algorithm:
     views: Tuple[str, ...] = ('weak',)  # augmentations of each unlabeled image it needs
     consistency_weight: float = 0.
+    ramp_up: bool = True   # False: batch.ramp is 1 throughout (FixMatch, UDA: constant weight)
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
         """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:

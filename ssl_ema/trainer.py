@@ -98,7 +98,8 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
-        ramp = losses.linear_rampup(progress, self.cfg.warmup_fraction)
+        ramp = (losses.linear_rampup(progress, self.cfg.warmup_fraction)
+                if self.algorithm.ramp_up else tf.ones_like(progress))
         batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
