@@ -481,6 +481,10 @@ def main(argv):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     try:
+        try:   # checked before any training: curves.png needs it
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError('the benchmark plots with matplotlib: pip install -e ".[benchmark]"')
         if FLAGS.collect:
             write_results(FLAGS.collect)
             return
