@@ -48,8 +48,11 @@ def check_compatible(train_dir: str, record: dict) -> bool:
         return False
     with open(path) as f:
         saved = json.load(f)
-    current = dict(config_lib.run_defining(TrainConfig(**record['config'])), **record['algorithm'])
-    before = dict(config_lib.run_defining(TrainConfig(**saved['config'])), **saved['algorithm'])
+    defining = set(config_lib.run_defining(TrainConfig()))
+
+    def hyperparameters(r):   # a key that only one side has shows up as a difference
+        return dict({k: v for k, v in r['config'].items() if k in defining}, **r['algorithm'])
+    current, before = hyperparameters(record), hyperparameters(saved)
     for key in sorted(set(current) | set(before)):
         if current.get(key) != before.get(key):
             raise ConfigError(f'--train_dir={train_dir} holds a run made with --{key}='
