@@ -61,8 +61,9 @@ class Trainer:
         # Model variables are listed explicitly: this includes the dropout seed generators,
         # which Keras models do not expose to tf.train.Checkpoint themselves.
         self.checkpoint = tf.train.Checkpoint(
-            step=self.step, student=list(self.student.variables), teacher=list(self.ema.model.variables),
-            ema_updates=self.ema.updates, optimizer=self.optimizer, rng=self.rng)
+            step=self.step, student=list(self.student.variables),
+            teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
+            optimizer=self.optimizer, rng=self.rng)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
         self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
@@ -132,8 +133,8 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        result = {'step': int(self.step.numpy()),
-                  'kimg': int(self.step.numpy()) * self.cfg.batch / 1024}
+        step = int(self.step.numpy())
+        result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
         for model, predict in self.predict.items():
             result[model] = {split: evaluation.accuracy(predict, x, y)
                              for split, (x, y) in self.eval_arrays.items()}
