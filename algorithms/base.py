@@ -22,7 +22,7 @@ class Batch:
     labeled_x: tf.Tensor
     labels: tf.Tensor
     unlabeled: Tuple[tf.Tensor, ...]   # the views named by the algorithm's `views`, same images
-    ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (linear over warmup_fraction)
+    ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (the algorithm's `ramp_up`)
     rng: tf.random.Generator           # checkpointed, so a resumed run draws the same noise
     progress: tf.Tensor = 0.           # step / total steps, in [0, 1] (UDA's TSA schedule)
 
@@ -37,7 +37,9 @@ class Losses:
 class Algorithm:
     views: Tuple[str, ...] = ('weak',)  # augmentations of each unlabeled image it needs
     consistency_weight: float = 0.
-    ramp_up: bool = True   # False: batch.ramp is 1 throughout (FixMatch, UDA: constant weight)
+    # Shape of batch.ramp over the first warmup_fraction of training (losses.RAMPUPS): 'linear'
+    # (the anchors' default), 'sigmoid' (Pi-model, Mean Teacher, ICT) or 'none' (FixMatch, UDA).
+    ramp_up: str = 'linear'
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
         """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:

@@ -17,7 +17,7 @@ from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 @register('fixmatch')
 class FixMatch(Algorithm):
     views = ('weak', 'strong')
-    ramp_up = False
+    ramp_up = 'none'
     consistency_weight: float = hparam(
         1., 'Weight of the unlabeled loss (lambda_u; at the end of the ramp-up for the '
         'algorithms that ramp it up, constant for fixmatch and uda).')

@@ -18,6 +18,7 @@ from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 @register('ict')
 class ICT(Algorithm):
     views = ('weak',)
+    ramp_up = 'sigmoid'   # the paper's exp(-5(1-t)^2)
     consistency_weight: float = hparam(
         100., 'Weight of the interpolation consistency cost at the end of the ramp-up.')
     mixup_alpha: float = hparam(1., 'alpha of the Beta(alpha, alpha) distribution of mixup coefficients.')

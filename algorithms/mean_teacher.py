@@ -17,6 +17,7 @@ from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 @register('mean_teacher')
 class MeanTeacher(Algorithm):
     views = ('weak', 'weak')   # student view, teacher view
+    ramp_up = 'sigmoid'   # the paper's exp(-5(1-t)^2)
     consistency_weight: float = hparam(
         50., 'Weight of the unlabeled consistency cost at the end of the ramp-up.')
     input_noise: float = hparam(0.15, 'Std of the Gaussian noise added to each (standardised) '

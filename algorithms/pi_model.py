@@ -15,6 +15,7 @@ from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 @register('pi_model')
 class PiModel(Algorithm):
     views = ('weak', 'weak')   # target pass, student pass
+    ramp_up = 'sigmoid'   # the paper's exp(-5(1-t)^2)
     consistency_weight: float = hparam(10., 'Weight of the Pi-model consistency (ramped up).')
 
     def __call__(self, student, teacher, batch):

@@ -21,7 +21,7 @@ TSA_SCHEDULES = ('none', 'linear', 'log', 'exp')
 @register('uda')
 class UDA(Algorithm):
     views = ('weak', 'strong')
-    ramp_up = False
+    ramp_up = 'none'
     consistency_weight: float = hparam(1., 'Weight of the unlabeled consistency (not ramped).')
     temperature: float = hparam(0.4, 'Softmax temperature T sharpening the weak-view targets.')
     confidence_threshold: float = hparam(

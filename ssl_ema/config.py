@@ -95,7 +95,8 @@ class TrainConfig:
     weight_decay: float = hparam(5e-4, 'Decoupled weight decay on kernels (not biases or batch '
                                  'norm), per unit learning rate.')
     warmup_fraction: float = hparam(0.4, 'Fraction of training over which the consistency weight '
-                                    'ramps up linearly from 0.')
+                                    'ramps up (linearly, or along exp(-5(1-t)^2) for pi_model, '
+                                    'mean_teacher and ict; fixmatch and uda do not ramp).')
     ema_decay: float = hparam(0.999, 'EMA decay per step, in [0, 1).')
     ema_warmup: bool = hparam(True, 'Use decay min(ema_decay, (1+t)/(10+t)) at update t, as '
                               'tf.train.ExponentialMovingAverage(num_updates=t): the teacher '

@@ -39,6 +39,23 @@ def linear_rampup(progress, length):
     return tf.clip_by_value(progress / length, 0., 1.)
 
 
+def sigmoid_rampup(progress, length):
+    """exp(-5 (1 - t)^2) with t = min(1, progress / length): the ramp-up of the Pi-model
+    (Laine & Aila 2017, Sec. 3.1) and Mean Teacher (Tarvainen & Valpola 2017, App. B);
+    1 everywhere when length is 0."""
+    t = linear_rampup(progress, length)
+    return tf.exp(-5. * tf.square(1. - t))
+
+
+def constant_rampup(progress, length):
+    """No ramp-up: 1 throughout (FixMatch and UDA keep their unlabeled weight constant)."""
+    del length
+    return tf.ones_like(progress)
+
+
+RAMPUPS = {'linear': linear_rampup, 'sigmoid': sigmoid_rampup, 'none': constant_rampup}
+
+
 def fixmatch_cosine(progress):
     """The anchors' learning-rate multiplier cos(7 pi t / 16 T): from 1 down to ~0.2 at the end."""
     return tf.cos(7. * math.pi * progress / 16.)

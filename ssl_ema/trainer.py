@@ -99,8 +99,7 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
-        ramp = (losses.linear_rampup(progress, self.cfg.warmup_fraction)
-                if self.algorithm.ramp_up else tf.ones_like(progress))
+        ramp = losses.RAMPUPS[self.algorithm.ramp_up](progress, self.cfg.warmup_fraction)
         batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
@@ -185,7 +184,8 @@ class Trainer:
                     result['images_per_sec'] = self._speed(eval_mark, step)
                     result['wall_time_s'] = self._wall_time + time.time() - start
                     self._record(result)
-                    eval_mark = (time.time(), step)
+                    # Speeds count training only: both marks restart after an evaluation.
+                    log_mark = eval_mark = (time.time(), step)
                     log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
                         f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
         except KeyboardInterrupt:
