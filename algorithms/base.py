@@ -2,19 +2,44 @@
 
 An algorithm receives the student, the EMA teacher and a `Batch`, and returns `Losses`. Everything
 else (loop, optimizer, schedules, EMA update, distribution, checkpoints, logging) is shared.
-Register with `@register('name')`; its dataclass fields become flags (`--help` shows them under
-the algorithm's module). A field declared by several algorithms (e.g. `consistency_weight`) is one
-flag whose default (None) means "this algorithm's own default".
+Register with `@register('name')`; its dataclass fields become flags (`--helpfull` shows them
+under the algorithm's module). A field declared by several algorithms (e.g. `consistency_weight`)
+is one flag, listed under this module with every algorithm's default; its default (None) means
+"this algorithm's own default".
 """
 import dataclasses
 from typing import Dict, Tuple
 
 import tensorflow as tf
+from absl import flags
 
 from ssl_ema import losses
 from ssl_ema.config import ConfigError, define_flags, from_flags, hparam  # noqa: F401
 
 ALGORITHMS: Dict[str, type] = {}
+
+# Help of the flags that several algorithms declare (each algorithm's own help is about itself).
+SHARED_HELP = {
+    'consistency_weight': 'Weight of the unlabeled loss (its value after the ramp-up, for the '
+                          'algorithms that ramp it up).',
+    'confidence_threshold': 'Largest class probability a prediction needs for its image to count '
+                            '(as a pseudo-label or as a consistency target).',
+    'mixup_alpha': 'alpha of the Beta(alpha, alpha) distribution of mixup coefficients.',
+    'temperature': 'Temperature T sharpening the unlabeled targets (p^(1/T), normalised).',
+}
+
+# Valid values of hyperparameters, checked whenever an algorithm is built: name -> (test, rule).
+VALID = {
+    'consistency_weight': (lambda v: v >= 0, '>= 0'),
+    'entmin_weight': (lambda v: v >= 0, '>= 0'),
+    'input_noise': (lambda v: v >= 0, '>= 0'),
+    'confidence_threshold': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'mixup_alpha': (lambda v: v > 0, '> 0'),
+    'temperature': (lambda v: v > 0, '> 0'),
+    'label_guess_views': (lambda v: v >= 1, '>= 1'),
+    'vat_eps': (lambda v: v > 0, '> 0'),
+    'vat_xi': (lambda v: v > 0, '> 0'),
+}
 
 
 @dataclasses.dataclass
@@ -40,6 +65,13 @@ class Algorithm:
     # Shape of batch.ramp over the first warmup_fraction of training (losses.RAMPUPS): 'linear'
     # (the anchors' default), 'sigmoid' (Pi-model, Mean Teacher, ICT) or 'none' (FixMatch, UDA).
     ramp_up: str = 'linear'
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            test, rule = VALID.get(f.name, (None, None))
+            if test and not test(getattr(self, f.name)):
+                raise ConfigError(f'--{f.name}={getattr(self, f.name)} is invalid for '
+                                  f'--algorithm={self.name}: it must be {rule}')
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
         """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:
@@ -80,12 +112,16 @@ def define_algorithm_flags():
     owners: Dict[str, list] = {}
     for name, cls in sorted(ALGORITHMS.items()):
         for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append((name, f.default))
-    for name, cls in sorted(ALGORITHMS.items()):
-        shared = {k: None for k, v in owners.items() if len(v) > 1}
-        suffix = {k: ' Default: ' + ', '.join(f'{a} {d}' for a, d in v) + '.'
-                  for k, v in owners.items() if len(v) > 1}
-        define_flags(cls, cls.__module__, shared, suffix)
+            owners.setdefault(f.name, []).append((name, f))
+    define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
+    for field, owned in owners.items():
+        if len(owned) > 1 and field not in flags.FLAGS:
+            help_text = SHARED_HELP.get(field, owned[0][1].metadata['help'])
+            defaults = ', '.join(f'{name} {f.default}' for name, f in owned)
+            define[type(owned[0][1].default)](field, None, f'{help_text} Default: {defaults}.',
+                                              module_name=__name__)
+    for cls in ALGORITHMS.values():
+        define_flags(cls, cls.__module__)   # skips the shared flags defined above
 
 
 def create(name: str, **overrides) -> Algorithm:

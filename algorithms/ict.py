@@ -25,7 +25,8 @@ class ICT(Algorithm):
 
     def __call__(self, student, teacher, batch):
         (x,) = batch.unlabeled
-        target = tf.stop_gradient(tf.nn.softmax(teacher(x, training=False)))
+        # The teacher runs like Mean Teacher's (batch statistics), as in the ICT and anchors' code.
+        target = tf.stop_gradient(tf.nn.softmax(teacher(x, training=True)))
         mixed_x, mixed_target = losses.mixup(batch.rng, self.mixup_alpha, x, target)
         xe, (logits,) = forward(student, batch, mixed_x)
         consistency = losses.softmax_mse(logits, mixed_target)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from ssl_ema import losses
 from ssl_ema.algorithms.base import Algorithm, Losses, concat_forward, hparam, register
+from ssl_ema.backbones import call_keeping_statistics
 
 
 @register('mixmatch')
@@ -31,8 +32,10 @@ class MixMatch(Algorithm):
         return ('weak',) * self.label_guess_views
 
     def __call__(self, student, teacher, batch):
-        # The guess comes from the student in training mode, as in the paper's code (Eq. 6).
-        guesses = [tf.nn.softmax(logits) for logits in concat_forward(student, *batch.unlabeled)]
+        # The guess comes from the student in training mode, as in the paper's code (Eq. 6); as
+        # there, the guessing pass does not update the batch-norm statistics.
+        views = call_keeping_statistics(student, tf.concat(batch.unlabeled, 0))
+        guesses = [tf.nn.softmax(logits) for logits in tf.split(views, len(batch.unlabeled))]
         guess = tf.stop_gradient(losses.sharpen(tf.add_n(guesses) / len(guesses),
                                                 self.temperature))
         labels = tf.one_hot(batch.labels, tf.shape(guess)[-1])

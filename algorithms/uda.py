@@ -5,10 +5,10 @@ The student's prediction on a weakly augmented unlabeled image, sharpened with t
 (RandAugment) view, by cross-entropy, only where the weak prediction's largest probability reaches
 `confidence_threshold` (Eq. 3: 1/|B| sum 1(max p(y|x; theta~) > beta) CE(p_sharp || p(y|x^))).
 Training Signal Annealing (`--tsa`, Sec. 3.3) optionally drops labeled examples already predicted
-above eta_t = alpha_t (1 - 1/K) + 1/K, t the fraction of training done. Defaults, as in the
-FixMatch paper's UDA setting (google-research/fixmatch uda.py): T = 0.4, confidence 0.8,
-unlabeled weight 1 without ramp-up, no TSA. One forward pass over labeled, weak and strong images
-(shared batch norm).
+above eta_t = alpha_t (1 - 1/K) + 1/K, t the fraction of training done. Defaults: the UDA
+paper's T = 0.4 and confidence 0.8, unlabeled weight 1 without ramp-up, no TSA (the anchors,
+google-research/fixmatch uda.py, use T = 1 and 0.95: runs/algorithms/uda.flags). One forward
+pass over labeled, weak and strong images (shared batch norm).
 """
 import tensorflow as tf
 
@@ -30,6 +30,7 @@ class UDA(Algorithm):
                       + ', '.join(TSA_SCHEDULES) + '.')
 
     def __post_init__(self):
+        super().__post_init__()
         if self.tsa not in TSA_SCHEDULES:
             raise ConfigError(f'--tsa={self.tsa} is unknown; valid: {", ".join(TSA_SCHEDULES)}')
 

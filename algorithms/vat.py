@@ -1,10 +1,15 @@
 """Virtual Adversarial Training (Miyato et al., TPAMI 2018, arXiv:1704.03976), with optional
 entropy minimisation (the anchors' VAT+EntMin).
 
-Consistency: KL(target || student(x + r_adv)) (Eq. 4-5), r_adv by one power iteration
-(Eqs. 11-13, `losses.vat_perturbation`). By default the target distribution comes from the EMA
-teacher (this toolkit's design: the EMA produces the consistency targets);
-`--vat_target=student` uses the paper's stop-gradient student prediction on the clean image.
+Consistency: KL(target || student(x + r_adv)) (Eqs. 4-5). r_adv is the direction in which the
+student's own prediction is least smooth, found by one power iteration on KL(p(x) || p(x + r))
+around its minimum at r = 0 (Eqs. 11-13, `losses.vat_perturbation`); that is only the curvature's
+eigenvector if both sides are the same function, so the clean unlabeled logits come from their
+own pass, with the unlabeled batch's statistics, as in the anchors (google-research/fixmatch
+vat.py). The target of the consistency is then, by default, the EMA teacher's prediction on the
+clean image (this toolkit's design: the EMA produces the consistency targets);
+`--vat_target=student` uses the paper's stop-gradient student prediction. The perturbed passes
+leave the batch-norm moving statistics alone (`call_keeping_statistics`).
 
 `--vat_eps` is the perturbation norm for a 32x32x3 image (3,072 values; the anchors' 6). Other
 image sizes scale it by sqrt(values / 3072), keeping the per-value strength the same: an L2 norm
@@ -15,7 +20,8 @@ import math
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, forward, hparam, register
+from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, hparam, register
+from ssl_ema.backbones import call_keeping_statistics
 
 
 @register('vat')
@@ -31,20 +37,20 @@ class VAT(Algorithm):
                                   '(0 disables it; not ramped).')
 
     def __post_init__(self):
+        super().__post_init__()
         if self.vat_target not in ('ema', 'student'):
             raise ConfigError(f'--vat_target={self.vat_target} is unknown; valid: ema, student')
 
     def __call__(self, student, teacher, batch):
         (x,) = batch.unlabeled
-        xe, (logits,) = forward(student, batch, x)
-        if self.vat_target == 'ema':
-            target = teacher(x, training=False)
-        else:
-            target = tf.stop_gradient(logits)
+        xe = losses.cross_entropy(batch.labels, student(batch.labeled_x, training=True))
+        logits = student(x, training=True)
+        perturbed = lambda v: call_keeping_statistics(student, v)  # noqa: E731
         eps = self.vat_eps * math.sqrt(math.prod(x.shape[1:]) / 3072)
-        r_adv = losses.vat_perturbation(lambda v: student(v, training=True), x, target,
-                                        batch.rng.normal(tf.shape(x)), self.vat_xi, eps)
-        consistency = losses.kl_divergence(target, student(x + r_adv, training=True))
+        r_adv = losses.vat_perturbation(perturbed, x, logits, batch.rng.normal(tf.shape(x)),
+                                        self.vat_xi, eps)
+        target = tf.stop_gradient(teacher(x) if self.vat_target == 'ema' else logits)
+        consistency = losses.kl_divergence(target, perturbed(x + r_adv))
         entropy = losses.entropy(logits)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency
                       + self.entmin_weight * entropy,

@@ -10,6 +10,7 @@ import math
 import re
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from ssl_ema.config import ConfigError
@@ -91,6 +92,22 @@ def small_cnn(input_shape, num_classes, bn_momentum=0.9):
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(num_classes)(x)
     return keras.Model(inputs, outputs, name='small_cnn')
+
+
+def call_keeping_statistics(model, x):
+    """`model(x, training=True)` (batch statistics, dropout) that leaves the batch-norm moving
+    averages as they were. For the extra passes whose inputs should not shape the statistics the
+    model is evaluated with: VAT's perturbed images, MixMatch's label guessing, and the EMA
+    teacher run in training mode (only `EMA.update()` may change the EMA). The anchors
+    (google-research/fixmatch) likewise keep only the batch-norm updates of the main pass."""
+    stats = model.non_trainable_weights   # the moving means and variances
+    saved = [tf.identity(v.value) for v in stats]
+    logits = model(x, training=True)
+    # Ops on one variable run in program order, so the restore follows the call's own update.
+    with tf.control_dependencies([logits]):
+        for v, value in zip(stats, saved):
+            v.assign(value)
+    return logits
 
 
 ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K, parsed from the name

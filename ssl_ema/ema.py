@@ -20,6 +20,8 @@ only `update()` ever changes the EMA. `ema(x)` is the inference-mode classifier.
 import keras
 import tensorflow as tf
 
+from ssl_ema import backbones
+
 
 class EMA:
     def __init__(self, model: keras.Model, decay: float = 0.999, warmup: bool = False):
@@ -35,15 +37,7 @@ class EMA:
     def __call__(self, x, training=False):
         if not training:
             return self.model(x, training=False)
-        # Training mode would also move the batch-norm moving averages: read them first, and
-        # write them back after the call (ops on one variable run in program order).
-        stats = self.model.non_trainable_weights
-        saved = [tf.identity(v.value) for v in stats]
-        logits = self.model(x, training=True)
-        with tf.control_dependencies([logits]):
-            for v, value in zip(stats, saved):
-                v.assign(value)
-        return logits
+        return backbones.call_keeping_statistics(self.model, x)
 
     def current_decay(self):
         if not self.warmup:

@@ -5,9 +5,12 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import tiny_config
-from ssl_ema import algorithms
+from ssl_ema import algorithms, backbones, losses
+from ssl_ema.algorithms import Batch
+from ssl_ema.ema import EMA
 from ssl_ema.config import ConfigError
 from ssl_ema.trainer import Trainer
 
@@ -50,13 +53,77 @@ def test_uda_rejects_an_unknown_tsa_schedule():
 def test_helpfull_lists_each_algorithms_flags_with_defaults():
     text = subprocess.run([sys.executable, '-m', 'ssl_ema.train', '--helpfull'], capture_output=True,
                           text=True).stdout
-    for module, flag in [('pi_model', None), ('pseudo_label', None), ('ict', 'mixup_alpha'),
-                         ('mixmatch', 'label_guess_views'), ('mixmatch', 'temperature'),
-                         ('fixmatch', 'confidence_threshold'), ('uda', 'tsa')]:
-        assert f'ssl_ema.algorithms.{module}:' in text or flag is None, module
+    sections = {}   # module -> its part of the help text
+    for part in text.split('\n\n'):
+        head = part.strip().split('\n')[0]
+        if head.startswith('ssl_ema.algorithms.'):
+            sections[head[len('ssl_ema.algorithms.'):-1]] = ' '.join(part.split())
+    for module, flag in [('ict', None), ('mixmatch', 'label_guess_views'), ('uda', 'tsa'),
+                         ('mean_teacher', 'input_noise'), ('vat', 'vat_eps'), ('vat', 'vat_target'),
+                         ('base', 'consistency_weight'), ('base', 'confidence_threshold'),
+                         ('base', 'mixup_alpha'), ('base', 'temperature')]:
         if flag:
-            assert f'--{flag}:' in text, flag
+            assert f'--{flag}:' in sections[module], (module, flag)
+    # a flag several algorithms share is listed once, under base, with every algorithm's default
+    assert not any('--consistency_weight:' in v for k, v in sections.items() if k != 'base')
     for default in ['fixmatch 1.0', 'ict 100.0', 'mixmatch 75.0', 'pi_model 10.0', 'pseudo_label 1.0',
-                    'uda 1.0', 'fixmatch 0.95', 'pseudo_label 0.95', 'uda 0.8', 'mixmatch 0.5',
-                    'uda 0.4', 'ict 1.0', 'mixmatch 0.75']:
-        assert default in ' '.join(text.split()), default
+                    'uda 1.0', 'vat 0.3', 'mean_teacher 50.0', 'fixmatch 0.95', 'pseudo_label 0.95',
+                    'uda 0.8', 'mixmatch 0.5', 'uda 0.4', 'ict 1.0', 'mixmatch 0.75']:
+        assert default in sections['base'], default
+
+
+@pytest.mark.parametrize('name, setting, rule', [
+    ('mixmatch', dict(temperature=0.), '--temperature=0.0 is invalid for --algorithm=mixmatch: '
+     'it must be > 0'),
+    ('mixmatch', dict(label_guess_views=0), 'must be >= 1'),
+    ('fixmatch', dict(confidence_threshold=1.5), '--confidence_threshold=1.5 .* in \\[0, 1\\]'),
+    ('vat', dict(vat_eps=0.), '--vat_eps=0.0 .* > 0'),
+    ('mean_teacher', dict(input_noise=-1.), '--input_noise=-1.0 .* >= 0'),
+    ('ict', dict(mixup_alpha=0.), '--mixup_alpha=0.0'),
+    ('pi_model', dict(consistency_weight=-1.), '--consistency_weight=-1.0'),
+])
+def test_bad_hyperparameters_are_refused_by_name(name, setting, rule):
+    with pytest.raises(ConfigError, match=rule):
+        algorithms.ALGORITHMS[name](**setting)
+
+
+def tiny_batch(views, seed=0):
+    rng = tf.random.Generator.from_seed(seed)
+    x = lambda n: tf.random.stateless_uniform((n, 8, 8, 1), [seed, n])   # noqa: E731
+    unlabeled = tuple(x(8) + 0.01 * i for i in range(len(views)))
+    return Batch(x(4), tf.constant([0, 1, 2, 3]), unlabeled, tf.constant(1.), rng, tf.constant(.5))
+
+
+@pytest.mark.parametrize('name', sorted(algorithms.ALGORITHMS))
+def test_no_gradient_reaches_the_teacher_and_it_stays_unchanged(name):
+    """The EMA is changed only by its update: no loss term may train it or move its statistics."""
+    algorithm = algorithms.ALGORITHMS[name]()
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    teacher = EMA(student, 0.99)
+    teacher.model.set_weights([w + 0.1 for w in student.get_weights()])   # a distinct teacher
+    before = [np.array(w) for w in teacher.model.weights]
+    with tf.GradientTape(persistent=True) as tape:
+        out = algorithm(student, teacher, tiny_batch(algorithm.views))
+        total = out.labeled + out.unlabeled
+    assert all(g is None for g in tape.gradient(total, teacher.model.trainable_variables))
+    assert all(g is not None for g in tape.gradient(total, student.trainable_variables))
+    for b, w in zip(before, teacher.model.weights):
+        np.testing.assert_array_equal(b, np.array(w))
+
+
+def test_vat_power_iteration_differentiates_the_function_its_target_came_from(monkeypatch):
+    """KL(p(x) || p(x + r)) has its minimum at r = 0 only if p(x) comes from the same function
+    (same batch statistics) as the perturbed passes; otherwise Eq. 12's gradient is the mismatch's,
+    not the curvature's (the bug of taking the clean logits from a labeled+unlabeled pass)."""
+    seen = {}
+    original = losses.vat_perturbation
+
+    def spy(logits_fn, x, target_logits, noise, xi, eps):
+        seen['gap'] = float(tf.reduce_max(tf.abs(logits_fn(x) - target_logits)))
+        seen['scale'] = float(tf.reduce_max(tf.abs(target_logits)))
+        return original(logits_fn, x, target_logits, noise, xi, eps)
+
+    monkeypatch.setattr(losses, 'vat_perturbation', spy)
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    algorithms.ALGORITHMS['vat']()(student, EMA(student), tiny_batch(('weak',)))
+    assert seen['gap'] < 1e-5 * max(1., seen['scale']), seen

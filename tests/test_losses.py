@@ -34,6 +34,13 @@ def test_entropy():
     assert float(losses.entropy([[100., 0.]])) == pytest.approx(0., abs=1e-6)
 
 
+def test_sigmoid_rampup_is_the_papers_exp_minus_5_one_minus_t_squared():
+    np.testing.assert_allclose(losses.sigmoid_rampup(tf.constant([0., .2, .4, .9]), 0.4),
+                               [np.exp(-5.), np.exp(-1.25), 1., 1.], rtol=1e-6)
+    assert float(losses.sigmoid_rampup(tf.constant(0.), 0.)) == 1.
+    assert float(losses.RAMPUPS['none'](tf.constant(0.), 0.4)) == 1.
+
+
 def test_linear_rampup():
     np.testing.assert_allclose(losses.linear_rampup(tf.constant([0., .2, .4, .9]), 0.4),
                                [0., .5, 1., 1.])
