@@ -122,7 +122,8 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '
                                   f'{", ".join(valid)}')
-        for name in ('batch', 'uratio', 'labels', 'keep_checkpoints', 'cpu_devices'):
+        for name in ('batch', 'uratio', 'labels', 'log_every_steps', 'keep_checkpoints',
+                     'cpu_devices'):
             if getattr(self, name) <= 0:
                 raise ConfigError(f'--{name}={getattr(self, name)} must be a positive integer')
         for name in ('train_kimg', 'eval_every_kimg', 'lr'):
