@@ -44,16 +44,19 @@ def carve_test(labels: np.ndarray, fraction: float = TEST_FRACTION, seed: int = 
 def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     """uint8 NHWC from [N, H, W] / [N, H, W, C] uint8 0..255 or float 0..1."""
     x = np.asarray(x)
+    if x.size == 0:
+        raise DataError(f'{what} is empty (shape {x.shape}); give it images, or leave an '
+                        f'optional part (x_test, x_unlabeled) out')
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise DataError(f'{what} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3')
     if x.dtype == np.uint8:
         return x
-    if np.issubdtype(x.dtype, np.floating) and x.size and 0 <= x.min() and x.max() <= 1:
+    if np.issubdtype(x.dtype, np.floating) and 0 <= x.min() and x.max() <= 1:
         return np.round(x * 255).astype(np.uint8)
-    raise DataError(f'{what} is {x.dtype} in [{x.min()}, {x.max()}]; expected uint8 0..255 or '
-                    f'float 0..1')
+    values = f' in [{x.min()}, {x.max()}]' if np.issubdtype(x.dtype, np.number) else ''
+    raise DataError(f'{what} is {x.dtype}{values}; expected uint8 0..255 or float 0..1')
 
 
 def _as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:

@@ -145,6 +145,15 @@ def test_npz_mixed_sizes_and_bad_labels(tmp_path):
     assert 'expected 4 integer labels' in msg
 
 
+def test_npz_empty_arrays(tmp_path):
+    msg = _message(_save_npz(tmp_path / 'e.npz', x_train=np.zeros((0, 8, 8, 3), np.float32),
+                             y_train=np.zeros(0, np.int64)))
+    assert 'x_train is empty (shape (0, 8, 8, 3))' in msg and 'e.npz' in msg
+    msg = _message(_save_npz(tmp_path / 'u.npz', x_train=_images(4), y_train=np.arange(4) % 2,
+                             x_unlabeled=np.zeros((0, 8, 8, 3), np.float32)))
+    assert 'x_unlabeled is empty' in msg
+
+
 def test_npz_not_a_file(tmp_path):
     assert 'no such file' in _message(f'npz:{tmp_path / "missing.npz"}')
     (tmp_path / 'junk.npz').write_bytes(b'not a zip')
