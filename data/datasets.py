@@ -4,12 +4,12 @@ Every loader returns uint8 images in NHWC layout and int64 labels, so that the s
 normalisation and the augmentation downstream are the same for every source.
 """
 import dataclasses
-import os
-import pathlib
-import tempfile
 from typing import Callable, Dict, Optional
 
 import numpy as np
+
+# data/official.py writes its caches with it; it lives with the other atomic writes.
+from ssl_ema.files import write_atomically  # noqa: F401
 
 
 class DataError(ValueError):
@@ -36,24 +36,6 @@ class Arrays:
     @property
     def image_shape(self):
         return tuple(self.x_train.shape[1:])
-
-
-def write_atomically(path, write: Callable, mode: str = 'wb'):
-    """write(file) into a temporary file beside `path`, then rename it to `path`: a reader (or a
-    crash) never sees a half-written file, and a failed write leaves nothing behind."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes the file private; this is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 DATASETS: Dict[str, Callable[[Optional[str]], Arrays]] = {}

@@ -25,6 +25,7 @@ which are lists here: --algorithms (instead of --algorithm), --labels (a comma-s
 import copy
 import csv
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -37,10 +38,11 @@ import numpy as np
 from absl import app, flags
 
 from ssl_ema import config as config_lib
+from ssl_ema import files
 from ssl_ema import train   # defines the training flags and every algorithm's
 from ssl_ema.algorithms import ALGORITHMS, create
 from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError
+from ssl_ema.data.datasets import DataError, one_line
 
 FLAGS = flags.FLAGS
 GRID_FLAGS = ('algorithm', 'labels', 'seed')   # one value per training run, lists in the benchmark
@@ -278,17 +280,24 @@ def run_grid(runs: List[Run], jobs: int = 1, log=print, poll_seconds: float = 0.
 
 # ---- results --------------------------------------------------------------------------------
 def read_json(path: str):
+    """The JSON in `path`, None if there is no such file; ConfigError naming a damaged one."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'{path} cannot be read ({one_line(e)})') from None
 
 
 def read_history(path: str) -> list:
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'{path} cannot be read ({one_line(e)})') from None
 
 
 def load_runs(out: str) -> List[dict]:
@@ -303,13 +312,11 @@ def load_runs(out: str) -> List[dict]:
             continue
         for run_dir in sorted(os.listdir(os.path.join(root, group))):
             path = os.path.join(root, group, run_dir)
-            saved = read_json(os.path.join(path, 'flags.json'))
+            saved = train.read_run_record(path)
             if saved is None:
                 continue   # never started (its train.log says why)
-            known = {k: v for k, v in saved['config'].items()
-                     if k in TrainConfig.__dataclass_fields__}
             accuracy = read_json(os.path.join(path, 'accuracy.json')) or {}
-            total = TrainConfig(**known).total_steps
+            total = train.recorded_total_steps(saved)
             records.append(dict(name=f'{group}/{run_dir}', variant=run_dir,
                                 config=saved['config'], hparams=saved['algorithm'],
                                 accuracy=accuracy, history=read_history(
@@ -449,7 +456,7 @@ def plot_curves(records, path: str) -> None:
     figure.suptitle('Test accuracy while training: EMA (solid) and raw student (dashed), '
                     'mean over seeds', fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    files.write_atomically(path, lambda f: figure.savefig(f, format='png', dpi=100))
     plt.close(figure)
 
 
@@ -459,14 +466,18 @@ def write_results(out: str, log=print) -> List[str]:
     if not records:
         raise ConfigError(f'no run in {os.path.join(out, "runs")} has started yet')
     columns, rows = csv_rows(records)
+    table = io.StringIO(newline='')
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
     paths = [os.path.join(out, name) for name in RESULT_FILES]
-    with open(paths[0], 'w', newline='') as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(paths[1], 'w') as f:
-        f.write(markdown_table(records))
-    plot_curves(records, paths[2])
+    try:
+        files.write_atomically(paths[0], lambda f: f.write(table.getvalue()), 'w', newline='')
+        files.write_atomically(paths[1], lambda f: f.write(markdown_table(records)), 'w')
+        plot_curves(records, paths[2])
+    except OSError as e:
+        raise ConfigError(f'cannot write the results in {out}: {e.strerror or one_line(e)}'
+                          ) from None
     unfinished = sum(not r['finished'] for r in records)
     log(f'{len(records)} runs ({unfinished} not finished) -> {", ".join(paths)}')
     return paths
@@ -505,6 +516,7 @@ def main(argv):
             for run in runs:
                 print(f'{run.status:<7} {run.name} (step {run.step}/{run.cfg.total_steps})')
             return
+        files.check_writable_dir(FLAGS.out, 'out')
         failed = run_grid(runs, FLAGS.jobs)
         write_results(FLAGS.out)
         if failed:

@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 def hparam(default, help: str, run_defining: bool = True):
     """A dataclass field that becomes a flag. `run_defining=False` marks settings that may change
-    when a run resumes (paths, logging cadence, training length)."""
+    when a run resumes (paths, logging cadence, devices) and the training length, which is
+    compared as a number of steps (--train_kimg and --train_steps can give the same one)."""
     return dataclasses.field(default=default, metadata={'help': help, 'run_defining': run_defining})
 
 
@@ -60,6 +61,11 @@ def run_defining(obj) -> dict:
     """The fields of a config dataclass that define a run (what a resumed run must match)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
             if f.metadata.get('run_defining', True)}
+
+
+def total_steps(train_kimg: float, train_steps: int, batch: int) -> int:
+    """Training length in steps: --train_steps if > 0, else --train_kimg in steps of `batch`."""
+    return train_steps or max(1, round(train_kimg * 1024 / batch))
 
 
 @dataclasses.dataclass
@@ -138,7 +144,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.train_steps or max(1, round(self.train_kimg * 1024 / self.batch))
+        return total_steps(self.train_kimg, self.train_steps, self.batch)
 
     @property
     def eval_every_steps(self) -> int:

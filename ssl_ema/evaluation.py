@@ -4,10 +4,6 @@ The summary follows the anchors' protocol (FixMatch's extract_accuracy.py): besi
 value, the median over the last 10 and 20 evaluations, for the raw student and the EMA model,
 on validation and test.
 """
-import json
-import os
-import tempfile
-
 import numpy as np
 import tensorflow as tf
 
@@ -49,16 +45,3 @@ def summarize(history: list) -> dict:
             out[model][split] = stats
     return out
 
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically: a reader (or a crash) never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path))
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

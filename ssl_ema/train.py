@@ -9,12 +9,13 @@ import os
 import re
 import signal
 import sys
+from typing import Optional
 
 from absl import app, flags, logging
 
 from ssl_ema import config as config_lib
 from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError
+from ssl_ema.data.datasets import DataError, one_line
 
 config_lib.define_flags(TrainConfig, 'ssl_ema.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
@@ -41,13 +42,36 @@ def run_record(cfg: TrainConfig, algorithm) -> dict:
     return {'config': dataclasses.asdict(cfg), 'algorithm': dataclasses.asdict(algorithm)}
 
 
-def check_compatible(train_dir: str, record: dict) -> bool:
-    """True if train_dir holds a run to resume; ConfigError if it was made with other flags."""
+def recorded_total_steps(record: dict) -> int:
+    """The training length, in steps, of a run record (flags.json)."""
+    c = record['config']
+    return config_lib.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
+
+
+def read_run_record(train_dir: str) -> Optional[dict]:
+    """train_dir's flags.json, None if it has none; ConfigError naming the file if it is damaged
+    or too old to say how the run was made."""
     path = os.path.join(train_dir, 'flags.json')
     if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record['config'], dict) or not isinstance(record['algorithm'], dict):
+            raise TypeError('config and algorithm must be objects')
+        recorded_total_steps(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
+        raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
+                          f'{train_dir} away or use another --train_dir') from None
+    return record
+
+
+def check_compatible(train_dir: str, record: dict, log=print) -> bool:
+    """True if train_dir holds a run to resume; ConfigError if it was made with other flags or
+    for another length. A change of devices only gets a warning."""
+    saved = read_run_record(train_dir)
+    if saved is None:
         return False
-    with open(path) as f:
-        saved = json.load(f)
     defining = set(config_lib.run_defining(TrainConfig()))
 
     def hyperparameters(r):   # a key that only one side has shows up as a difference
@@ -58,6 +82,27 @@ def check_compatible(train_dir: str, record: dict) -> bool:
             raise ConfigError(f'--train_dir={train_dir} holds a run made with --{key}='
                               f'{before.get(key)}, not --{key}={current.get(key)}; use another '
                               f'--train_dir or the same flags')
+    # The length is not in the directory name, but the cosine learning rate, the ramp-ups and
+    # UDA's TSA schedule are functions of step / total steps: another length is another run.
+    old_steps, new_steps = recorded_total_steps(saved), recorded_total_steps(record)
+    if old_steps != new_steps:
+        flag = ('train_steps' if saved['config']['train_steps'] or record['config']['train_steps']
+                else 'train_kimg')
+        raise ConfigError(f'--train_dir={train_dir} holds a run of {old_steps} steps (--{flag}='
+                          f'{saved["config"][flag]}), not {new_steps} (--{flag}='
+                          f'{record["config"][flag]}); resume it with --{flag}='
+                          f'{saved["config"][flag]} or use another --train_dir')
+    # Another device layout splits the batch (and the per-replica random streams) differently:
+    # the run goes on, but is no longer bit-identical to an uninterrupted one.
+    def devices(c):
+        c = {k: c.get(k, TrainConfig.__dataclass_fields__[k].default)
+             for k in ('distribute', 'cpu_devices')}
+        return f'--distribute={c["distribute"]}' + (
+            f' --cpu_devices={c["cpu_devices"]}' if c['distribute'] == 'mirrored' else '')
+    if devices(saved['config']) != devices(record['config']):
+        log(f'warning: {train_dir} was trained with {devices(saved["config"])} and resumes with '
+            f'{devices(record["config"])}: the run will not be bit-identical to an uninterrupted '
+            'one')
     return True
 
 
@@ -81,7 +126,7 @@ def make_strategy(cfg: TrainConfig):
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     """Validate everything, then train (or resume) and return the accuracy summary."""
     from ssl_ema import backbones, data
-    from ssl_ema.evaluation import write_json
+    from ssl_ema.files import check_writable_dir, write_atomically, write_json
     from ssl_ema.trainer import Trainer
 
     strategy = make_strategy(cfg)
@@ -90,18 +135,19 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or default_train_dir(cfg, algorithm, arch)
     record = run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
-    resuming = check_compatible(train_dir, record)
+    resuming = check_compatible(train_dir, record, log)
+    check_writable_dir(train_dir, 'train_dir')
     if cfg.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
     if not resuming:
-        os.makedirs(train_dir, exist_ok=True)
         write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
+        values = {**record['config'], **record['algorithm']}
+        flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
+        write_atomically(os.path.join(train_dir, 'flagfile'), lambda f: f.write(flagfile), 'w')
+        # Last: a directory with flags.json is a run to resume, so everything else is there.
         write_json(os.path.join(train_dir, 'flags.json'), record)
-        with open(os.path.join(train_dir, 'flagfile'), 'w') as f:
-            f.writelines(f'--{k}={v}\n' for k, v in {**record['config'], **record['algorithm']}.items()
-                         if v is not None)
     log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
         f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
     summary = trainer.train(log)

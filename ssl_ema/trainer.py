@@ -14,7 +14,7 @@ import time
 import keras
 import tensorflow as tf
 
-from ssl_ema import backbones, evaluation, losses
+from ssl_ema import backbones, evaluation, files, losses
 from ssl_ema.algorithms import Batch
 from ssl_ema.config import TrainConfig
 from ssl_ema.ema import EMA
@@ -91,10 +91,14 @@ class Trainer:
         return step
 
     def _write_history(self):
-        path = os.path.join(self.train_dir, HISTORY)
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in self.history)
-        os.replace(path + '.tmp', path)
+        files.write_atomically(
+            os.path.join(self.train_dir, HISTORY),
+            lambda f: f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in self.history),
+            mode='w')
+
+    def _write_summary(self):
+        files.write_json(os.path.join(self.train_dir, 'accuracy.json'),
+                         evaluation.summarize(self.history))
 
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
@@ -143,8 +147,7 @@ class Trainer:
         self.history.append(result)
         self._write_history()   # before the checkpoint: a resumed run drops what is newer
         self.manager.save(checkpoint_number=result['step'])
-        evaluation.write_json(os.path.join(self.train_dir, 'accuracy.json'),
-                              evaluation.summarize(self.history))
+        self._write_summary()
         with self.writer.as_default(step=result['step']):
             for model in ('raw', 'ema'):
                 for split, acc in result[model].items():

@@ -115,6 +115,7 @@ def test_table_from_hand_made_runs(hand_made):
     assert 'consistency_weight' in rows[0]   # differs: mean_teacher's, none for supervised
     assert 'batch' not in rows[0]            # the same for every run
     assert os.path.getsize(os.path.join(hand_made, 'curves.png')) > 10000
+    assert sorted(os.listdir(hand_made)) == sorted(benchmark.RESULT_FILES + ('runs',))  # no temps
 
 
 def test_collect_rebuilds_the_same_files(hand_made):
@@ -131,6 +132,17 @@ def test_collect_rebuilds_the_same_files(hand_made):
         with open(os.path.join(hand_made, name)) as f:
             assert f.read() == text
     assert os.path.exists(os.path.join(hand_made, 'curves.png'))
+
+
+def test_collect_names_a_damaged_flags_json(hand_made):
+    path = os.path.join(hand_made, 'runs', 'digits.50@2', 'supervised_small_cnn', 'flags.json')
+    with open(path, 'w') as f:
+        f.write('{"config": ')   # cut short
+    result = cli('--collect', hand_made)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f'error: {path} is damaged or from an older version (JSONDecodeError: ')
+    assert 'Traceback' not in result.stderr
 
 
 # ---- flags -----------------------------------------------------------------------------------

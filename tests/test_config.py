@@ -9,7 +9,8 @@ from conftest import tiny_config
 from ssl_ema import algorithms, backbones
 from ssl_ema.config import ConfigError
 from ssl_ema.data.datasets import DataError
-from ssl_ema.train import run
+from ssl_ema.files import write_json
+from ssl_ema.train import check_compatible, run, run_record
 
 
 def quiet(*args):
@@ -63,6 +64,63 @@ def test_train_dir_of_another_run_is_refused_and_left_intact(tmp_path):
         run(tiny_config(algorithm='supervised', train_steps=10, train_dir=train_dir, lr=0.1),
             algorithms.ALGORITHMS['supervised'](), log=quiet)
     assert before == {f: os.path.getmtime(os.path.join(train_dir, f)) for f in os.listdir(train_dir)}
+
+
+def _made_with(train_dir, **overrides):
+    """train_dir as a run made with tiny_config(**overrides) leaves it, as far as resuming goes."""
+    write_json(os.path.join(train_dir, 'flags.json'),
+               run_record(tiny_config(**overrides), algorithms.create('mean_teacher')))
+
+
+def _resumes(train_dir, log=quiet, **overrides):
+    return check_compatible(str(train_dir), run_record(tiny_config(**overrides),
+                                                       algorithms.create('mean_teacher')), log)
+
+
+def test_another_training_length_is_refused(tmp_path):
+    _made_with(tmp_path, train_steps=40)
+    assert _resumes(tmp_path, train_steps=40)
+    with pytest.raises(ConfigError, match=r'holds a run of 40 steps \(--train_steps=40\), not 80 '
+                                          r'\(--train_steps=80\); resume it with --train_steps=40 '
+                                          r'or use another --train_dir') as info:
+        _resumes(tmp_path, train_steps=80)
+    assert '\n' not in str(info.value)
+    _made_with(tmp_path, train_steps=0, train_kimg=0.625)   # 40 steps of 16 images
+    assert _resumes(tmp_path, train_steps=40)               # the same length, said in steps
+    with pytest.raises(ConfigError, match=r'run of 40 steps \(--train_kimg=0.625\), not 64 '
+                                          r'\(--train_kimg=1.0\)'):
+        _resumes(tmp_path, train_steps=0, train_kimg=1.)
+
+
+def test_another_device_layout_resumes_with_a_warning(tmp_path):
+    _made_with(tmp_path)
+    logged = []
+    assert _resumes(tmp_path, logged.append, distribute='mirrored')
+    assert logged == [f'warning: {tmp_path} was trained with --distribute=default and resumes '
+                      'with --distribute=mirrored --cpu_devices=2: the run will not be '
+                      'bit-identical to an uninterrupted one']
+    assert _resumes(tmp_path, logged.append) and len(logged) == 1   # same layout: no warning
+
+
+@pytest.mark.parametrize('content', ['{"config": {"batch": 1', '{"algorithm": {}}'])
+def test_damaged_flags_json_is_one_line_on_the_command_line(tmp_path, content):
+    (tmp_path / 'flags.json').write_text(content)
+    out = subprocess.run([sys.executable, '-m', 'ssl_ema.train', '--train_steps=10',
+                          f'--train_dir={tmp_path}'], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in out.stderr, out.stderr
+    assert errors[0].startswith(f'error: {tmp_path / "flags.json"} is damaged or from an older '
+                                'version (')
+    assert errors[0].endswith(f'move {tmp_path} away or use another --train_dir')
+
+
+def test_unwritable_train_dir_is_one_line(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    train_dir = str(tmp_path / 'a_file' / 'run')
+    with pytest.raises(ConfigError, match=f'--train_dir={train_dir} cannot be written: Not a '
+                                          f'directory'):
+        run(tiny_config(train_dir=train_dir), algorithms.create('mean_teacher'), log=quiet)
 
 
 def test_command_line_error_is_one_line_and_non_zero(tmp_path):

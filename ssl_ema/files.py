@@ -1,0 +1,56 @@
+"""Writing files that a reader, a crash or a `kill` never sees half-written.
+
+Every file a run or a benchmark leaves behind (flags.json, flagfile, split.json,
+evaluations.jsonl, accuracy.json, results.csv, results.md, curves.png, dataset caches) goes
+through `write_atomically`: another process may read it at any moment (the benchmark polls
+accuracy.json while training runs), and a run is resumed from whatever is on disk.
+"""
+import errno
+import json
+import os
+import pathlib
+import tempfile
+from typing import Callable
+
+from ssl_ema.config import ConfigError
+
+
+def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> None:
+    """write(file) into a temporary file beside `path`, flushed to disk, then renamed to `path`
+    (os.replace is atomic within a directory): `path` holds the old content or the new, never a
+    part, and a failed write leaves nothing behind. Missing parent directories are created."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode, newline=newline) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())   # the data is on disk before the name points at it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes the file private; this is ordinary data
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj) -> None:
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True) + '\n'),
+                     mode='w')
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """ConfigError naming --flag unless `path` is, or can be created as, a directory to write in:
+    checked before training, not at the first checkpoint. Creates nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f'--{flag}={path} cannot be written: {e.strerror} ({existing})') from None
