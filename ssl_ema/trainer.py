@@ -166,6 +166,15 @@ class Trainer:
             + ' '.join(f'{k[5:]}={v:.4g}' for k, v in metrics.items() if k.startswith('loss/'))
             + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
 
+    def _evaluate_and_record(self, start, log, images_per_sec=None):
+        result = self.evaluate()
+        if images_per_sec is not None:
+            result['images_per_sec'] = images_per_sec
+        result['wall_time_s'] = self._wall_time + time.time() - start
+        self._record(result)
+        log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
+            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
+
     def train(self, log=print):
         """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
         cfg, total = self.cfg, self.cfg.total_steps
@@ -176,6 +185,13 @@ class Trainer:
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
         try:
+            # An interrupt during an evaluation checkpoints its step without recording it, and
+            # the loop below evaluates only at later steps: evaluate the restored step now (its
+            # training speed died with the interrupted process).
+            if (step and (step % cfg.eval_every_steps == 0 or step == total)
+                    and (not self.history or self.history[-1]['step'] != step)):
+                self._evaluate_and_record(start, log)
+                log_mark = eval_mark = (time.time(), step)
             while step < total:
                 metrics = self._train_step(iterator)
                 step += 1
@@ -183,14 +199,9 @@ class Trainer:
                     self._log_progress(step, metrics, self._speed(log_mark, step), log)
                     log_mark = (time.time(), step)
                 if step % cfg.eval_every_steps == 0 or step == total:
-                    result = self.evaluate()
-                    result['images_per_sec'] = self._speed(eval_mark, step)
-                    result['wall_time_s'] = self._wall_time + time.time() - start
-                    self._record(result)
+                    self._evaluate_and_record(start, log, self._speed(eval_mark, step))
                     # Speeds count training only: both marks restart after an evaluation.
                     log_mark = eval_mark = (time.time(), step)
-                    log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
-                        f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
         except KeyboardInterrupt:
             self.manager.save(checkpoint_number=int(self.step.numpy()))
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
@@ -198,6 +209,8 @@ class Trainer:
             raise
         finally:
             self.writer.flush()
+        if self.history:   # also repairs a kill between the checkpoint and accuracy.json
+            self._write_summary()
         return evaluation.summarize(self.history)
 
     def _speed(self, mark, step):

@@ -69,10 +69,51 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_data, tmp_path):
     second = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
     summary = second.train(log=quiet)
     assert int(second.step.numpy()) == 40
+    # The loop's step and the optimizer's (which drives the learning rate) move and restore
+    # together: both are incremented in the same compiled step and saved in one checkpoint.
+    assert int(second.optimizer.iterations.numpy()) == 40
     for a, b in zip(weights_of(straight.student) + weights_of(straight.ema.model),
                     weights_of(second.student) + weights_of(second.ema.model)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert summary['evaluations'] == len(straight.history)
+
+
+def evaluations(history):
+    return [{k: h[k] for k in ('step', 'kimg', 'raw', 'ema')} for h in history]
+
+
+def test_evaluation_interrupted_at_the_last_step_is_redone(digits_data, tmp_path, monkeypatch):
+    algorithm = algorithms.ALGORITHMS['supervised']()
+    cfg = tiny_config(algorithm='supervised', train_steps=40)   # evaluations at steps 20 and 40
+    straight = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'straight'))
+    straight.train(log=quiet)
+    assert [h['step'] for h in straight.history] == [20, 40]
+
+    evaluate = Trainer.evaluate
+
+    def interrupted_at_the_last_step(self):
+        if int(self.step.numpy()) == 40:
+            raise KeyboardInterrupt   # as SIGTERM does, while the final evaluation runs
+        return evaluate(self)
+    resumed_dir = tmp_path / 'resumed'
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, 'evaluate', interrupted_at_the_last_step)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(cfg, algorithm, digits_data, str(resumed_dir)).train(log=quiet)
+    assert json.loads((resumed_dir / 'accuracy.json').read_text())['evaluations'] == 1
+
+    logged = []
+    summary = Trainer(cfg, algorithm, digits_data, str(resumed_dir)).train(log=logged.append)
+    assert not any(line.startswith('step ') for line in logged)   # nothing retrained
+    saved = json.loads((resumed_dir / 'accuracy.json').read_text())
+    assert saved == json.loads(json.dumps(summary)) and saved['evaluations'] == 2
+    history = [json.loads(line) for line in (resumed_dir / 'evaluations.jsonl').open()]
+    assert evaluations(history) == evaluations(straight.history)
+
+    # A kill after the last checkpoint but before accuracy.json was written: rerunning repairs it.
+    (resumed_dir / 'accuracy.json').unlink()
+    Trainer(cfg, algorithm, digits_data, str(resumed_dir)).train(log=quiet)
+    assert json.loads((resumed_dir / 'accuracy.json').read_text()) == saved
 
 
 def test_finished_run_is_not_retrained(tmp_path):
