@@ -12,15 +12,20 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from ssl_ema.data.datasets import DataError, load, write_atomically
+from ssl_ema.config import TrainConfig
+from ssl_ema.data.datasets import DataError, load
 from ssl_ema.data.splits import make_split
+from ssl_ema.files import write_atomically
 
-flags.DEFINE_string('dataset', 'digits', 'Dataset name, as --dataset of ssl_ema.train.')
+# The defaults are ssl_ema.train's, so that the same flags export the split that training uses.
+_TRAIN = TrainConfig()
+flags.DEFINE_string('dataset', _TRAIN.dataset, 'Dataset name, as --dataset of ssl_ema.train.')
 flags.DEFINE_string('data_dir', None, 'Where dataset files live (default: tfds\' data directory).')
-flags.DEFINE_integer('labels', 250, 'Labeled training images, class-balanced, chosen by --seed.')
-flags.DEFINE_integer('valid', 0, 'Training images held out for validation (fixed for every seed); '
-                     'use the value the training run uses.')
-flags.DEFINE_integer('seed', 1, 'Seed of the labeled subset.')
+flags.DEFINE_integer('labels', _TRAIN.labels, 'Labeled training images, class-balanced, chosen by '
+                     '--seed.')
+flags.DEFINE_integer('valid', _TRAIN.valid, 'Training images held out for validation (fixed for '
+                     'every seed); the training run\'s --valid, which defaults to the same value.')
+flags.DEFINE_integer('seed', _TRAIN.seed, 'Seed of the labeled subset.')
 flags.DEFINE_string('out', None, 'Write the JSON here (atomically) instead of printing it.')
 FLAGS = flags.FLAGS
 

@@ -1,7 +1,8 @@
 """The one training loop shared by every algorithm.
 
-Per step: the algorithm's loss on a labeled batch and its unlabeled views (student in training
-mode, EMA teacher in inference mode), one optimizer step on the student, one EMA update. Every
+Per step: the algorithm's loss on a labeled batch and its unlabeled views (the student in
+training mode; whether targets come from the student or the EMA teacher is the algorithm's
+choice), one optimizer step on the student, one EMA update. Every
 `eval_every_steps`: accuracy of the raw student and of the EMA model on validation and test, a
 checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure function of
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run

@@ -66,6 +66,23 @@ def test_export_split_command(tmp_path):
     assert record['labeled_per_class'] == [3] * 10 and '30 labeled' in result.stdout
 
 
+def test_export_split_defaults_are_the_training_defaults(tmp_path):
+    """Without flags, the exported split is the one `python -m ssl_ema.train` trains on."""
+    out = tmp_path / 'split.json'
+    result = subprocess.run(
+        [sys.executable, '-m', 'ssl_ema.data.export_split', f'--out={out}'],
+        capture_output=True, text=True, timeout=120, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    from ssl_ema.config import TrainConfig
+    from ssl_ema.data import build
+    cfg = TrainConfig()
+    trained = build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed).split.as_dict()
+    assert (record['dataset'], record['num_labeled'], record['num_valid'], record['seed']) == (
+        cfg.dataset, cfg.labels, cfg.valid, cfg.seed)
+    assert {k: record[k] for k in trained} == trained
+
+
 @pytest.fixture(scope='module')
 def tiny_data():
     rng = np.random.RandomState(0)
