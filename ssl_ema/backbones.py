@@ -26,7 +26,11 @@ def _conv(filters, kernel, strides=1, padding='same'):
 
 
 def _bn_act(x, momentum):
-    x = layers.BatchNormalization(momentum=momentum, epsilon=1e-3)(x)
+    # Built under a multi-replica tf.distribute strategy, batch norm uses the global batch's
+    # statistics (all-reduced): every replica then moves its copy of the moving averages the
+    # same way, and training matches one device on the same global batch.
+    synchronized = tf.distribute.get_strategy().num_replicas_in_sync > 1
+    x = layers.BatchNormalization(momentum=momentum, epsilon=1e-3, synchronized=synchronized)(x)
     return layers.LeakyReLU(LEAK)(x)
 
 

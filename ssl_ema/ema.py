@@ -10,7 +10,7 @@ weights, updated after every optimizer step with the semantics of
 Batch-norm statistics: the moving mean and variance are averaged exactly like the weights (as
 the anchors' `tf.train.ExponentialMovingAverage` over all model variables did). The averaged
 statistics then belong to the averaged weights, and the EMA model in inference mode is a
-self-contained classifier: what is evaluated and exported is exactly the averaged model.
+self-contained classifier: what is evaluated (and what a user would save) is exactly the averaged model.
 
 As a teacher, `ema(x, training=True)` runs the averaged weights the way Mean Teacher's teacher
 runs (Tarvainen & Valpola 2017, Sec. 2): batch norm on the batch's statistics and dropout active,
