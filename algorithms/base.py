@@ -124,6 +124,14 @@ def define_algorithm_flags():
         define_flags(cls, cls.__module__)   # skips the shared flags defined above
 
 
+def ignored_flags(algorithm: Algorithm) -> list:
+    """Algorithm flags given on the command line (or in a flagfile) that `algorithm` does not
+    declare, so would silently do nothing, e.g. --vat_eps with --algorithm=fixmatch."""
+    own = {f.name for f in dataclasses.fields(algorithm)}
+    every = {f.name for cls in ALGORITHMS.values() for f in dataclasses.fields(cls)}
+    return sorted(name for name in every - own if flags.FLAGS[name].present)
+
+
 def create(name: str, **overrides) -> Algorithm:
     """The algorithm `name` with hyperparameters from the parsed flags (and `overrides`)."""
     if name not in ALGORITHMS:

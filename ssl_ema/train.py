@@ -177,6 +177,10 @@ def main(argv):
     try:
         cfg = config_lib.from_flags(TrainConfig)
         algorithm = algorithms.create(cfg.algorithm)
+        for name in algorithms.base.ignored_flags(algorithm):
+            own = ', '.join(f.name for f in dataclasses.fields(algorithm)) or 'none'
+            print(f'warning: --{name} is ignored: --algorithm={cfg.algorithm} does not use it '
+                  f'(its own flags: {own})', file=sys.stderr)
         run(cfg, algorithm)
     except (ConfigError, DataError) as e:
         sys.exit(f'error: {e}')

@@ -131,6 +131,17 @@ def test_command_line_error_is_one_line_and_non_zero(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_another_algorithms_flag_is_named_as_ignored(tmp_path):
+    out = subprocess.run([sys.executable, '-m', 'ssl_ema.train', '--algorithm=fixmatch',
+                          '--vat_eps=3', '--temperature=0.5', '--consistency_weight=2', '--dataset=nope',
+                          f'--train_dir={tmp_path / "run"}'], capture_output=True, text=True)
+    warnings = [line for line in out.stderr.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: --{name} is ignored: --algorithm=fixmatch does not use it (its '
+                        'own flags: consistency_weight, confidence_threshold)'
+                        for name in ('temperature', 'vat_eps')], out.stderr
+    assert out.returncode == 1   # and the bad --dataset still stops it
+
+
 def test_algorithm_flags_are_listed_in_help():
     out = subprocess.run([sys.executable, '-m', 'ssl_ema.train', '--helpfull'],
                          capture_output=True, text=True)
