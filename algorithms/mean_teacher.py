@@ -4,7 +4,8 @@ The teacher is the EMA of the student's weights (Eq. 1, the shared `ssl_ema.ema.
 noise like the student (batch statistics, dropout; the EMA itself is not changed by it). Its class
 probabilities on one augmented view are the target of the student's on another view, with a
 squared-error consistency cost J = E ||f(x, theta', eta') - f(x, theta, eta)||^2 (Sec. 2),
-weighted by `consistency_weight` and ramped up over the run's warm-up. Both views also get
+weighted by `consistency_weight` and ramped up over the run's warm-up along the paper's sigmoid
+exp(-5 (1 - t)^2) (App. B). Both views also get
 Gaussian input noise of std `input_noise` (the paper's eta, eta'; sigma = 0.15 in Appendix B),
 drawn independently for student and teacher.
 """

@@ -2,8 +2,8 @@
 
 Two stochastic passes of the *student* (two random augmentations, and dropout where the backbone
 has it) on each unlabeled image; the squared difference of their class probabilities is the
-consistency cost (Sec. 2.1, Algorithm 1: w(t) ||z_i - z~_i||^2), here averaged over classes and
-ramped up like every consistency weight. As in the anchors (google-research/fixmatch
+consistency cost (Sec. 2.1, Algorithm 1: w(t) ||z_i - z~_i||^2), here averaged over classes, with
+w(t) ramped up along the paper's Gaussian curve exp(-5 (1 - t)^2) (Sec. 3.1). As in the anchors (google-research/fixmatch
 pi_model.py), one pass is the target with its gradient stopped, and `consistency_weight` is 10.
 """
 import tensorflow as tf
