@@ -62,9 +62,12 @@ def fixmatch_cosine(progress):
 
 
 def l2_normalize(d):
-    """Scale each example of d to unit L2 norm over all non-batch axes."""
+    """Scale each example of d to unit L2 norm over all non-batch axes. Dividing by the largest
+    |value| first (as the VAT authors' code does) keeps tiny vectors, such as the power
+    iteration's gradient, from falling under the square root's epsilon and coming out short."""
     axes = list(range(1, len(d.shape)))
-    return d / tf.sqrt(1e-12 + tf.reduce_sum(tf.square(d), axes, keepdims=True))
+    d = d / (1e-12 + tf.reduce_max(tf.abs(d), axes, keepdims=True))
+    return d / tf.sqrt(1e-6 + tf.reduce_sum(tf.square(d), axes, keepdims=True))
 
 
 def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps):

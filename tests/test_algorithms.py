@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import tiny_config
 from ssl_ema import algorithms, backbones, losses
 from ssl_ema.algorithms import Batch
+from ssl_ema.backbones import call_keeping_statistics
 from ssl_ema.ema import EMA
 from ssl_ema.config import ConfigError
 from ssl_ema.trainer import Trainer
@@ -127,3 +128,27 @@ def test_vat_power_iteration_differentiates_the_function_its_target_came_from(mo
     student = backbones.build('small_cnn', (8, 8, 1), 10)
     algorithms.ALGORITHMS['vat']()(student, EMA(student), tiny_batch(('weak',)))
     assert seen['gap'] < 1e-5 * max(1., seen['scale']), seen
+
+
+def test_vat_default_xi_is_above_float32_rounding(digits_data):
+    """Eq. 12's finite difference needs x + xi d to differ from x in float32. With the default
+    xi the direction is stable (it barely changes with 10x smaller or larger xi); at the paper's
+    1e-6 it is rounding noise, nearly orthogonal to that direction."""
+    import keras
+    keras.utils.set_random_seed(0)
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    x = tf.constant(digits_data.eval_arrays()['test'][0][:64], tf.float32)
+    noise = tf.random.stateless_normal(x.shape, [1, 2])
+    f = lambda v: call_keeping_statistics(student, v)   # noqa: E731
+
+    def direction(xi):
+        r = losses.vat_perturbation(f, x, f(x), noise, xi, 1.)
+        return tf.reshape(r, [x.shape[0], -1]).numpy()
+
+    def cosine(a, b):   # mean over images (each direction has unit norm)
+        return float(np.mean(np.sum(a * b, axis=1)))
+
+    xi = algorithms.ALGORITHMS['vat']().vat_xi
+    assert cosine(direction(xi), direction(xi / 10)) > 0.95
+    assert cosine(direction(xi), direction(xi * 10)) > 0.95
+    assert cosine(direction(xi), direction(1e-6)) < 0.5

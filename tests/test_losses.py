@@ -52,6 +52,14 @@ def test_fixmatch_cosine():
     assert float(losses.fixmatch_cosine(1.)) == pytest.approx(math.cos(7 * math.pi / 16), 1e-6)
 
 
+def test_l2_normalize_gives_unit_norm_even_to_tiny_vectors():
+    d = tf.constant([[3e-9, 4e-9], [3., 4.], [0., 0.]])
+    np.testing.assert_allclose(losses.l2_normalize(d), [[.6, .8], [.6, .8], [0., 0.]], rtol=1e-6)
+    images = tf.random.stateless_normal((2, 4, 4, 3), [1, 2]) * 1e-7
+    np.testing.assert_allclose(tf.norm(tf.reshape(losses.l2_normalize(images), [2, -1]), axis=1),
+                               [1., 1.], rtol=1e-5)
+
+
 def test_vat_perturbation_first_order_case():
     # Identity "model": logits = x + r. Target p = [.5, .5], student q(x) = [.75, .25].
     # d/dr KL(p || softmax(x + r)) = softmax(x + r) - p ~= [.25, -.25] -> eps * [1, -1] / sqrt 2.
