@@ -455,7 +455,7 @@ def plot_curves(records, path: str) -> None:
         ax.axis('off')
     figure.suptitle('Test accuracy while training: EMA (solid) and raw student (dashed), '
                     'mean over seeds', fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.98))   # leave the top strip to the title
     files.write_atomically(path, lambda f: figure.savefig(f, format='png', dpi=100))
     plt.close(figure)
 
