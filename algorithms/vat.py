@@ -32,7 +32,7 @@ class VAT(Algorithm):
                             'for a 32x32x3 image; scaled by sqrt(values / 3072) for other sizes.')
     # The paper's xi = 1e-6 is below float32's resolution here: x + xi d rounds, and the power
     # iteration returns rounding noise (measured: the direction at 1e-6 has cosine ~0.1 with the
-    # one that xi = 1e-4 ... 1e-2 all agree on, test_losses.py); 1e-3 is inside that range.
+    # one that xi = 1e-4 ... 1e-2 all agree on, test_algorithms.py); 1e-3 is inside that range.
     vat_xi: float = hparam(1e-3, 'Finite-difference step xi of the power iteration (Eq. 12); '
                            'the paper\'s 1e-6 drowns in float32 rounding.')
     vat_target: str = hparam('ema', 'Target distribution: ema (the EMA teacher) or student '
