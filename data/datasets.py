@@ -9,7 +9,6 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 # data/official.py writes its caches with it; it lives with the other atomic writes.
-from ssl_ema.files import write_atomically  # noqa: F401
 
 
 class DataError(ValueError):
