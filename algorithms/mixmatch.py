@@ -26,6 +26,7 @@ class MixMatch(Algorithm):
     mixup_alpha: float = hparam(0.75, 'alpha of the Beta(alpha, alpha) mixup coefficients.')
     label_guess_views: int = hparam(
         2, 'K: weak augmentations of each unlabeled image averaged to guess its label.')
+    ramp_up: str = hparam('linear', 'Ramp-up shape of lambda_U (linear: the anchors\').')
 
     @property
     def views(self):

@@ -130,7 +130,8 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     from ssl_ema.trainer import Trainer
 
     strategy = make_strategy(cfg)
-    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir)
+    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir,
+                         input_norm=cfg.input_norm)
     arch = backbones.resolve(cfg.arch, dataset.image_shape)
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or default_train_dir(cfg, algorithm, arch)
