@@ -294,7 +294,8 @@ def test_weight_decay_after_n_steps(decay_type, digits_data, tmp_path):
                       weight_decay_type=decay_type, wrn_conv_bias=True)
     trainer = Trainer(cfg, NoLoss(), digits_data, str(tmp_path))
     before = {v.path: v.numpy() for v in trainer.student.trainable_variables}
-    batch = ((tf.constant(digits_data.eval_arrays()['valid'][0][:4]), tf.constant([0, 1, 2, 3])), ())
+    images = tf.constant(digits_data.eval_arrays()['valid'][0][:4])
+    batch = ((images, tf.constant([0, 1, 2, 3])), ())
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     for _ in range(20):
         trainer._train_step(iterator)
