@@ -34,7 +34,8 @@ SHARED_HELP = {
                  'norm normalises over all of them and its moving statistics follow all of them, '
                  'as FixMatch); separate: one pass per batch, and only the labeled pass moves '
                  'the statistics (the anchors\' pi_model.py, pseudo_label.py, mean_teacher.py, '
-                 'ict.py).',
+                 'ict.py). joint is the default: our CPU results (runs/RESULTS.md) were '
+                 'measured with it.',
 }
 
 # Valid values of hyperparameters, checked whenever an algorithm is built: name -> (test, rule).
