@@ -116,7 +116,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     for model in MODELS:
         backbone, _, result['step'] = export.restore_backbone(run, info, model, path)
         predicted = predicted_classes(export.classifier(backbone, info), arrays.x_test)
-        result[model] = {'accuracy': 100. * float(np.mean(predicted == arrays.y_test)),
+        correct = int((predicted == arrays.y_test).sum())   # as evaluation.accuracy counts
+        result[model] = {'accuracy': 100. * correct / len(arrays.y_test),
                          'confusion': confusion_matrix(arrays.y_test, predicted,
                                                        info['num_classes']).tolist()}
     files.write_json(out + '.json', result)
