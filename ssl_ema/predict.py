@@ -75,6 +75,9 @@ def load_classifier(path: str) -> Classifier:
     """An export directory, a .keras file or a SavedModel directory; ConfigError naming --model."""
     import tensorflow as tf
     p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f'--model={path}: no such file or directory; give an export directory '
+                          '(e.g. TRAIN_DIR/export), a .keras file or a SavedModel directory')
     if (p / export.KERAS_FILE).is_file():
         p = p / export.KERAS_FILE
     meta_path = p.parent / export.EXPORT_INFO   # beside model.keras and saved_model/
@@ -181,8 +184,8 @@ def predict(cfg: PredictConfig, log=print) -> int:
     if os.path.isdir(cfg.out):
         raise ConfigError(f'--out={cfg.out} is a directory; give a CSV file name')
     files.check_writable_dir(os.path.dirname(os.path.abspath(cfg.out)), 'out')
-    classifier = load_classifier(cfg.model)
     names, load = image_sources(cfg.input)
+    classifier = load_classifier(cfg.model)
     k = min(cfg.top_k, len(classifier.class_names))
     header = ['file', 'class_id', 'class', 'probability']
     header += [f'{column}_{r}' for r in range(2, k + 1) for column in ('class', 'probability')]

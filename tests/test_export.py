@@ -135,6 +135,12 @@ def test_command_errors_are_one_line():
         cli.main(fails)(['prog', 'stray'])
 
 
+def test_plotting_commands_name_the_extra_without_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)   # import matplotlib -> ImportError
+    with pytest.raises(ConfigError, match=r'matplotlib: pip install -e "\.\[benchmark\]"'):
+        cli.require_matplotlib('ssl_ema.evaluate')
+
+
 def write_pngs(folder, images):
     from PIL import Image
     folder.mkdir(parents=True)
@@ -198,6 +204,8 @@ def test_predict_inputs(run_dir, in_training, digits_data, tmp_path):
         predict.image_sources(str(tmp_path / 'nothing*.png'))
     with pytest.raises(ConfigError, match='--model=.* is not an export directory'):
         predict.load_classifier(str(tmp_path))
+    with pytest.raises(ConfigError, match='no such file or directory'):
+        predict.load_classifier(str(tmp_path / 'nowhere'))
 
 
 def test_fit_converts_channels_and_resizes():
