@@ -99,7 +99,8 @@ def make_strategy(cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
-    """Validate everything, then train (or resume) and return the accuracy summary."""
+    """Validate everything, then train (or resume), export the EMA classifier to DIR/export and
+    return the accuracy summary."""
     from ssl_ema import backbones, data, export
     from ssl_ema.files import check_writable_dir, write_atomically, write_json
     from ssl_ema.trainer import Trainer
