@@ -125,14 +125,14 @@ def _image_files(folder: pathlib.Path) -> List[pathlib.Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
 
 
-def read_image(path: pathlib.Path, source: str) -> np.ndarray:
+def read_image(path) -> np.ndarray:
     """One image file as uint8 [H, W, C], C = 1 (grey) or 3 (colour; alpha dropped); DataError
     naming the file if it cannot be read. Training folders and `ssl_ema.predict` read through it."""
     import tensorflow as tf
     try:
         image = tf.io.decode_image(pathlib.Path(path).read_bytes(), expand_animations=False).numpy()
     except Exception as e:
-        raise DataError(f'{source}: cannot decode {path} ({type(e).__name__})')
+        raise DataError(f'cannot decode {path} ({type(e).__name__})')
     if image.shape[-1] == 4:            # drop alpha
         image = image[..., :3]
     elif image.shape[-1] == 2:          # grey + alpha
@@ -143,7 +143,10 @@ def read_image(path: pathlib.Path, source: str) -> np.ndarray:
 def _read_images(files: List[pathlib.Path], source: str) -> np.ndarray:
     images, first = [], None
     for path in files:
-        image = read_image(path, source)
+        try:
+            image = read_image(path)
+        except DataError as e:
+            raise DataError(f'{source}: {e}') from None
         if first is None:
             first = path, image.shape
         elif image.shape[:2] != first[1][:2]:

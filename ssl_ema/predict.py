@@ -126,7 +126,7 @@ def image_sources(spec: str):
         if not found:
             raise DataError(f'--input={spec} holds no image files '
                             f'({", ".join(sorted(IMAGE_SUFFIXES))})')
-        return [str(f.relative_to(p)) for f in found], lambda i: read_image(found[i], '--input')
+        return [str(f.relative_to(p)) for f in found], lambda i: _read(found[i], spec)
     if p.is_file() and p.suffix == '.npz':
         try:
             with np.load(p, allow_pickle=False) as f:
@@ -146,7 +146,14 @@ def image_sources(spec: str):
     if not matches:
         raise DataError(f'--input={spec}: no such folder, .npz file or image file (a glob '
                         'pattern matched nothing)')
-    return matches, lambda i: read_image(matches[i], '--input')
+    return matches, lambda i: _read(matches[i], spec)
+
+
+def _read(path, spec: str) -> np.ndarray:
+    try:
+        return read_image(path)
+    except DataError as e:
+        raise DataError(f'--input={spec}: {e}') from None
 
 
 def fit(image: np.ndarray, shape, resize: bool, name: str) -> np.ndarray:
