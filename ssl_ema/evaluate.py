@@ -96,10 +96,11 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     info = export.classifier_info(run)
     dataset = cfg.dataset or run.config.dataset
     arrays = data.load(dataset, cfg.data_dir if cfg.data_dir is not None else run.config.data_dir)
-    if arrays.image_shape != tuple(info['image_shape']) or arrays.num_classes != info['num_classes']:
+    shape, classes = tuple(info['image_shape']), info['num_classes']
+    if arrays.image_shape != shape or arrays.num_classes != classes:
         raise DataError(f'--dataset={dataset} has {arrays.num_classes} classes of '
-                        f'{arrays.image_shape} images; the run classifies {info["num_classes"]} '
-                        f'classes of {tuple(info["image_shape"])}')
+                        f'{arrays.image_shape} images; the run classifies {classes} classes of '
+                        f'{shape}')
     names = export.class_names(info)
     if arrays.class_names and list(arrays.class_names) != names:
         print(f'warning: --dataset={dataset} names its classes {list(arrays.class_names)}, the '

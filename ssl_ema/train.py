@@ -117,7 +117,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
-    export.write_classifier_info(train_dir, dataset)   # what export and predict need besides weights
+    export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
     if not resuming:
         write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
         values = {**record['config'], **record['algorithm']}
