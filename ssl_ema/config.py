@@ -139,7 +139,7 @@ class TrainConfig:
                             'batch-norm statistics, logits and losses stay float32. Speed and '
                             'accuracy: runs/SPEED.md.')
     jit_compile: bool = hparam(False, 'Compile the training step with XLA. Off by default: '
-                               'slower on CPU for every backbone measured (runs/SPEED.md).',
+                               'several times slower on CPU where measured (runs/SPEED.md).',
                                run_defining=False)
     deterministic: bool = hparam(False, 'Enable TensorFlow op determinism (bitwise-reproducible '
                                  'runs; slower on GPU).', run_defining=False)
