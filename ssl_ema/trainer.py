@@ -64,10 +64,12 @@ class Trainer:
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
-                                           conv_bias=cfg.wrn_conv_bias)
+                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision)
             self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
             self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
+            if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.student.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
@@ -89,6 +91,10 @@ class Trainer:
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
+        # XLA compiles each replica's step (the iterator and the cross-replica EMA update stay
+        # outside it); runs/SPEED.md has the measurements behind --jit_compile's default.
+        self._compiled_replica_step = (tf.function(self._replica_step, jit_compile=True)
+                                       if cfg.jit_compile else self._replica_step)
 
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -130,6 +136,8 @@ class Trainer:
                 decay = self.cfg.weight_decay * l2_penalty(self.decayed)
             # Each replica averages over its share of the batch; the optimizer sums replicas.
             scaled = (total + decay if l2 else total) / self.strategy.num_replicas_in_sync
+            # The loss scale of --precision=mixed_float16 (identity otherwise).
+            scaled = self.optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, self.student.trainable_variables)
         self.optimizer.apply(grads, self.student.trainable_variables)
         metrics = {'loss/total': total, 'loss/labeled': out.labeled, 'loss/unlabeled': out.unlabeled,
@@ -142,7 +150,8 @@ class Trainer:
     @tf.function
     def _train_step(self, iterator):
         (labeled_x, labels), unlabeled = next(iterator)
-        per_replica = self.strategy.run(self._replica_step, args=(labeled_x, labels, unlabeled))
+        per_replica = self.strategy.run(self._compiled_replica_step,
+                                        args=(labeled_x, labels, unlabeled))
         if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
             # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
             shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)
