@@ -17,7 +17,6 @@ The weights come from a checkpoint: `ema` is the Trainer's `teacher` (the EMA of
 batch-norm statistics included, see ema.py), `raw` the `student`.
 """
 import dataclasses
-import inspect
 import json
 import os
 from typing import Optional
@@ -98,12 +97,10 @@ def restore_backbone(run: cli.Run, info: dict, model: str = 'ema',
     path = run.checkpoint(checkpoint)
     c = run.config
     arch = c.arch
-    # Float32 stock Keras layers whatever the run trained with, where backbones offers it.
-    portable = ({'portable': True} if 'portable' in inspect.signature(backbones.build).parameters
-                else {})
-    # The Trainer's architecture flags (as trainer.py builds the student).
+    # The Trainer's architecture flags (as trainer.py builds the student), but stock float32
+    # Keras layers whatever precision the run trained with: the file loads without ssl_ema.
     net = backbones.build(arch, tuple(info['image_shape']), info['num_classes'],
-                          conv_bias=c.wrn_conv_bias, **portable)
+                          conv_bias=c.wrn_conv_bias, portable=True)
     key = cli.CHECKPOINT_KEYS[model]
     try:   # the Trainer checkpoints each model as the list of its variables
         status = tf.train.Checkpoint(**{key: list(net.variables)}).restore(path)
