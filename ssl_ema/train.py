@@ -85,6 +85,8 @@ def make_strategy(cfg: TrainConfig):
     import tensorflow as tf
     if cfg.distribute == 'default':
         return tf.distribute.get_strategy()
+    if cfg.distribute == 'multi_worker':
+        return multi_worker_strategy(cfg.collective_timeout_s)
     if tf.config.list_physical_devices('GPU'):
         return tf.distribute.MirroredStrategy()
     cpu = tf.config.list_physical_devices('CPU')[0]
@@ -96,6 +98,31 @@ def make_strategy(cfg: TrainConfig):
             raise ConfigError(f'--cpu_devices={cfg.cpu_devices} must be set before TensorFlow '
                               'starts (as from the command line)') from None
     return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(cfg.cpu_devices)])
+
+
+def multi_worker_strategy(collective_timeout_s: float = 0.):
+    """tf.distribute.MultiWorkerMirroredStrategy over the cluster that $TF_CONFIG describes
+    (`python -m ssl_ema.launch` writes one per worker), else SLURM's (every task of an `srun`
+    is a worker, task 0 the chief). Must run before TensorFlow initialises."""
+    import tensorflow as tf
+    resolvers = tf.distribute.cluster_resolver
+    try:
+        if os.environ.get('TF_CONFIG'):
+            resolver = resolvers.TFConfigClusterResolver()
+            resolver.cluster_spec()   # parses $TF_CONFIG now, to name it if it is malformed
+        elif 'SLURM_PROCID' in os.environ:
+            resolver = resolvers.SlurmClusterResolver()
+        else:
+            raise ConfigError('--distribute=multi_worker needs a cluster: $TF_CONFIG (as python '
+                              '-m ssl_ema.launch --workers=N sets it) or a SLURM job step (srun)')
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout_s or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                         communication_options=options)
+    except (ValueError, KeyError, RuntimeError) as e:   # bad JSON, missing SLURM variables
+        source = '$TF_CONFIG' if os.environ.get('TF_CONFIG') else 'the SLURM environment'
+        raise ConfigError(f'--distribute=multi_worker: {source} does not describe a cluster '
+                          f'({one_line(e)})') from None
 
 
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
@@ -118,8 +145,9 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
-    export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
-    if not resuming:
+    if trainer.chief:   # multi-worker: only the chief writes train_dir
+        export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
+    if not resuming and trainer.chief:
         write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
         values = {**record['config'], **record['algorithm']}
         flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
@@ -129,8 +157,9 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
         f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
     summary = trainer.train(log)
-    log(format_table(summary))
-    export.export_run(train_dir, log=log, skip_if_current=True)   # the EMA classifier, DIR/export
+    if trainer.chief:   # multi-worker: only the chief writes train_dir
+        log(format_table(summary))
+        export.export_run(train_dir, log=log, skip_if_current=True)   # the EMA classifier, DIR/export
     return summary
 
 

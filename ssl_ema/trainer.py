@@ -10,6 +10,8 @@ exactly where it stopped.
 """
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -17,7 +19,8 @@ import tensorflow as tf
 
 from ssl_ema import backbones, evaluation, files, losses
 from ssl_ema.algorithms import Batch
-from ssl_ema.config import TrainConfig
+from ssl_ema.config import ConfigError, TrainConfig
+from ssl_ema.data import pipeline
 from ssl_ema.ema import EMA
 
 HISTORY = 'evaluations.jsonl'
@@ -61,6 +64,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None):
         self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
         self.strategy = strategy or tf.distribute.get_strategy()
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch % replicas:   # every replica gets an equal share of the global batch
+            raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
+                              f'of --distribute={cfg.distribute}')
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
@@ -80,12 +87,19 @@ class Trainer:
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
             optimizer=self.optimizer, rng=self.rng)
+        # Multi-worker: only the chief writes train_dir (and evaluates). Every worker still
+        # saves each checkpoint, as TensorFlow asks (saving may read variables through
+        # collectives), the others into a scratch directory removed when training ends.
+        self.chief = self.strategy.extended.should_checkpoint
+        self.checkpoint_dir = os.path.join(train_dir, 'checkpoints')
+        self._scratch = None if self.chief else tempfile.mkdtemp(prefix='ssl_ema_worker_')
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
+            self.checkpoint, self._scratch or self.checkpoint_dir, cfg.keep_checkpoints)
         self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
                         'ema': evaluation.make_predict(self.ema.model, data.image_shape)}
         self.eval_arrays = data.eval_arrays()
-        self.writer = tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+                       if self.chief else tf.summary.create_noop_writer())
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
@@ -93,11 +107,12 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
-        if self.manager.latest_checkpoint:
-            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        latest = tf.train.latest_checkpoint(self.checkpoint_dir)   # the chief's, on every worker
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
         path = os.path.join(self.train_dir, HISTORY)
-        if os.path.exists(path):
+        if self.chief and os.path.exists(path):
             with open(path) as f:
                 # Evaluations logged after the last checkpoint are redone by the resumed run.
                 self.history = [h for h in map(json.loads, f) if h['step'] <= step]
@@ -155,11 +170,17 @@ class Trainer:
 
     def _dataset(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
-        if views:
-            ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
-        else:   # supervised: never touch the unlabeled pool
-            ds = self.data.labeled(cfg.batch, start_step).map(lambda x, y: ((x, y), ()))
-        return iter(self.strategy.experimental_distribute_dataset(ds))
+
+        def replica_batches(context):   # called once per worker
+            if views:
+                ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
+            else:   # supervised: never touch the unlabeled pool
+                ds = self.data.labeled(cfg.batch, start_step)
+            ds = pipeline.replica_shares(ds, context)
+            if not views:
+                ds = ds.map(lambda x, y: ((x, y), ()))
+            return ds.prefetch(tf.data.AUTOTUNE)
+        return iter(self.strategy.distribute_datasets_from_function(replica_batches))
 
     # ---- the loop ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -171,6 +192,9 @@ class Trainer:
         return result
 
     def _record(self, result):
+        if not self.chief:
+            self.manager.save(checkpoint_number=result['step'])   # into the scratch directory
+            return
         self.history.append(result)
         self._write_history()   # before the checkpoint: a resumed run drops what is newer
         self.manager.save(checkpoint_number=result['step'])
@@ -194,6 +218,8 @@ class Trainer:
             + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
 
     def _evaluate_and_record(self, start, log, images_per_sec=None):
+        if not self.chief:   # evaluation happens once, on the chief
+            return self._record({'step': int(self.step.numpy())})
         result = self.evaluate()
         if images_per_sec is not None:
             result['images_per_sec'] = images_per_sec
@@ -236,6 +262,8 @@ class Trainer:
             raise
         finally:
             self.writer.flush()
+            if self._scratch:
+                shutil.rmtree(self._scratch, ignore_errors=True)
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
             self._write_summary()
         return evaluation.summarize(self.history)
