@@ -60,8 +60,11 @@ def start_workers(train_args: list, log_dir: str) -> list:
     workers = []
     for index, tf_config in enumerate(tf_configs(free_ports(FLAGS.workers))):
         log = None if index == 0 else open(os.path.join(log_dir, f'worker{index}.log'), 'wb')
+        # A worker's scratch files go under log_dir, removed at the end even if it was killed.
+        tmp = os.path.join(log_dir, f'worker{index}.tmp')
+        os.mkdir(tmp)
         workers.append(subprocess.Popen(
-            command, env=dict(os.environ, TF_CONFIG=tf_config), stdout=log,
+            command, env=dict(os.environ, TF_CONFIG=tf_config, TMPDIR=tmp), stdout=log,
             stderr=subprocess.STDOUT if log else None, start_new_session=True,
             preexec_fn=_die_with_parent))
         if log:

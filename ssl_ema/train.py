@@ -86,7 +86,8 @@ def make_strategy(cfg: TrainConfig):
     if cfg.distribute == 'default':
         return tf.distribute.get_strategy()
     if cfg.distribute == 'multi_worker':
-        return multi_worker_strategy(cfg.collective_timeout_s)
+        from ssl_ema import cluster
+        return cluster.strategy(cfg.collective_timeout_s)
     if tf.config.list_physical_devices('GPU'):
         return tf.distribute.MirroredStrategy()
     cpu = tf.config.list_physical_devices('CPU')[0]
@@ -98,31 +99,6 @@ def make_strategy(cfg: TrainConfig):
             raise ConfigError(f'--cpu_devices={cfg.cpu_devices} must be set before TensorFlow '
                               'starts (as from the command line)') from None
     return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(cfg.cpu_devices)])
-
-
-def multi_worker_strategy(collective_timeout_s: float = 0.):
-    """tf.distribute.MultiWorkerMirroredStrategy over the cluster that $TF_CONFIG describes
-    (`python -m ssl_ema.launch` writes one per worker), else SLURM's (every task of an `srun`
-    is a worker, task 0 the chief). Must run before TensorFlow initialises."""
-    import tensorflow as tf
-    resolvers = tf.distribute.cluster_resolver
-    try:
-        if os.environ.get('TF_CONFIG'):
-            resolver = resolvers.TFConfigClusterResolver()
-            resolver.cluster_spec()   # parses $TF_CONFIG now, to name it if it is malformed
-        elif 'SLURM_PROCID' in os.environ:
-            resolver = resolvers.SlurmClusterResolver()
-        else:
-            raise ConfigError('--distribute=multi_worker needs a cluster: $TF_CONFIG (as python '
-                              '-m ssl_ema.launch --workers=N sets it) or a SLURM job step (srun)')
-        options = tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=collective_timeout_s or None)
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
-                                                         communication_options=options)
-    except (ValueError, KeyError, RuntimeError) as e:   # bad JSON, missing SLURM variables
-        source = '$TF_CONFIG' if os.environ.get('TF_CONFIG') else 'the SLURM environment'
-        raise ConfigError(f'--distribute=multi_worker: {source} does not describe a cluster '
-                          f'({one_line(e)})') from None
 
 
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
@@ -192,9 +168,24 @@ def main(argv):
         run(cfg, algorithm)
     except (ConfigError, DataError) as e:
         sys.exit(f'error: {e}')
+    except tf.errors.OpError as e:   # a collective failed: another worker died or hung
+        if FLAGS.distribute != 'multi_worker':
+            raise
+        from ssl_ema import cluster
+        print(f'error: {cluster.lost_worker(e, FLAGS.collective_timeout_s)}', file=sys.stderr)
+        exit_now(1)
     except KeyboardInterrupt:
-        sys.exit(130)
+        exit_now(130)
 
+
+def exit_now(code: int):
+    """Exit with `code`; multi-worker, without TensorFlow's shutdown, which waits ~20 s for
+    workers that are gone (everything the run leaves is written and flushed by now)."""
+    if FLAGS.distribute != 'multi_worker':
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 if __name__ == '__main__':
     app.run(main)

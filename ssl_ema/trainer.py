@@ -17,7 +17,7 @@ import time
 import keras
 import tensorflow as tf
 
-from ssl_ema import backbones, evaluation, files, losses
+from ssl_ema import backbones, cluster, evaluation, files, losses
 from ssl_ema.algorithms import Batch
 from ssl_ema.config import ConfigError, TrainConfig
 from ssl_ema.data import pipeline
@@ -87,14 +87,16 @@ class Trainer:
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
             optimizer=self.optimizer, rng=self.rng)
-        # Multi-worker: only the chief writes train_dir (and evaluates). Every worker still
-        # saves each checkpoint, as TensorFlow asks (saving may read variables through
-        # collectives), the others into a scratch directory removed when training ends.
+        # Multi-worker (cluster.py): only the chief writes train_dir (and evaluates). Every
+        # worker still saves each checkpoint, as TensorFlow asks (saving may read variables
+        # through collectives), the others into a scratch directory removed when training ends.
         self.chief = self.strategy.extended.should_checkpoint
         self.checkpoint_dir = os.path.join(train_dir, 'checkpoints')
-        self._scratch = None if self.chief else tempfile.mkdtemp(prefix='ssl_ema_worker_')
+        self._scratch = (tempfile.mkdtemp(prefix='ssl_ema_worker_')
+                         if cfg.distribute == 'multi_worker' else None)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, self._scratch or self.checkpoint_dir, cfg.keep_checkpoints)
+            self.checkpoint, self.checkpoint_dir if self.chief else
+            os.path.join(self._scratch, 'checkpoints'), cfg.keep_checkpoints)
         self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
                         'ema': evaluation.make_predict(self.ema.model, data.image_shape)}
         self.eval_arrays = data.eval_arrays()
@@ -237,7 +239,10 @@ class Trainer:
         iterator = self._dataset(step) if step < total else None
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
+        preemption = None
         try:
+            if self._scratch and step < total:   # multi-worker: SIGTERM saves on all at one step
+                preemption = cluster.preemption_handler(self.strategy, self._save, self._scratch)
             # An interrupt during an evaluation checkpoints its step without recording it, and
             # the loop below evaluates only at later steps: evaluate the restored step now (its
             # training speed died with the interrupted process).
@@ -246,6 +251,8 @@ class Trainer:
                 self._evaluate_and_record(start, log)
                 log_mark = eval_mark = (time.time(), step)
             while step < total:
+                if preemption:
+                    preemption.save_checkpoint_if_preempted()
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
@@ -255,8 +262,9 @@ class Trainer:
                     self._evaluate_and_record(start, log, self._speed(eval_mark, step))
                     # Speeds count training only: both marks restart after an evaluation.
                     log_mark = eval_mark = (time.time(), step)
-        except KeyboardInterrupt:
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+        except KeyboardInterrupt as interrupt:
+            if not isinstance(interrupt, cluster.Preempted):   # which has saved already
+                self._save()
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
                 'run the same command again to resume.')
             raise
@@ -267,6 +275,9 @@ class Trainer:
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
             self._write_summary()
         return evaluation.summarize(self.history)
+
+    def _save(self):
+        self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     def _speed(self, mark, step):
         """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""
