@@ -21,8 +21,8 @@ import time
 from absl import app, flags
 
 flags.DEFINE_integer('workers', 2, 'Worker processes to start on this machine.')
-flags.DEFINE_float('stop_grace_s', 60., 'Seconds a worker gets to save a checkpoint and exit '
-                   'after a SIGTERM before it is killed.')
+flags.DEFINE_float('stop_grace_s', 60., 'Seconds a worker gets to exit (after Ctrl-C: to save '
+                   'a checkpoint) before it is killed.')
 FLAGS = flags.FLAGS
 POLL_S = 0.2
 
@@ -78,11 +78,12 @@ def describe(index: int, worker, code: int) -> str:
     return f'worker {index} (pid {worker.pid}) {how}'
 
 
-def stop(workers: list, grace_s: float):
-    """SIGTERM every running worker, SIGKILL those still running after grace_s seconds."""
+def stop(workers: list, grace_s: float, signal_first=signal.SIGTERM):
+    """Send `signal_first` to every running worker (None: nothing), SIGKILL those still running
+    after grace_s seconds."""
     for w in workers:
-        if w.poll() is None:
-            w.send_signal(signal.SIGTERM)
+        if w.poll() is None and signal_first:
+            w.send_signal(signal_first)
     deadline = time.time() + grace_s
     while any(w.poll() is None for w in workers) and time.time() < deadline:
         time.sleep(POLL_S)
@@ -135,7 +136,9 @@ def main(argv):
         if index:   # the chief's output was streamed already
             print(f'--- last lines of worker {index}:\n{tail(os.path.join(log_dir, f"worker{index}.log"))}',
                   file=sys.stderr)
-        stop(workers, FLAGS.stop_grace_s)
+        # The others notice the lost worker themselves within seconds (and say so); a SIGTERM
+        # would only make them try to save a checkpoint together with it.
+        stop(workers, FLAGS.stop_grace_s, signal_first=None)
         sys.exit(f'error: {describe(index, workers[index], code)}; stopped the other workers. '
                  'Running the same command again resumes from the last checkpoint.')
 
