@@ -113,3 +113,34 @@ def test_lost_worker_stops_the_run_and_the_same_command_resumes(digits_data, tmp
     single_process_run(digits_data, tmp_path / 'one', 'supervised', steps)
     assert_same_weights(tmp_path / 'one', run_dir)
     assert_only_the_chiefs_files(run_dir, steps, launches=2)
+
+
+def test_each_replica_gets_its_rows_of_every_global_batch():
+    from ssl_ema.data.pipeline import replica_shares
+    batches = tf.data.Dataset.range(16).batch(8).map(lambda x: (x, -x))   # two global batches
+    # worker 1 of 2, with 2 replicas each: replicas 2 and 3 of 4, rows [4, 6) and [6, 8)
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                         num_replicas_in_sync=4)
+    shares = [(x.tolist(), y.tolist()) for x, y in replica_shares(batches, context).as_numpy_iterator()]
+    assert shares == [([4, 5], [-4, -5]), ([6, 7], [-6, -7]),
+                      ([12, 13], [-12, -13]), ([14, 15], [-14, -15])]
+
+
+def test_multi_worker_needs_a_cluster(monkeypatch):
+    from ssl_ema import cluster
+    from ssl_ema.config import ConfigError
+    for name in ('TF_CONFIG', 'SLURM_PROCID'):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r'needs a cluster: \$TF_CONFIG .* or a SLURM job step'):
+        cluster.strategy()
+    monkeypatch.setenv('TF_CONFIG', '{"cluster": ')
+    with pytest.raises(ConfigError, match=r'\$TF_CONFIG does not describe a cluster'):
+        cluster.strategy()
+
+
+def test_launcher_refuses_another_strategy():
+    out = subprocess.run([sys.executable, '-m', 'ssl_ema.launch', '--workers=2',
+                          '--distribute=mirrored'], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ('error: --distribute=mirrored: the launcher '
+                                                   'trains with --distribute=multi_worker; drop it')
