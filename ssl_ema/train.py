@@ -166,6 +166,7 @@ def main(argv):
             print(f'warning: --{name} is ignored: --algorithm={cfg.algorithm} does not use it '
                   f'(its own flags: {own})', file=sys.stderr)
         run(cfg, algorithm)
+        exit_now(0)
     except (ConfigError, DataError) as e:
         sys.exit(f'error: {e}')
     except tf.errors.OpError as e:   # a collective failed: another worker died or hung
@@ -179,8 +180,10 @@ def main(argv):
 
 
 def exit_now(code: int):
-    """Exit with `code`; multi-worker, without TensorFlow's shutdown, which waits ~20 s for
-    workers that are gone (everything the run leaves is written and flushed by now)."""
+    """Exit with `code`; multi-worker, without TensorFlow's shutdown, which waits for workers
+    that are gone (~20 s after a lost worker; after a finished run the preemption handler's
+    clean-up can wait on the chief's coordination service for minutes). Everything the run leaves
+    is written and flushed by now, and no collective follows the last step."""
     if FLAGS.distribute != 'multi_worker':
         sys.exit(code)
     sys.stdout.flush()
