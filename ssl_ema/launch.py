@@ -134,8 +134,8 @@ def main(argv):
             return
         index, code = failed
         if index:   # the chief's output was streamed already
-            print(f'--- last lines of worker {index}:\n{tail(os.path.join(log_dir, f"worker{index}.log"))}',
-                  file=sys.stderr)
+            log = os.path.join(log_dir, f'worker{index}.log')
+            print(f'--- last lines of worker {index}:\n{tail(log)}', file=sys.stderr)
         # The others notice the lost worker themselves within seconds (and say so); a SIGTERM
         # would only make them try to save a checkpoint together with it.
         stop(workers, FLAGS.stop_grace_s, signal_first=None)

@@ -135,7 +135,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     summary = trainer.train(log)
     if trainer.chief:   # multi-worker: only the chief writes train_dir
         log(format_table(summary))
-        export.export_run(train_dir, log=log, skip_if_current=True)   # the EMA classifier, DIR/export
+        export.export_run(train_dir, log=log, skip_if_current=True)   # DIR/export: the EMA model
     return summary
 
 
@@ -189,6 +189,7 @@ def exit_now(code: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
 
 if __name__ == '__main__':
     app.run(main)

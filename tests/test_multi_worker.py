@@ -17,8 +17,8 @@ from ssl_ema.trainer import Trainer
 
 FLAGS = ['--batch=16', '--uratio=2', '--arch=small_cnn', '--eval_every_kimg=0.0625',
          '--log_every_steps=4']   # evaluations and checkpoints every 4 steps
-RUN_FILES = {'accuracy.json', 'checkpoints', 'evaluations.jsonl', 'flagfile', 'flags.json',
-             'split.json', 'tensorboard'}
+RUN_FILES = {'accuracy.json', 'checkpoints', 'classifier.json', 'evaluations.jsonl', 'export',
+             'flagfile', 'flags.json', 'split.json', 'tensorboard'}
 TIMEOUT_S = 240   # every process stops by itself; this only bounds a broken one
 
 
@@ -65,7 +65,8 @@ def assert_only_the_chiefs_files(run_dir, steps, launches=1):
     assert set(os.listdir(run_dir)) == RUN_FILES
     assert len(os.listdir(run_dir / 'tensorboard')) == launches   # one writer each: the chief's
     checkpoints = {f.split('.')[0] for f in os.listdir(run_dir / 'checkpoints')}
-    assert checkpoints == {'checkpoint'} | {f'ckpt-{s}' for s in range(max(4, steps - 8), steps + 1, 4)}
+    kept = range(max(4, steps - 8), steps + 1, 4)   # the last 3 (--keep_checkpoints)
+    assert checkpoints == {'checkpoint'} | {f'ckpt-{step}' for step in kept}
 
 
 @pytest.mark.parametrize('algorithm', ['supervised', 'fixmatch'])
@@ -121,7 +122,8 @@ def test_each_replica_gets_its_rows_of_every_global_batch():
     # worker 1 of 2, with 2 replicas each: replicas 2 and 3 of 4, rows [4, 6) and [6, 8)
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
                                          num_replicas_in_sync=4)
-    shares = [(x.tolist(), y.tolist()) for x, y in replica_shares(batches, context).as_numpy_iterator()]
+    shares = [(x.tolist(), y.tolist())
+              for x, y in replica_shares(batches, context).as_numpy_iterator()]
     assert shares == [([4, 5], [-4, -5]), ([6, 7], [-6, -7]),
                       ([12, 13], [-12, -13]), ([14, 15], [-14, -15])]
 
