@@ -55,8 +55,10 @@ def assert_same_weights(reference_dir, run_dir):
                    if n.startswith(('student/', 'teacher/')) and 'OPTIMIZER_SLOT' not in n)
     assert len(names) > 20 and set(names) <= set(run.get_variable_to_shape_map())
     for name in names:
-        np.testing.assert_allclose(run.get_tensor(name), ref.get_tensor(name), rtol=2e-4,
-                                   atol=2e-5, err_msg=name)
+        # Float sums in another order (ring all-reduce): a few kernel entries of fixmatch differ
+        # by ~4e-5 after 8 steps; a wrong share of the batch or unsynchronised batch norm, ~1e-2.
+        np.testing.assert_allclose(run.get_tensor(name), ref.get_tensor(name), rtol=1e-3,
+                                   atol=1e-4, err_msg=name)
     assert ref.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE') == run.get_tensor(
         'step/.ATTRIBUTES/VARIABLE_VALUE')
 
