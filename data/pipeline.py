@@ -129,6 +129,28 @@ class SSLData:
         return {k: (self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
 
 
+def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> tf.data.Dataset:
+    """What tf.distribute's input function for `context` yields: of each global batch of `ds`,
+    the share of every replica this input pipeline (one per worker) feeds, in replica order.
+
+    Replica r of R gets rows [r B/R, (r+1) B/R) of each global batch of B rows, as
+    `experimental_distribute_dataset` splits a batch on one machine, so any number of workers
+    trains on exactly the batches of one device. Every worker builds the whole global batch and
+    keeps its share: the augmentations draw their randomness batch-wide, and this is what keeps
+    every batch a pure function of (seed, step) whatever the cluster. (The cost: each worker's
+    input pipeline does the work of a one-machine run's.)"""
+    replicas = context.num_replicas_in_sync
+    if replicas == 1:
+        return ds
+    local = replicas // context.num_input_pipelines
+    first = context.input_pipeline_id * local
+
+    def split(*batch):
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
+            lambda t: tf.reshape(t, [replicas, -1, *t.shape[1:]])[first:first + local], batch))
+    return ds.flat_map(split)
+
+
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
           data_dir: str = None, download: bool = True, input_norm: str = 'standardize') -> SSLData:
     """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm -> SSLData.

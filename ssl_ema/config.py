@@ -128,9 +128,11 @@ class TrainConfig:
                                       'Default: experiments/<dataset>.<labels>@<seed>/<algorithm>_'
                                       '<arch>[_<non-default flags>].', run_defining=False)
     keep_checkpoints: int = hparam(3, 'Checkpoints kept in --train_dir.', run_defining=False)
-    distribute: str = hparam('default', 'default (one device) or mirrored (tf.distribute.'
-                             'MirroredStrategy over all GPUs, else --cpu_devices logical CPUs).',
-                             run_defining=False)
+    distribute: str = hparam('default', 'default (one device), mirrored (tf.distribute.'
+                             'MirroredStrategy over all GPUs, else --cpu_devices logical CPUs) or '
+                             'multi_worker (MultiWorkerMirroredStrategy over the processes named '
+                             'by $TF_CONFIG or by SLURM; python -m ssl_ema.launch starts them on '
+                             'one machine).', run_defining=False)
     cpu_devices: int = hparam(2, 'Logical CPU devices for --distribute=mirrored without GPUs.',
                               run_defining=False)
     precision: str = hparam('float32', 'float32, mixed_bfloat16 (CPUs with AVX-512 BF16 or AMX, '
@@ -141,12 +143,19 @@ class TrainConfig:
     jit_compile: bool = hparam(False, 'Compile the training step with XLA. Off by default: '
                                'several times slower on CPU where measured (runs/SPEED.md).',
                                run_defining=False)
+    collective_timeout_s: float = hparam(
+        600., 'With --distribute=multi_worker: a collective (all-reduce) that has not completed '
+        'after this many seconds fails the run instead of hanging. Must exceed the longest pause '
+        'of one worker the others wait for: the chief\'s evaluation and checkpoint. (A dead '
+        'worker is detected sooner, by TensorFlow\'s coordination-service heartbeats.) 0: no '
+        'timeout.', run_defining=False)
     deterministic: bool = hparam(False, 'Enable TensorFlow op determinism (bitwise-reproducible '
                                  'runs; slower on GPU).', run_defining=False)
 
     def __post_init__(self):
         choices = {'optimizer': ('sgd', 'adam'), 'lr_decay': ('cosine', 'constant'),
-                   'distribute': ('default', 'mirrored'), 'augment': ('weak', 'strong', 'none'),
+                   'distribute': ('default', 'mirrored', 'multi_worker'),
+                   'augment': ('weak', 'strong', 'none'),
                    'weight_decay_type': ('decoupled', 'l2'),
                    'input_norm': ('standardize', 'plus_minus_one'),
                    'precision': ('float32', 'mixed_bfloat16', 'mixed_float16')}
@@ -165,8 +174,10 @@ class TrainConfig:
             raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
         if not 0. <= self.warmup_fraction <= 1.:
             raise ConfigError(f'--warmup_fraction={self.warmup_fraction} must be in [0, 1]')
-        if self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0:
-            raise ConfigError('--valid, --train_steps and --weight_decay must be >= 0')
+        if (self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0
+                or self.collective_timeout_s < 0):
+            raise ConfigError('--valid, --train_steps, --weight_decay and --collective_timeout_s '
+                              'must be >= 0')
 
     @property
     def total_steps(self) -> int:

@@ -85,6 +85,9 @@ def make_strategy(cfg: TrainConfig):
     import tensorflow as tf
     if cfg.distribute == 'default':
         return tf.distribute.get_strategy()
+    if cfg.distribute == 'multi_worker':
+        from ssl_ema import cluster
+        return cluster.strategy(cfg.collective_timeout_s)
     if tf.config.list_physical_devices('GPU'):
         return tf.distribute.MirroredStrategy()
     cpu = tf.config.list_physical_devices('CPU')[0]
@@ -118,8 +121,9 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
-    export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
-    if not resuming:
+    if trainer.chief:   # multi-worker: only the chief writes train_dir
+        export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
+    if not resuming and trainer.chief:
         write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
         values = {**record['config'], **record['algorithm']}
         flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
@@ -129,8 +133,9 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
         f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
     summary = trainer.train(log)
-    log(format_table(summary))
-    export.export_run(train_dir, log=log, skip_if_current=True)   # the EMA classifier, DIR/export
+    if trainer.chief:   # multi-worker: only the chief writes train_dir
+        log(format_table(summary))
+        export.export_run(train_dir, log=log, skip_if_current=True)   # DIR/export: the EMA model
     return summary
 
 
@@ -161,10 +166,29 @@ def main(argv):
             print(f'warning: --{name} is ignored: --algorithm={cfg.algorithm} does not use it '
                   f'(its own flags: {own})', file=sys.stderr)
         run(cfg, algorithm)
+        exit_now(0)
     except (ConfigError, DataError) as e:
         sys.exit(f'error: {e}')
+    except tf.errors.OpError as e:   # a collective failed: another worker died or hung
+        if FLAGS.distribute != 'multi_worker':
+            raise
+        from ssl_ema import cluster
+        print(f'error: {cluster.lost_worker(e, FLAGS.collective_timeout_s)}', file=sys.stderr)
+        exit_now(1)
     except KeyboardInterrupt:
-        sys.exit(130)
+        exit_now(130)
+
+
+def exit_now(code: int):
+    """Exit with `code`; multi-worker, without TensorFlow's shutdown, which waits for workers
+    that are gone (~20 s after a lost worker; after a finished run the preemption handler's
+    clean-up can wait on the chief's coordination service for minutes). Everything the run leaves
+    is written and flushed by now, and no collective follows the last step."""
+    if FLAGS.distribute != 'multi_worker':
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == '__main__':

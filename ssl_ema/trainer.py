@@ -10,14 +10,17 @@ exactly where it stopped.
 """
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import keras
 import tensorflow as tf
 
-from ssl_ema import backbones, evaluation, files, losses
+from ssl_ema import backbones, cluster, evaluation, files, losses
 from ssl_ema.algorithms import Batch
-from ssl_ema.config import TrainConfig
+from ssl_ema.config import ConfigError, TrainConfig
+from ssl_ema.data import pipeline
 from ssl_ema.ema import EMA
 
 HISTORY = 'evaluations.jsonl'
@@ -61,6 +64,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None):
         self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
         self.strategy = strategy or tf.distribute.get_strategy()
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch % replicas:   # every replica gets an equal share of the global batch
+            raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
+                              f'of --distribute={cfg.distribute}')
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
@@ -82,12 +89,21 @@ class Trainer:
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
             optimizer=self.optimizer, rng=self.rng)
+        # Multi-worker (cluster.py): only the chief writes train_dir (and evaluates). Every
+        # worker still saves each checkpoint, as TensorFlow asks (saving may read variables
+        # through collectives), the others into a scratch directory removed when training ends.
+        self.chief = self.strategy.extended.should_checkpoint
+        self.checkpoint_dir = os.path.join(train_dir, 'checkpoints')
+        self._scratch = (tempfile.mkdtemp(prefix='ssl_ema_worker_')
+                         if cfg.distribute == 'multi_worker' else None)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
+            self.checkpoint, self.checkpoint_dir if self.chief else
+            os.path.join(self._scratch, 'checkpoints'), cfg.keep_checkpoints)
         self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
                         'ema': evaluation.make_predict(self.ema.model, data.image_shape)}
         self.eval_arrays = data.eval_arrays()
-        self.writer = tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+                       if self.chief else tf.summary.create_noop_writer())
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
@@ -99,11 +115,12 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
-        if self.manager.latest_checkpoint:
-            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        latest = tf.train.latest_checkpoint(self.checkpoint_dir)   # the chief's, on every worker
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
         path = os.path.join(self.train_dir, HISTORY)
-        if os.path.exists(path):
+        if self.chief and os.path.exists(path):
             with open(path) as f:
                 # Evaluations logged after the last checkpoint are redone by the resumed run.
                 self.history = [h for h in map(json.loads, f) if h['step'] <= step]
@@ -164,11 +181,17 @@ class Trainer:
 
     def _dataset(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
-        if views:
-            ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
-        else:   # supervised: never touch the unlabeled pool
-            ds = self.data.labeled(cfg.batch, start_step).map(lambda x, y: ((x, y), ()))
-        return iter(self.strategy.experimental_distribute_dataset(ds))
+
+        def replica_batches(context):   # called once per worker
+            if views:
+                ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
+            else:   # supervised: never touch the unlabeled pool
+                ds = self.data.labeled(cfg.batch, start_step)
+            ds = pipeline.replica_shares(ds, context)
+            if not views:
+                ds = ds.map(lambda x, y: ((x, y), ()))
+            return ds.prefetch(tf.data.AUTOTUNE)
+        return iter(self.strategy.distribute_datasets_from_function(replica_batches))
 
     # ---- the loop ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -180,6 +203,9 @@ class Trainer:
         return result
 
     def _record(self, result):
+        if not self.chief:
+            self.manager.save(checkpoint_number=result['step'])   # into the scratch directory
+            return
         self.history.append(result)
         self._write_history()   # before the checkpoint: a resumed run drops what is newer
         self.manager.save(checkpoint_number=result['step'])
@@ -203,6 +229,8 @@ class Trainer:
             + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
 
     def _evaluate_and_record(self, start, log, images_per_sec=None):
+        if not self.chief:   # evaluation happens once, on the chief
+            return self._record({'step': int(self.step.numpy())})
         result = self.evaluate()
         if images_per_sec is not None:
             result['images_per_sec'] = images_per_sec
@@ -220,7 +248,10 @@ class Trainer:
         iterator = self._dataset(step) if step < total else None
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
+        preemption = None
         try:
+            if self._scratch and step < total:   # multi-worker: SIGTERM saves on all at one step
+                preemption = cluster.preemption_handler(self.strategy, self._save, self._scratch)
             # An interrupt during an evaluation checkpoints its step without recording it, and
             # the loop below evaluates only at later steps: evaluate the restored step now (its
             # training speed died with the interrupted process).
@@ -229,6 +260,8 @@ class Trainer:
                 self._evaluate_and_record(start, log)
                 log_mark = eval_mark = (time.time(), step)
             while step < total:
+                if preemption:
+                    preemption.save_checkpoint_if_preempted()
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
@@ -238,16 +271,22 @@ class Trainer:
                     self._evaluate_and_record(start, log, self._speed(eval_mark, step))
                     # Speeds count training only: both marks restart after an evaluation.
                     log_mark = eval_mark = (time.time(), step)
-        except KeyboardInterrupt:
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+        except KeyboardInterrupt as interrupt:
+            if not isinstance(interrupt, cluster.Preempted):   # which has saved already
+                self._save()
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
                 'run the same command again to resume.')
             raise
         finally:
             self.writer.flush()
+            if self._scratch:
+                shutil.rmtree(self._scratch, ignore_errors=True)
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
             self._write_summary()
         return evaluation.summarize(self.history)
+
+    def _save(self):
+        self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     def _speed(self, mark, step):
         """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""
