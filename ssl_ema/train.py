@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ssl_ema import config as config_lib
 from ssl_ema.config import ConfigError, TrainConfig
 from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.files import RunError
 
 config_lib.define_flags(TrainConfig, 'ssl_ema.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
@@ -126,7 +127,7 @@ def make_strategy(cfg: TrainConfig):
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     """Validate everything, then train (or resume) and return the accuracy summary."""
     from ssl_ema import backbones, data
-    from ssl_ema.files import check_writable_dir, write_atomically, write_json
+    from ssl_ema.files import check_writable_dir, lock_run_dir, write_atomically, write_json
     from ssl_ema.trainer import Trainer
 
     strategy = make_strategy(cfg)
@@ -135,22 +136,33 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or default_train_dir(cfg, algorithm, arch)
     record = run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
-    resuming = check_compatible(train_dir, record, log)
+    check_compatible(train_dir, record, log)   # refuse before touching the directory
     check_writable_dir(train_dir, 'train_dir')
-    if cfg.deterministic:
-        import tensorflow as tf
-        tf.config.experimental.enable_op_determinism()
-    trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
-    if not resuming:
-        write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
-        values = {**record['config'], **record['algorithm']}
-        flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
-        write_atomically(os.path.join(train_dir, 'flagfile'), lambda f: f.write(flagfile), 'w')
-        # Last: a directory with flags.json is a run to resume, so everything else is there.
-        write_json(os.path.join(train_dir, 'flags.json'), record)
-    log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
-        f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
-    summary = trainer.train(log)
+    lock = lock_run_dir(train_dir)   # one writer per run directory, until this process ends
+    try:
+        # Again under the lock: another process may have started this run in the meantime.
+        resuming = check_compatible(train_dir, record, lambda *a: None)
+        if cfg.deterministic:
+            import tensorflow as tf
+            tf.config.experimental.enable_op_determinism()
+        trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
+        if not resuming:
+            try:
+                write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
+                values = {**record['config'], **record['algorithm']}
+                flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
+                write_atomically(os.path.join(train_dir, 'flagfile'), lambda f: f.write(flagfile),
+                                 'w')
+                # Last: a directory with flags.json is a run to resume, so everything else is there.
+                write_json(os.path.join(train_dir, 'flags.json'), record)
+            except OSError as e:
+                raise RunError(f'cannot write {e.filename}: {e.strerror}') from None
+        log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
+            f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
+        summary = trainer.train(log)
+    finally:
+        if lock:
+            lock.close()
     log(format_table(summary))
     return summary
 
@@ -182,11 +194,11 @@ def main(argv):
             print(f'warning: --{name} is ignored: --algorithm={cfg.algorithm} does not use it '
                   f'(its own flags: {own})', file=sys.stderr)
         run(cfg, algorithm)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -8,6 +8,7 @@ checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure fun
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
 exactly where it stopped.
 """
+import contextlib
 import json
 import os
 import time
@@ -18,7 +19,10 @@ import tensorflow as tf
 from ssl_ema import backbones, evaluation, files, losses
 from ssl_ema.algorithms import Batch
 from ssl_ema.config import TrainConfig
+from ssl_ema.data.datasets import one_line
 from ssl_ema.ema import EMA
+from ssl_ema.files import RunError
+from ssl_ema.guard import NonFiniteGuard
 
 HISTORY = 'evaluations.jsonl'
 
@@ -59,6 +63,7 @@ class Trainer:
             self.optimizer.build(self.student.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
+            self.guard = NonFiniteGuard()
         # Model variables are listed explicitly: this includes the dropout seed generators,
         # which Keras models do not expose to tf.train.Checkpoint themselves.
         self.checkpoint = tf.train.Checkpoint(
@@ -86,7 +91,8 @@ class Trainer:
             with open(path) as f:
                 # Evaluations logged after the last checkpoint are redone by the resumed run.
                 self.history = [h for h in map(json.loads, f) if h['step'] <= step]
-            self._write_history()
+            with self._writing():
+                self._write_history()
         if self.history:
             self._wall_time = self.history[-1]['wall_time_s']
         return step
@@ -124,8 +130,10 @@ class Trainer:
         per_replica = self.strategy.run(self._replica_step, args=(labeled_x, labels, unlabeled))
         self.ema.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)
-        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in per_replica.items()}
+        metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                   for k, v in per_replica.items()}
+        self.guard.observe(metrics, self.step)
+        return metrics
 
     def _dataset(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
@@ -144,11 +152,31 @@ class Trainer:
                              for split, (x, y) in self.eval_arrays.items()}
         return result
 
+    def _check_finite(self, saving=True):
+        """RunError if the state turned NaN/Inf (see ssl_ema/guard.py): called before a save."""
+        models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
+        self.guard.check(int(self.step.numpy()), models, self.manager.latest_checkpoint)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (full disk, read-only or vanished directory) becomes a one-line
+        RunError; the files it was replacing and the checkpoints before it are left intact."""
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            what = (f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename
+                    else one_line(e))
+            kept = self.manager.latest_checkpoint or 'none yet'
+            raise RunError(f'cannot write in {self.train_dir} ({what}); the latest checkpoint '
+                           f'({kept}) and the files before it are intact: make room, then run '
+                           'the same command again to resume') from None
+
     def _record(self, result):
         self.history.append(result)
-        self._write_history()   # before the checkpoint: a resumed run drops what is newer
-        self.manager.save(checkpoint_number=result['step'])
-        self._write_summary()
+        with self._writing():
+            self._write_history()   # before the checkpoint: a resumed run drops what is newer
+            self.manager.save(checkpoint_number=result['step'])
+            self._write_summary()
         with self.writer.as_default(step=result['step']):
             for model in ('raw', 'ema'):
                 for split, acc in result[model].items():
@@ -168,6 +196,7 @@ class Trainer:
             + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
 
     def _evaluate_and_record(self, start, log, images_per_sec=None):
+        self._check_finite()
         result = self.evaluate()
         if images_per_sec is not None:
             result['images_per_sec'] = images_per_sec
@@ -197,6 +226,7 @@ class Trainer:
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
+                    self._check_finite(saving=False)
                     self._log_progress(step, metrics, self._speed(log_mark, step), log)
                     log_mark = (time.time(), step)
                 if step % cfg.eval_every_steps == 0 or step == total:
@@ -204,14 +234,20 @@ class Trainer:
                     # Speeds count training only: both marks restart after an evaluation.
                     log_mark = eval_mark = (time.time(), step)
         except KeyboardInterrupt:
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._check_finite()
+            with self._writing():
+                self.manager.save(checkpoint_number=int(self.step.numpy()))
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
                 'run the same command again to resume.')
             raise
         finally:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except tf.errors.OpError as e:   # TensorBoard's scalars are not worth a traceback
+                log(f'warning: TensorBoard summaries in {self.train_dir} not written: {one_line(e)}')
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
-            self._write_summary()
+            with self._writing():
+                self._write_summary()
         return evaluation.summarize(self.history)
 
     def _speed(self, mark, step):
