@@ -9,8 +9,11 @@ checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure fun
 exactly where it stopped.
 """
 import contextlib
+import glob
 import json
 import os
+import re
+import shutil
 import time
 
 import keras
@@ -164,8 +167,12 @@ class Trainer:
         try:
             yield
         except (OSError, tf.errors.OpError) as e:
-            what = (f'{e.filename}: {e.strerror}' if isinstance(e, OSError) and e.filename
-                    else one_line(e))
+            if isinstance(e, OSError):
+                what = f'{e.filename}: {e.strerror}' if e.filename else one_line(e)
+            else:   # TensorFlow's message without its op and function names
+                what = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', one_line(e)).strip()
+            for partial in glob.glob(os.path.join(self.train_dir, 'checkpoints', '*_temp')):
+                shutil.rmtree(partial, ignore_errors=True)   # a checkpoint that was never whole
             kept = self.manager.latest_checkpoint or 'none yet'
             raise RunError(f'cannot write in {self.train_dir} ({what}); the latest checkpoint '
                            f'({kept}) and the files before it are intact: make room, then run '

@@ -16,7 +16,6 @@ import tensorflow as tf
 
 from conftest import tiny_config, weights_of
 from ssl_ema import algorithms
-from ssl_ema.algorithms.mean_teacher import MeanTeacher
 from ssl_ema.config import ConfigError
 from ssl_ema.files import RunError
 from ssl_ema.train import run
@@ -40,27 +39,27 @@ def evaluated_steps(train_dir):
 
 # ---- NaN / Inf ---------------------------------------------------------------------------------
 
-class PoisonedMeanTeacher(MeanTeacher):
-    """Mean Teacher whose unlabeled loss is NaN in one chosen step (1-based), as a diverging run's."""
+class PoisonedSupervised(algorithms.ALGORITHMS['supervised']):
+    """The supervised loss, NaN in one chosen step (1-based), as a diverging run's would be."""
     poisoned_step = 13
 
     def __call__(self, student, teacher, batch):
         out = super().__call__(student, teacher, batch)
         step = tf.round(batch.progress * 30.) + 1.   # batch.progress = steps done / 30
         poison = tf.where(tf.equal(step, self.poisoned_step), float('nan'), 0.)
-        return type(out)(out.labeled, out.unlabeled + poison, out.metrics)
+        return type(out)(out.labeled + poison, out.unlabeled, out.metrics)
 
 
 def test_nan_stops_the_run_and_the_last_good_checkpoint_resumes(digits_data, tmp_path):
-    cfg = tiny_config(algorithm='mean_teacher', train_steps=30, eval_every_kimg=EVERY_10_STEPS,
+    cfg = tiny_config(algorithm='supervised', train_steps=30, eval_every_kimg=EVERY_10_STEPS,
                       log_every_steps=5)
     train_dir = str(tmp_path / 'run')
-    poisoned = Trainer(cfg, PoisonedMeanTeacher(), digits_data, train_dir)
+    poisoned = Trainer(cfg, PoisonedSupervised(), digits_data, train_dir)
     with pytest.raises(RunError) as err:
         poisoned.train(log=quiet)
     message = str(err.value)
     assert '\n' not in message
-    assert message.startswith('loss/unlabeled = nan at step 13:'), message
+    assert message.startswith('loss/labeled = nan at step 13:'), message
     assert 'ckpt-10' in message
     assert int(poisoned.step.numpy()) == 15   # read at the next progress line, not every step
     # Nothing from the bad state reached the disk: the checkpoint, evaluations and summary of
@@ -69,7 +68,7 @@ def test_nan_stops_the_run_and_the_last_good_checkpoint_resumes(digits_data, tmp
     assert evaluated_steps(train_dir) == [10]
     assert json.loads((tmp_path / 'run' / 'accuracy.json').read_text())['step'] == 10
 
-    resumed = Trainer(cfg, MeanTeacher(), digits_data, train_dir)   # the poison removed
+    resumed = Trainer(cfg, algorithms.create('supervised'), digits_data, train_dir)   # no poison
     summary = resumed.train(log=quiet)
     assert summary['step'] == 30 and evaluated_steps(train_dir) == [10, 20, 30]
     assert latest_checkpoint(train_dir) == 'ckpt-30'
@@ -95,3 +94,101 @@ def test_nonfinite_weight_is_caught_before_any_save(then, digits_data, tmp_path)
     step = 15 if then == 'interrupt' else 20
     assert f'of the EMA model = inf at step {step}:' in str(err.value)
     assert latest_checkpoint(str(tmp_path)) == 'ckpt-10' and evaluated_steps(str(tmp_path)) == [10]
+
+
+# ---- a full disk or a read-only directory ------------------------------------------------------
+
+@pytest.fixture
+def after_step_20(monkeypatch):
+    """(arm, log): `arm(fault)` runs fault() when the run logs step 20, just before that step's
+    evaluations.jsonl, checkpoint and accuracy.json are written."""
+    armed = []
+
+    def log(line):
+        if line.startswith('step 20/'):
+            for fault in armed:
+                fault()
+    return armed.append, log
+
+
+def _fail_writes_of(name, error, monkeypatch):
+    """From now on, writing a file called `name` fails with `error` (as on a full disk) after
+    its temporary file was opened, i.e. where a real ENOSPC strikes."""
+    fsync = os.fsync
+
+    def failing_fsync(fd):
+        if name in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(error, os.strerror(error))
+        return fsync(fd)
+    return lambda: monkeypatch.setattr('ssl_ema.files.os.fsync', failing_fsync)
+
+
+def _file_size_limit(limit_bytes):
+    """A real write failure from the kernel (EFBIG) for files over `limit_bytes`: root ignores
+    permissions, and a tmpfs needs mount rights that CI does not have."""
+    import resource
+
+    def fault():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+    return fault
+
+
+def _snapshot(train_dir):
+    """{relative path: bytes} of every file under train_dir but TensorBoard's."""
+    out = {}
+    for root, _, names in os.walk(train_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            if 'tensorboard' not in path:
+                with open(path, 'rb') as f:
+                    out[os.path.relpath(path, train_dir)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize('fault', ['accuracy.json full', 'evaluations.jsonl read-only',
+                                   'checkpoint too large'])
+def test_failed_write_keeps_the_last_checkpoint_and_files(fault, digits_data, tmp_path,
+                                                          after_step_20, monkeypatch):
+    import resource
+    arm, log = after_step_20
+    cfg = tiny_config(algorithm='supervised', train_steps=20, eval_every_kimg=EVERY_10_STEPS,
+                      log_every_steps=5)
+    train_dir = str(tmp_path / 'run')
+    trainer = Trainer(cfg, algorithms.create('supervised'), digits_data, train_dir)
+    before = {}
+    arm(lambda: before.update(_snapshot(train_dir)))   # the files of step 10
+    if fault == 'accuracy.json full':
+        arm(_fail_writes_of('accuracy.json', errno.ENOSPC, monkeypatch))
+    elif fault == 'evaluations.jsonl read-only':
+        arm(_fail_writes_of('evaluations.jsonl', errno.EROFS, monkeypatch))
+    else:
+        arm(_file_size_limit(64 * 1024))   # the checkpoint's weights are ~1.7 MB
+    try:
+        with pytest.raises(RunError) as err:
+            trainer.train(log=log)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        monkeypatch.undo()
+    message = str(err.value)
+    assert '\n' not in message and f'cannot write in {train_dir}' in message, message
+    after = _snapshot(train_dir)
+    if fault == 'accuracy.json full':
+        # Written in order: evaluations.jsonl, the checkpoint, accuracy.json. The first two are
+        # complete (step 20); accuracy.json is the previous one, whole.
+        assert f'{train_dir}/accuracy.json: No space left on device' in message
+        assert latest_checkpoint(train_dir) == 'ckpt-20'
+        assert after['accuracy.json'] == before['accuracy.json']
+    else:
+        reason = ('Read-only file system' if 'read-only' in fault else 'File too large')
+        assert reason in message and 'ckpt-10' in message
+        assert latest_checkpoint(train_dir) == 'ckpt-10'
+        changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        assert changed <= {'evaluations.jsonl'}, changed   # only if it is the checkpoint that failed
+        assert not [f for f in os.listdir(os.path.join(train_dir, 'checkpoints')) if 'temp' in f]
+    assert not [f for f in os.listdir(train_dir) if f.endswith('.tmp')]
+
+    # Space again: the same run resumes from what is on disk and ends like an unbroken one.
+    summary = Trainer(cfg, algorithms.create('supervised'), digits_data, train_dir).train(log=quiet)
+    assert summary['step'] == 20 and evaluated_steps(train_dir) == [10, 20]
+    assert latest_checkpoint(train_dir) == 'ckpt-20'
