@@ -188,7 +188,103 @@ def test_failed_write_keeps_the_last_checkpoint_and_files(fault, digits_data, tm
         assert not [f for f in os.listdir(os.path.join(train_dir, 'checkpoints')) if 'temp' in f]
     assert not [f for f in os.listdir(train_dir) if f.endswith('.tmp')]
 
+    if fault != 'checkpoint too large':
+        return
     # Space again: the same run resumes from what is on disk and ends like an unbroken one.
     summary = Trainer(cfg, algorithms.create('supervised'), digits_data, train_dir).train(log=quiet)
     assert summary['step'] == 20 and evaluated_steps(train_dir) == [10, 20]
     assert latest_checkpoint(train_dir) == 'ckpt-20'
+
+
+# ---- one writer per run directory --------------------------------------------------------------
+
+def _hold_lock(train_dir):
+    """Another process holding train_dir's lock, as a training does, until it is killed."""
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time; from ssl_ema.files import lock_run_dir; '
+         'lock = lock_run_dir(sys.argv[1]); print("locked", flush=True); time.sleep(600)',
+         train_dir], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'locked\n'
+    return holder
+
+
+def test_a_locked_run_directory_is_refused_untouched_and_a_killed_holder_does_not_block(tmp_path):
+    train_dir = str(tmp_path / 'run')
+    cfg = tiny_config(algorithm='supervised', train_steps=20, eval_every_kimg=EVERY_10_STEPS,
+                      log_every_steps=5, train_dir=train_dir)
+
+    def interrupt_at_step_15(line):
+        if line.startswith('step 15/'):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, algorithms.create('supervised'), log=interrupt_at_step_15)
+    holder = _hold_lock(train_dir)
+    try:
+        before = {**_snapshot(train_dir), 'listing': sorted(os.walk(train_dir))}
+        with pytest.raises(ConfigError) as err:
+            run(cfg, algorithms.create('supervised'), log=quiet)
+        assert str(err.value) == (f'--train_dir={train_dir} is being trained by pid {holder.pid} '
+                                  f'on {socket.gethostname()}; wait for it to finish (or stop it), '
+                                  'or use another --train_dir')
+        assert {**_snapshot(train_dir), 'listing': sorted(os.walk(train_dir))} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)   # leaves its name in the lock file, but no lock
+        holder.wait()
+    assert f'pid {holder.pid}' in (tmp_path / 'run' / '.lock').read_text()
+    logged = []
+    summary = run(cfg, algorithms.create('supervised'), log=logged.append)
+    assert f'Resuming {train_dir} at step 15/20' in logged and summary['step'] == 20
+
+
+def _train_command(train_dir):
+    return [sys.executable, '-m', 'ssl_ema.train', '--algorithm=supervised', '--train_steps=20',
+            '--batch=16', f'--eval_every_kimg={EVERY_10_STEPS}', '--log_every_steps=10',
+            '--arch=small_cnn', '--deterministic', f'--train_dir={train_dir}']
+
+
+def _run_contents(train_dir):
+    """What a run leaves, without what names its directory, process or clock."""
+    files = sorted(os.path.relpath(os.path.join(root, name), train_dir).split('.out.tfevents')[0]
+                   for root, _, names in os.walk(train_dir) for name in names)
+    record = json.loads(open(os.path.join(train_dir, 'flags.json')).read())
+    del record['config']['train_dir']
+    history = [{k: h[k] for k in ('step', 'raw', 'ema')}
+               for h in map(json.loads, open(os.path.join(train_dir, 'evaluations.jsonl')))]
+    reader = tf.train.load_checkpoint(os.path.join(train_dir, 'checkpoints'))
+    weights = {name: reader.get_tensor(name).tolist()
+               for name in reader.get_variable_to_shape_map() if 'student' in name or 'teacher' in name}
+    split = open(os.path.join(train_dir, 'split.json')).read()
+    return files, record, history, weights, split
+
+
+def test_two_trainings_on_one_directory(tmp_path):
+    """Exactly one trains; the other stops with a one-line error naming it and leaves the
+    directory as a single run would."""
+    shared, single = str(tmp_path / 'shared'), str(tmp_path / 'single')
+    first = subprocess.Popen(_train_command(shared), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(_train_command(single), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    try:
+        lock = os.path.join(shared, '.lock')
+        deadline = time.time() + 300
+        while not (os.path.exists(lock) and open(lock).read().startswith(f'pid {first.pid} ')):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)   # holds the lock, however slowly the second starts
+        second = subprocess.run(_train_command(shared), capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1 and 'Traceback' not in second.stderr
+        errors = [line for line in second.stderr.splitlines() if line.startswith('error:')]
+        assert errors == [f'error: --train_dir={shared} is being trained by pid {first.pid} on '
+                          f'{socket.gethostname()}; wait for it to finish (or stop it), or use '
+                          'another --train_dir'], second.stderr
+        assert 'step ' not in second.stdout
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    finally:
+        for process in (first, reference):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+    assert _run_contents(shared) == _run_contents(single)
