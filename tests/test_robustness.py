@@ -288,3 +288,133 @@ def test_two_trainings_on_one_directory(tmp_path):
                 process.send_signal(signal.SIGCONT)
                 process.kill()
     assert _run_contents(shared) == _run_contents(single)
+
+
+# ---- images and arrays from the wild -----------------------------------------------------------
+
+def _encode(image, fmt):
+    import io
+    from PIL import Image
+    f = io.BytesIO()
+    image.save(f, format=fmt)
+    return f.getvalue()
+
+
+def test_folder_from_the_wild_converts_skips_and_names(tmp_path, capsys):
+    from PIL import Image
+    from ssl_ema.data.datasets import load
+    rng = np.random.RandomState(0)
+    colour = [rng.randint(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(6)]
+    root = tmp_path / 'wild'
+    for d in ('cat', 'dog', 'cat/sub', '.ipynb_checkpoints'):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        (root / 'cat' / f'{i}.png').write_bytes(_encode(Image.fromarray(colour[i]), 'PNG'))
+    grey = rng.randint(0, 256, (8, 8)).astype(np.uint8)
+    sixteen = np.tile(np.array([0, 257 * 7, 65535], np.uint16), (8, 3))[:, :8]
+    files = {'grey.png': _encode(Image.fromarray(grey), 'PNG'),
+             'rgba.png': _encode(Image.fromarray(colour[3]).convert('RGBA'), 'PNG'),
+             'palette.gif': _encode(Image.fromarray(colour[4]).quantize(16), 'GIF'),
+             'sixteen.png': tf.io.encode_png(sixteen[..., None]).numpy(),
+             'photo.JPG': _encode(Image.fromarray(colour[5]), 'JPEG')}
+    for name, data in files.items():
+        (root / 'dog' / name).write_bytes(data)
+    jpeg = _encode(Image.fromarray(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)), 'JPEG')
+    (root / 'cat' / 'cut.jpg').write_bytes(jpeg[:len(jpeg) // 2])          # truncated
+    (root / 'cat' / 'fake.png').write_bytes(b'<html>not an image</html>')   # misnamed
+    (root / 'cat' / 'notes.txt').write_text('taken in 2019')
+    (root / 'cat' / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
+    (root / 'cat' / '._0.png').write_bytes(b'\0\5\26\7 AppleDouble')
+    (root / 'README.md').write_text('my pets')
+    os.symlink('loop.png', root / 'cat' / 'loop.png')         # a link to itself
+    os.symlink('gone.png', root / 'dog' / 'dangling.png')     # to nothing
+    os.symlink('..', root / 'cat' / 'sub' / 'up')            # a loop through a folder
+
+    arrays = load(f'folder:{root}')
+    assert arrays.num_classes == 2 and arrays.image_shape == (8, 8, 3)
+    images = np.concatenate([arrays.x_train, arrays.x_test])
+    labels = np.concatenate([arrays.y_train, arrays.y_test])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 1, 1]
+
+    def found(expected):
+        return any(np.array_equal(expected, x) for x in images)
+    assert found(colour[0]) and found(colour[3])                 # RGBA: alpha dropped
+    assert found(np.repeat(grey[..., None], 3, -1))              # grey widened to RGB
+    assert found(np.repeat((sixteen // 257).astype(np.uint8)[..., None], 3, -1))   # 16 -> 8 bits
+    palette = np.asarray(Image.fromarray(colour[4]).quantize(16).convert('RGB'))
+    assert found(palette)
+
+    warnings = capsys.readouterr().err.strip().splitlines()
+    source = f'warning: --dataset=folder:{root}: skipped'
+    assert warnings == [
+        f'{source} 2 damaged image file(s) that do not decode: cat/cut.jpg, cat/fake.png',
+        f'{source} 2 file(s) or folder(s) that are not images (.bmp, .gif, .jpeg, .jpg, .png, '
+        '.webp): cat/notes.txt, cat/sub',
+        f'{source} 2 broken or looping symbolic link(s): cat/loop.png, dog/dangling.png'], warnings
+
+
+def _message(name):
+    from ssl_ema.data.datasets import DataError, load
+    with pytest.raises(DataError) as err:
+        load(name)
+    assert '\n' not in str(err.value)
+    return str(err.value)
+
+
+def test_folder_refusals_name_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+    from ssl_ema.data import custom
+    root = tmp_path / 'pets'
+    for c in ('cat', 'dog'):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            (root / c / f'{i}.png').write_bytes(_encode(Image.new('RGB', (8, 8)), 'PNG'))
+    unreadable = root / 'dog' / '1.png'
+    real_open = open
+
+    def open_as_a_stranger(path, *args, **kwargs):   # tests run as root, whom chmod never stops
+        if str(path) == str(unreadable):
+            raise PermissionError(errno.EACCES, 'Permission denied', str(path))
+        return real_open(path, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(custom, 'open', open_as_a_stranger, raising=False)
+        assert _message(f'folder:{root}') == (
+            f'--dataset=folder:{root}: cannot read {unreadable}: Permission denied; fix its '
+            'permissions or move it away')
+    for i in range(2):
+        (root / 'dog' / f'{i}.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    assert _message(f'folder:{root}') == (f"--dataset=folder:{root}: class folder(s) ['dog'] in "
+                                          f'{root} hold no readable image (.bmp, .gif, .jpeg, '
+                                          '.jpg, .png, .webp)')
+
+
+def test_npz_from_the_wild(tmp_path):
+    from ssl_ema.data.datasets import load
+    rng = np.random.RandomState(0)
+    rgba = rng.randint(0, 256, (20, 8, 8, 4)).astype(np.uint8)
+    np.savez(tmp_path / 'rgba.npz', x_train=rgba, y_train=np.arange(20) % 2,
+             x_unlabeled=rgba[:5].astype(np.int64))   # 0..255 in int64: converted
+    arrays = load(f'npz:{tmp_path / "rgba.npz"}')
+    assert arrays.image_shape == (8, 8, 3) and arrays.x_extra.dtype == np.uint8
+    np.testing.assert_array_equal(arrays.x_extra, rgba[:5, ..., :3])
+
+    np.savez(tmp_path / 'sixteen.npz', x_train=rgba[..., 0].astype(np.uint16) * 257,
+             y_train=np.arange(20) % 2)
+    assert 'x_train is uint16 in [0, 65535]' in _message(f'npz:{tmp_path / "sixteen.npz"}')
+    nan = rng.rand(20, 8, 8).astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    np.savez(tmp_path / 'nan.npz', x_train=nan, y_train=np.arange(20) % 2)
+    assert 'x_train is float32 in [nan, nan]' in _message(f'npz:{tmp_path / "nan.npz"}')
+    np.savez(tmp_path / 'pickled.npz', x_train=np.array([rgba[0], 'x'], dtype=object),
+             y_train=np.arange(2))
+    msg = _message(f'npz:{tmp_path / "pickled.npz"}')
+    assert msg.startswith(f'--dataset=npz:{tmp_path / "pickled.npz"}: not a readable .npz') and 'pickle' in msg
+
+    # A bit flipped inside a stored (uncompressed) member: the zip's CRC check catches it.
+    data = bytearray((tmp_path / 'rgba.npz').read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (tmp_path / 'flipped.npz').write_bytes(bytes(data))
+    msg = _message(f'npz:{tmp_path / "flipped.npz"}')
+    assert 'not a readable .npz' in msg and 'CRC' in msg, msg
+    (tmp_path / 'cut.npz').write_bytes(bytes(data[:len(data) // 2]))
+    assert 'not a readable .npz' in _message(f'npz:{tmp_path / "cut.npz"}')
