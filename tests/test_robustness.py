@@ -418,3 +418,12 @@ def test_npz_from_the_wild(tmp_path):
     assert 'not a readable .npz' in msg and 'CRC' in msg, msg
     (tmp_path / 'cut.npz').write_bytes(bytes(data[:len(data) // 2]))
     assert 'not a readable .npz' in _message(f'npz:{tmp_path / "cut.npz"}')
+
+
+def test_weak_augmentation_of_one_pixel_wide_images():
+    """Found by the fuzz test: reflect padding needs fewer pixels than the side."""
+    from ssl_ema.data import augment
+    images = tf.random.uniform([2, 1, 6, 3])
+    out = augment.weak(images, tf.constant([1, 2], tf.int64), flip=False)
+    assert out.shape == (2, 1, 6, 3)
+    assert set(np.unique(out)) <= set(np.unique(images))   # moved and reflected, not made up
