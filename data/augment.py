@@ -20,8 +20,9 @@ def translate(images, seed, fraction=0.125):
     """Random translation by up to `fraction` of the side, reflect padding (the anchors' weak aug)."""
     shape = tf.shape(images)
     b, h, w = shape[0], shape[1], shape[2]
-    pad_h = max(1, round(fraction * images.shape[1]))
-    pad_w = max(1, round(fraction * images.shape[2]))
+    # At least one pixel, but reflect padding needs less than the side (1-pixel sides stay put).
+    pad_h = min(max(1, round(fraction * images.shape[1])), images.shape[1] - 1)
+    pad_w = min(max(1, round(fraction * images.shape[2])), images.shape[2] - 1)
     padded = tf.pad(images, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode='REFLECT')
     s = _seeds(seed, 2)
     dy = tf.random.stateless_uniform([b], s[0], 0, 2 * pad_h + 1, dtype=tf.int32)

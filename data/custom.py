@@ -1,22 +1,35 @@
 """The user's own data in one flag: --dataset=npz:PATH or --dataset=folder:PATH.
 
-npz:PATH   a NumPy .npz with `x_train` [N, H, W] or [N, H, W, C] (C = 1 or 3; uint8 0..255, or
-           float in 0..1) and `y_train` [N] integer labels 0..K-1; optional `x_unlabeled` (extra
-           unlabeled-only images of the same shape), `x_test` and `y_test`.
-folder:PATH  one sub-folder per class holding image files (PNG, JPEG, BMP, GIF), the class ids
-           being the sorted folder names; an optional `unlabeled/` folder of unlabeled-only images.
-           If PATH has `train/` and `test/` sub-folders, each is laid out that way and `test/` is
-           the test part. All images must have one size (grey images are widened to RGB when the
-           others are in colour).
+npz:PATH   a NumPy .npz with `x_train` [N, H, W] or [N, H, W, C] (C = 1 or 3, or 2 and 4 whose
+           alpha is dropped; integers 0..255, or floats in 0..1) and `y_train` [N] integer labels
+           0..K-1; optional `x_unlabeled` (extra unlabeled-only images of the same shape),
+           `x_test` and `y_test`. A damaged file, or arrays that need pickle, are refused.
+folder:PATH  one sub-folder per class holding image files (PNG, JPEG, BMP, GIF, WebP), the class
+           ids being the sorted folder names; an optional `unlabeled/` folder of unlabeled-only
+           images. If PATH has `train/` and `test/` sub-folders, each is laid out that way and
+           `test/` is the test part. Images from the wild, case by case:
+             converted  grey, grey+alpha, RGBA, palette and 16-bit images (alpha dropped, 16 bits
+                        scaled to 8; grey widened to RGB when others are in colour)
+             ignored    hidden files and folders (.DS_Store, ._x.jpg, .ipynb_checkpoints)
+             skipped, with one warning per reason naming the files and their count:
+                        files that do not decode (truncated, corrupt), other files and
+                        sub-folders, broken or looping symbolic links
+             refused    (one-line error naming it) a file or folder that cannot be read
+                        (permissions), images of another size, a class folder left without a
+                        readable image, a test/ folder without one.
 
 Without a test part, 10% of each class (at least one image of any class with two or more,
 chosen with the fixed seed 0, the same for every run and --seed) is carved out of the training
 images as the test part, so that test accuracies of runs on the same data are comparable.
-Horizontal flips are assumed label-preserving.
+Horizontal flips are assumed label-preserving. `read_image` is how every command reads an image
+file.
 """
 import dataclasses
 import os
 import pathlib
+import sys
+import zipfile
+import zlib
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -25,7 +38,7 @@ from ssl_ema.data.datasets import Arrays, DataError, one_line, register
 
 TEST_FRACTION = 0.1
 TEST_SEED = 0
-IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif'}
+IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'}
 UNLABELED_FOLDER = 'unlabeled'
 
 
@@ -50,14 +63,19 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
                         f'optional part (x_test, x_unlabeled) out')
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f'{what} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 or 3')
+    if x.ndim != 4 or x.shape[-1] not in (1, 2, 3, 4):
+        raise DataError(f'{what} has shape {x.shape}; expected [N, H, W] or [N, H, W, C] with C 1 '
+                        f'or 3 (2 or 4: the alpha channel is dropped)')
+    x = x[..., :{1: 1, 2: 1, 3: 3, 4: 3}[x.shape[-1]]]   # drop alpha, as for image files
     if x.dtype == np.uint8:
         return x
-    if np.issubdtype(x.dtype, np.floating) and 0 <= x.min() and x.max() <= 1:
+    if np.issubdtype(x.dtype, np.integer) and 0 <= x.min() and x.max() <= 255:
+        return x.astype(np.uint8)
+    if np.issubdtype(x.dtype, np.floating) and 0 <= x.min() and x.max() <= 1:   # False for NaN
         return np.round(x * 255).astype(np.uint8)
     values = f' in [{x.min()}, {x.max()}]' if np.issubdtype(x.dtype, np.number) else ''
-    raise DataError(f'{what} is {x.dtype}{values}; expected uint8 0..255 or float 0..1')
+    raise DataError(f'{what} is {x.dtype}{values}; expected integers 0..255 or floats 0..1 '
+                    f'(scale 16-bit images down)')
 
 
 def _as_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -103,36 +121,53 @@ def npz(path: str) -> Arrays:
     except Exception as e:
         raise DataError(f'--dataset={source}: not a readable .npz ({one_line(e)})')
     with f:
-        keys = set(f.files)
-        missing = [k for k in ('x_train', 'y_train') if k not in keys]
-        if missing or ('x_test' in keys) != ('y_test' in keys):
-            need = missing or [k for k in ('x_test', 'y_test') if k not in keys]
-            raise DataError(f'--dataset={source} lacks {", ".join(need)} (has {", ".join(sorted(keys))}); '
-                            f'expected x_train, y_train, optional x_unlabeled, x_test with y_test')
-        x_train = _as_images(f['x_train'], f'{source} x_train')
-        y_train = _as_labels(f['y_train'], len(x_train), f'{source} y_train')
-        x_test = y_test = x_unlabeled = None
-        if 'x_test' in keys:
-            x_test = _as_images(f['x_test'], f'{source} x_test')
-            y_test = _as_labels(f['y_test'], len(x_test), f'{source} y_test')
-        if 'x_unlabeled' in keys:
-            x_unlabeled = _as_images(f['x_unlabeled'], f'{source} x_unlabeled')
+        try:
+            return _npz_arrays(f, source)
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            # a damaged member (bad CRC, cut short) or one that needs pickle (object arrays)
+            raise DataError(f'--dataset={source}: not a readable .npz ({one_line(e)})') from None
+
+
+def _npz_arrays(f, source: str) -> Arrays:
+    keys = set(f.files)
+    missing = [k for k in ('x_train', 'y_train') if k not in keys]
+    if missing or ('x_test' in keys) != ('y_test' in keys):
+        need = missing or [k for k in ('x_test', 'y_test') if k not in keys]
+        raise DataError(f'--dataset={source} lacks {", ".join(need)} (has {", ".join(sorted(keys))}); '
+                        f'expected x_train, y_train, optional x_unlabeled, x_test with y_test')
+    x_train = _as_images(f['x_train'], f'{source} x_train')
+    y_train = _as_labels(f['y_train'], len(x_train), f'{source} y_train')
+    x_test = y_test = x_unlabeled = None
+    if 'x_test' in keys:
+        x_test = _as_images(f['x_test'], f'{source} x_test')
+        y_test = _as_labels(f['y_test'], len(x_test), f'{source} y_test')
+    if 'x_unlabeled' in keys:
+        x_unlabeled = _as_images(f['x_unlabeled'], f'{source} x_unlabeled')
     return _assemble(source, x_train, y_train, x_test, y_test, x_unlabeled)
 
 
-def _image_files(folder: pathlib.Path) -> List[pathlib.Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
+class DamagedImage(DataError):
+    """An image file that cannot be decoded (truncated, corrupt, or not an image at all)."""
 
 
 def read_image(path) -> np.ndarray:
-    """One image file as uint8 [H, W, C], C = 1 (grey) or 3 (colour; alpha dropped); DataError
-    naming the file if it cannot be read. Training folders and `ssl_ema.predict` read through it."""
+    """One image file as uint8 [H, W, 1] or [H, W, 3]: PNG, JPEG, BMP, GIF (its first frame) or
+    WebP; palettes are expanded, 16-bit images scaled to 8 bits, alpha dropped. DamagedImage if
+    it cannot be decoded, DataError naming it if it cannot be read (permissions, a vanished file,
+    a symlink loop)."""
     import tensorflow as tf
     try:
-        image = tf.io.decode_image(pathlib.Path(path).read_bytes(), expand_animations=False).numpy()
-    except Exception as e:
-        raise DataError(f'cannot decode {path} ({type(e).__name__})')
+        with open(path, 'rb') as f:
+            contents = f.read()
+    except OSError as e:
+        raise DataError(f'cannot read {path}: {e.strerror}') from None
+    try:
+        image = tf.io.decode_image(contents, channels=0, dtype=tf.uint8,
+                                   expand_animations=False).numpy()
+    except (tf.errors.OpError, ValueError):
+        raise DamagedImage(f'{path} is not a readable image (truncated or corrupt?)') from None
     if image.shape[-1] == 4:            # drop alpha
         image = image[..., :3]
     elif image.shape[-1] == 2:          # grey + alpha
@@ -140,31 +175,83 @@ def read_image(path) -> np.ndarray:
     return image
 
 
-def _read_images(files: List[pathlib.Path], source: str) -> np.ndarray:
-    images, first = [], None
+class _Skipped:
+    """Files left out of a folder dataset, by reason, reported as one warning line per reason."""
+    REASONS = {'damaged': 'damaged image file(s) that do not decode',
+               'other': f'file(s) or folder(s) that are not images '
+                        f'({", ".join(sorted(IMAGE_SUFFIXES))})',
+               'link': 'broken or looping symbolic link(s)'}
+
+    def __init__(self):
+        self.paths = {reason: [] for reason in self.REASONS}
+
+    def warn(self, source: str, root: pathlib.Path) -> None:
+        for reason, paths in self.paths.items():
+            if paths:
+                names = [os.path.relpath(p, root) for p in paths]
+                more = f' and {len(names) - 5} more' if len(names) > 5 else ''
+                print(f'warning: --dataset={source}: skipped {len(names)} {self.REASONS[reason]}: '
+                      f'{", ".join(names[:5])}{more}', file=sys.stderr)
+
+
+def _entries(folder: pathlib.Path, source: str) -> List[pathlib.Path]:
+    """A folder's entries, hidden ones (.DS_Store, ._x.jpg, .ipynb_checkpoints) left out."""
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith('.'))
+    except OSError as e:
+        raise DataError(f'--dataset={source}: cannot list {folder}: {e.strerror}') from None
+
+
+def _image_files(folder: pathlib.Path, source: str, skipped: _Skipped) -> List[pathlib.Path]:
+    files = []
+    for p in _entries(folder, source):
+        if p.is_symlink() and not p.exists():   # exists() is False for a dangling link or a loop
+            skipped.paths['link'].append(p)
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+        else:
+            skipped.paths['other'].append(p)
+    return files
+
+
+def _read_images(files: List[pathlib.Path], source: str, skipped: _Skipped):
+    """(uint8 [N, H, W, C], the files read): damaged files are skipped, unreadable ones refused."""
+    images, read, first = [], [], None
     for path in files:
         try:
             image = read_image(path)
+        except DamagedImage:
+            skipped.paths['damaged'].append(path)
+            continue
         except DataError as e:
-            raise DataError(f'{source}: {e}') from None
+            raise DataError(f'--dataset={source}: {e}; fix its permissions or move it away'
+                            ) from None
         if first is None:
             first = path, image.shape
         elif image.shape[:2] != first[1][:2]:
-            raise DataError(f'{source}: images of mixed sizes: {first[0]} is {first[1][1]}x'
-                            f'{first[1][0]} but {path} is {image.shape[1]}x{image.shape[0]}; '
-                            f'resize them to one size')
+            raise DataError(f'--dataset={source}: images of mixed sizes: {first[0]} is '
+                            f'{first[1][1]}x{first[1][0]} but {path} is {image.shape[1]}x'
+                            f'{image.shape[0]}; resize them to one size')
         images.append(image)
+        read.append(path)
     if not images:
-        return np.zeros((0, 1, 1, 1), np.uint8)
-    if len({im.shape[-1] for im in images}) > 1:
+        return np.zeros((0, 1, 1, 1), np.uint8), read
+    if len({im.shape[-1] for im in images}) > 1:   # grey among colour: widened to RGB
         images = [np.repeat(im, 3, -1) if im.shape[-1] == 1 else im for im in images]
-    return np.stack(images).astype(np.uint8)
+    return np.stack(images).astype(np.uint8), read
 
 
-def _read_class_folders(root: pathlib.Path, source: str, class_names: Optional[List[str]] = None
-                        ) -> Tuple[List[str], List[pathlib.Path], np.ndarray]:
-    folders = sorted(p.name for p in root.iterdir()
-                     if p.is_dir() and p.name != UNLABELED_FOLDER and not p.name.startswith('.'))
+def _class_folders(root: pathlib.Path, source: str, skipped: _Skipped,
+                   class_names: Optional[List[str]] = None) -> Tuple[List[str], List[pathlib.Path]]:
+    """(class names, image files in class order)."""
+    folders = []
+    for p in _entries(root, source):
+        if p.name == UNLABELED_FOLDER:
+            continue
+        if p.is_dir():
+            folders.append(p.name)
+        elif p.is_symlink() and not p.exists():
+            skipped.paths['link'].append(p)
     if class_names is None:
         if len(folders) < 2:
             raise DataError(f'--dataset={source}: {root} has {len(folders)} class folder(s) '
@@ -173,18 +260,9 @@ def _read_class_folders(root: pathlib.Path, source: str, class_names: Optional[L
     elif set(folders) - set(class_names):
         raise DataError(f'--dataset={source}: {root} has classes {sorted(set(folders) - set(class_names))} '
                         f'that train/ lacks')
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        if (root / name).is_dir():
-            found = _image_files(root / name)
-            files += found
-            labels += [label] * len(found)
-    if class_names is folders:
-        empty = [n for n in class_names if not _image_files(root / n)]
-        if empty:
-            raise DataError(f'--dataset={source}: class folder(s) {empty} in {root} hold no image '
-                            f'files ({", ".join(sorted(IMAGE_SUFFIXES))})')
-    return class_names, files, np.asarray(labels, np.int64)
+    files = [_image_files(root / name, source, skipped) if (root / name).is_dir() else []
+             for name in class_names]
+    return class_names, files
 
 
 @register('folder:')
@@ -194,21 +272,33 @@ def folder(path: str) -> Arrays:
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f'--dataset={source}: no such directory')
+    skipped = _Skipped()
     split_layout = (root / 'train').is_dir() and (root / 'test').is_dir()
     train_root = root / 'train' if split_layout else root
-    names, train_files, y_train = _read_class_folders(train_root, source)
-    test_files, y_test = [], None
-    if split_layout:
-        _, test_files, y_test = _read_class_folders(root / 'test', source, names)
+    names, train_files = _class_folders(train_root, source, skipped)
+    test_files = _class_folders(root / 'test', source, skipped, names)[1] if split_layout else []
     unlabeled_files = []
     for candidate in (train_root / UNLABELED_FOLDER, root / UNLABELED_FOLDER):
         if candidate.is_dir() and not unlabeled_files:
-            unlabeled_files = _image_files(candidate)
+            unlabeled_files = _image_files(candidate, source, skipped)
     # Read all parts together so that the size check and grey->RGB widening see every image.
-    everything = _read_images(train_files + test_files + unlabeled_files, source)
-    n_train, n_test = len(train_files), len(test_files)
+    parts = train_files + test_files + [unlabeled_files]
+    everything, read = _read_images([f for files in parts for f in files], source, skipped)
+    skipped.warn(source, root)
+    read = set(read)
+    labels = [np.asarray([c for c, files in enumerate(class_files) for f in files if f in read],
+                         np.int64) for class_files in (train_files, test_files)]
+    empty = [n for n, files in zip(names, train_files) if not read.intersection(files)]
+    if empty:
+        raise DataError(f'--dataset={source}: class folder(s) {empty} in {train_root} hold no '
+                        f'readable image ({", ".join(sorted(IMAGE_SUFFIXES))})')
+    n_train, n_test = len(labels[0]), len(labels[1])
+    if split_layout and not n_test:
+        raise DataError(f'--dataset={source}: {root / "test"} holds no readable image; add some or '
+                        f'remove it (10% of train/ is then the test part)')
     x_train = everything[:n_train]
     x_test = everything[n_train:n_train + n_test] if split_layout else None
     x_unlabeled = everything[n_train + n_test:]
-    arrays = _assemble(source, x_train, y_train, x_test, y_test, x_unlabeled)
+    arrays = _assemble(source, x_train, labels[0], x_test, labels[1] if split_layout else None,
+                       x_unlabeled)
     return dataclasses.replace(arrays, class_names=tuple(names))   # the class folders' names

@@ -6,6 +6,7 @@ A field's metadata carries its help string; `define_flags` turns the fields into
 hyperparameter is written in exactly one place.
 """
 import dataclasses
+import sys
 import typing
 from typing import Optional
 
@@ -55,6 +56,15 @@ def from_flags(cls, **overrides):
             values[f.name] = flags.FLAGS[f.name].value
     values.update(overrides)
     return cls(**values)
+
+
+def parse_flags(argv):
+    """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag (unknown name,
+    wrong type) exits with one `error:` line, like every other bad input, not absl's two."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f'error: {" ".join(str(e).split())} (--helpfull lists every flag)')
 
 
 def run_defining(obj) -> dict:

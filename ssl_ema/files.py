@@ -1,4 +1,5 @@
-"""Writing files that a reader, a crash or a `kill` never sees half-written.
+"""Writing files that a reader, a crash or a `kill` never sees half-written, and one writer per
+run directory.
 
 Every file a run or a benchmark leaves behind (flags.json, flagfile, split.json,
 evaluations.jsonl, accuracy.json, results.csv, results.md, curves.png, dataset caches) goes
@@ -6,14 +7,24 @@ through `write_atomically`: another process may read it at any moment (the bench
 accuracy.json while training runs), and a run is resumed from whatever is on disk.
 """
 import errno
+import fcntl
 import json
 import os
 import pathlib
 import shutil
+import socket
+import sys
 import tempfile
-from typing import Callable
+from typing import Callable, IO, Optional
 
 from ssl_ema.config import ConfigError
+
+LOCK = '.lock'
+
+
+class RunError(RuntimeError):
+    """A run cannot go on safely (a full disk, a non-finite loss): one line naming the file or
+    the step, said after everything on disk was left as it was before."""
 
 
 def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> None:
@@ -30,8 +41,10 @@ def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> N
             os.fsync(f.fileno())   # the data is on disk before the name points at it
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes the file private; this is ordinary data
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:   # name the file, not the temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None   # (same OSError subclass)
         raise
 
 
@@ -82,3 +95,37 @@ def check_writable_dir(path: str, flag: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f'--{flag}={path} cannot be written: {e.strerror} ({existing})') from None
+
+
+def lock_run_dir(path: str) -> Optional[IO]:
+    """Take the run directory `path` for this process (creating it): ConfigError naming the
+    process that holds it. The lock is fcntl.flock on `path`/.lock, which the kernel releases when
+    its holder exits or is killed, so a crashed run never blocks its resume; the file only says
+    who holds it. Close the returned file to release the lock. Filesystems without locks get a
+    warning and no lock (None)."""
+    os.makedirs(path, exist_ok=True)
+    lock_path = os.path.join(path, LOCK)
+    try:   # never O_TRUNC: that would erase the holder's name
+        lock_file = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666), 'r+')
+    except OSError as e:
+        raise ConfigError(f'--train_dir={path} cannot be written: {e.strerror} ({lock_path})'
+                          ) from None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_file.read().strip() or 'another process'
+        lock_file.close()
+        raise ConfigError(f'--train_dir={path} is being trained by {holder}; wait for it to '
+                          f'finish (or stop it), or use another --train_dir') from None
+    except OSError as e:   # e.g. ENOLCK on some network filesystems
+        lock_file.close()
+        print(f'warning: cannot lock {lock_path} ({e.strerror}): make sure no other process '
+              f'trains in {path}', file=sys.stderr)
+        return None
+    try:
+        lock_file.truncate(0)
+        lock_file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        lock_file.flush()
+    except OSError:   # a full disk: the lock holds all the same, only unnamed
+        pass
+    return lock_file

@@ -14,7 +14,8 @@ from absl import app, flags, logging
 from ssl_ema import config as config_lib
 from ssl_ema.cli import read_run_record, recorded_total_steps
 from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError
+from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.files import RunError
 
 config_lib.define_flags(TrainConfig, 'ssl_ema.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
@@ -105,7 +106,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     """Validate everything, then train (or resume), export the EMA classifier to DIR/export and
     return the accuracy summary."""
     from ssl_ema import backbones, data, export
-    from ssl_ema.files import check_writable_dir, write_atomically, write_json
+    from ssl_ema.files import check_writable_dir, lock_run_dir, write_atomically, write_json
     from ssl_ema.trainer import Trainer
 
     strategy = make_strategy(cfg)
@@ -115,27 +116,39 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or default_train_dir(cfg, algorithm, arch)
     record = run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
-    resuming = check_compatible(train_dir, record, log)
+    check_compatible(train_dir, record, log)   # refuse before touching the directory
     check_writable_dir(train_dir, 'train_dir')
-    if cfg.deterministic:
-        import tensorflow as tf
-        tf.config.experimental.enable_op_determinism()
-    trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
-    if trainer.chief:   # multi-worker: only the chief writes train_dir
-        export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
-    if not resuming and trainer.chief:
-        write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
-        values = {**record['config'], **record['algorithm']}
-        flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
-        write_atomically(os.path.join(train_dir, 'flagfile'), lambda f: f.write(flagfile), 'w')
-        # Last: a directory with flags.json is a run to resume, so everything else is there.
-        write_json(os.path.join(train_dir, 'flags.json'), record)
-    log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
-        f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
-    summary = trainer.train(log)
-    if trainer.chief:   # multi-worker: only the chief writes train_dir
-        log(format_table(summary))
-        export.export_run(train_dir, log=log, skip_if_current=True)   # DIR/export: the EMA model
+    chief = strategy.extended.should_checkpoint   # multi-worker: only the chief writes train_dir
+    lock = lock_run_dir(train_dir) if chief else None   # one writer per run directory
+    try:
+        # Again under the lock: another process may have started this run in the meantime.
+        resuming = check_compatible(train_dir, record, lambda *a: None)
+        if cfg.deterministic:
+            import tensorflow as tf
+            tf.config.experimental.enable_op_determinism()
+        trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
+        if chief:
+            try:
+                export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
+                if not resuming:
+                    write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
+                    values = {**record['config'], **record['algorithm']}
+                    flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
+                    write_atomically(os.path.join(train_dir, 'flagfile'),
+                                     lambda f: f.write(flagfile), 'w')
+                    # Last: a directory with flags.json is a run to resume, so everything else is there.
+                    write_json(os.path.join(train_dir, 'flags.json'), record)
+            except OSError as e:
+                raise RunError(f'cannot write {e.filename}: {e.strerror}') from None
+        log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
+            f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
+        summary = trainer.train(log)
+        if chief:
+            log(format_table(summary))
+            export.export_run(train_dir, log=log, skip_if_current=True)   # DIR/export: the EMA model
+    finally:
+        if lock:
+            lock.close()
     return summary
 
 
@@ -167,7 +180,7 @@ def main(argv):
                   f'(its own flags: {own})', file=sys.stderr)
         run(cfg, algorithm)
         exit_now(0)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         sys.exit(f'error: {e}')
     except tf.errors.OpError as e:   # a collective failed: another worker died or hung
         if FLAGS.distribute != 'multi_worker':
@@ -192,4 +205,4 @@ def exit_now(code: int):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

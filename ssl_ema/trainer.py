@@ -8,8 +8,11 @@ checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure fun
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
 exactly where it stopped.
 """
+import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +24,10 @@ from ssl_ema import backbones, cluster, evaluation, files, losses
 from ssl_ema.algorithms import Batch
 from ssl_ema.config import ConfigError, TrainConfig
 from ssl_ema.data import pipeline
+from ssl_ema.data.datasets import one_line
 from ssl_ema.ema import EMA
+from ssl_ema.files import RunError
+from ssl_ema.guard import NonFiniteGuard
 
 HISTORY = 'evaluations.jsonl'
 
@@ -80,6 +86,7 @@ class Trainer:
             self.optimizer.build(self.student.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
+            self.guard = NonFiniteGuard()
         self.decayed = decayed_variables(self.student) if cfg.weight_decay else []
         # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel.
         self.pixel_scale = tf.constant(getattr(data, 'pixel_scale', 1.), tf.float32)
@@ -124,7 +131,8 @@ class Trainer:
             with open(path) as f:
                 # Evaluations logged after the last checkpoint are redone by the resumed run.
                 self.history = [h for h in map(json.loads, f) if h['step'] <= step]
-            self._write_history()
+            with self._writing():
+                self._write_history()
         if self.history:
             self._wall_time = self.history[-1]['wall_time_s']
         return step
@@ -176,8 +184,10 @@ class Trainer:
                 v.assign(v * shrink)
         self.ema.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)
-        return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in per_replica.items()}
+        metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                   for k, v in per_replica.items()}
+        self.guard.observe(metrics, self.step)
+        return metrics
 
     def _dataset(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
@@ -202,14 +212,38 @@ class Trainer:
                              for split, (x, y) in self.eval_arrays.items()}
         return result
 
+    def _check_finite(self, saving=True):
+        """RunError if the state turned NaN/Inf (see ssl_ema/guard.py): called before a save."""
+        models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
+        self.guard.check(int(self.step.numpy()), models, self.manager.latest_checkpoint)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (full disk, read-only or vanished directory) becomes a one-line
+        RunError; the files it was replacing and the checkpoints before it are left intact."""
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            if isinstance(e, OSError):
+                what = f'{e.filename}: {e.strerror}' if e.filename else one_line(e)
+            else:   # TensorFlow's message without its op and function names
+                what = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', one_line(e)).strip()
+            for partial in glob.glob(os.path.join(self.train_dir, 'checkpoints', '*_temp')):
+                shutil.rmtree(partial, ignore_errors=True)   # a checkpoint that was never whole
+            kept = self.manager.latest_checkpoint or 'none yet'
+            raise RunError(f'cannot write in {self.train_dir} ({what}); the latest checkpoint '
+                           f'({kept}) and the files before it are intact: make room, then run '
+                           'the same command again to resume') from None
+
     def _record(self, result):
         if not self.chief:
             self.manager.save(checkpoint_number=result['step'])   # into the scratch directory
             return
         self.history.append(result)
-        self._write_history()   # before the checkpoint: a resumed run drops what is newer
-        self.manager.save(checkpoint_number=result['step'])
-        self._write_summary()
+        with self._writing():
+            self._write_history()   # before the checkpoint: a resumed run drops what is newer
+            self.manager.save(checkpoint_number=result['step'])
+            self._write_summary()
         with self.writer.as_default(step=result['step']):
             for model in ('raw', 'ema'):
                 for split, acc in result[model].items():
@@ -229,6 +263,7 @@ class Trainer:
             + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
 
     def _evaluate_and_record(self, start, log, images_per_sec=None):
+        self._check_finite()
         if not self.chief:   # evaluation happens once, on the chief
             return self._record({'step': int(self.step.numpy())})
         result = self.evaluate()
@@ -265,6 +300,7 @@ class Trainer:
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
+                    self._check_finite(saving=False)
                     self._log_progress(step, metrics, self._speed(log_mark, step), log)
                     log_mark = (time.time(), step)
                 if step % cfg.eval_every_steps == 0 or step == total:
@@ -278,15 +314,22 @@ class Trainer:
                 'run the same command again to resume.')
             raise
         finally:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except tf.errors.OpError as e:   # TensorBoard's scalars are not worth a traceback
+                log(f'warning: TensorBoard summaries in {self.train_dir} not written: {one_line(e)}')
             if self._scratch:
                 shutil.rmtree(self._scratch, ignore_errors=True)
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
-            self._write_summary()
+            with self._writing():
+                self._write_summary()
         return evaluation.summarize(self.history)
 
     def _save(self):
-        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        """Checkpoint the current step (interrupts, preemption): never a non-finite state."""
+        self._check_finite()
+        with self._writing():
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     def _speed(self, mark, step):
         """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""
