@@ -5,8 +5,9 @@
 For each backbone, two trainers on the embedded digits (Mean Teacher, batch 32 + 128 unlabeled,
 the CPU protocol's step): one tracking the teacher's EMA only, one with two extra horizons
 (--ema_decays=0.99,0.9999: three in all). Both compiled steps are timed in alternating rounds of
---steps steps, so a busy machine slows both alike; the median steps/s of each and their ratio
-are printed with the CPU's name. The digits are 8x8: the step's own compute is far smaller than
+--steps steps, so a busy machine slows both alike; the medians of steps/s (wall clock) and of
+CPU seconds per step (process time, all threads: less sensitive to other jobs on a shared
+machine) and their ratios are printed with the CPU's name. The digits are 8x8: the step's own compute is far smaller than
 at 32x32 while the EMA's cost (one update per variable) is the same, so the ratio on digits is a
 pessimistic bound for CIFAR-sized images.
 """
@@ -35,7 +36,7 @@ def cpu_name() -> str:
 
 
 def time_horizons(arch: str, steps: int, rounds: int) -> dict:
-    """{'1': steps/s, '3': steps/s} (medians over rounds) for one backbone."""
+    """{'1': (steps/s, CPU s/step), '3': ...} (medians over rounds) for one backbone."""
     from ssl_ema import algorithms, data
     from ssl_ema.config import TrainConfig
     from ssl_ema.trainer import Trainer
@@ -51,12 +52,13 @@ def time_horizons(arch: str, steps: int, rounds: int) -> dict:
     rates = {label: [] for label in trainers}
     for _ in range(rounds):
         for label, trainer in trainers.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 out = trainer._train_step(iterators[label])
             float(out['loss/total'])   # wait for the last step
-            rates[label].append(steps / (time.perf_counter() - start))
-    return {label: float(np.median(r)) for label, r in rates.items()}
+            rates[label].append((steps / (time.perf_counter() - start),
+                                 (time.process_time() - cpu) / steps))
+    return {label: tuple(np.median(r, axis=0)) for label, r in rates.items()}
 
 
 def main(argv):
@@ -64,10 +66,12 @@ def main(argv):
     tf.get_logger().setLevel('ERROR')
     print(f'CPU: {cpu_name()}; Mean Teacher on digits, batch 32+128; median of {FLAGS.rounds} '
           f'alternating rounds of {FLAGS.steps} steps')
-    print(f'{"arch":<10} {"1 EMA (steps/s)":>16} {"3 EMAs (steps/s)":>17} {"3/1":>6}')
+    print(f'{"arch":<10} {"steps/s: 1 EMA":>15} {"3 EMAs":>7} {"3/1":>6} | '
+          f'{"CPU ms/step: 1 EMA":>18} {"3 EMAs":>7} {"3/1":>6}')
     for arch in FLAGS.archs:
-        r = time_horizons(arch, FLAGS.steps, FLAGS.rounds)
-        print(f'{arch:<10} {r["1"]:16.2f} {r["3"]:17.2f} {r["3"] / r["1"]:6.3f}')
+        (w1, c1), (w3, c3) = (time_horizons(arch, FLAGS.steps, FLAGS.rounds)[k] for k in '13')
+        print(f'{arch:<10} {w1:15.2f} {w3:7.2f} {w3 / w1:6.3f} | '
+              f'{1e3 * c1:18.1f} {1e3 * c3:7.1f} {c3 / c1:6.3f}', flush=True)
 
 
 if __name__ == '__main__':
