@@ -21,6 +21,7 @@ import glob
 import os
 import re
 import sys
+import zipfile
 
 import numpy as np
 from absl import app, flags
@@ -68,8 +69,9 @@ def load_snapshots(train_dir: str):
                     weights.append([f[f'{j}/{i}'] for i in range(count)])
                     steps.append(step)
                     sigma_rels.append(float(sigma_rel))
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f'{path} is unreadable ({e}); delete it and rerun') from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f'{path} is unreadable ({e}); delete it and run '
+                              'ssl_ema.posthoc again') from None
     return np.array(steps, np.float64), np.array(sigma_rels), weights
 
 
