@@ -14,8 +14,9 @@ combination of the snapshots (their Algorithm 3): A x = b with A_ij = <p_i, p_j>
 The command sweeps sigma_rel at the run's last snapshot, evaluates each reconstruction on the
 validation and test sets (batch-norm statistics as the run's --ema_bn: 'recompute' re-estimates
 them, otherwise the same combination of the snapshots' statistics), picks the best on validation,
-writes DIR/posthoc.json and the chosen weights as DIR/posthoc/best.weights.h5 (Keras weights of
-the run's --arch).
+writes DIR/posthoc.json, exports the chosen reconstruction as any classifier is exported
+(ssl_ema.export: DIR/export_posthoc/ with model.keras and saved_model/) and keeps its weights as
+DIR/posthoc/best.weights.h5 (Keras weights of the run's --arch).
 """
 import glob
 import os
@@ -107,12 +108,12 @@ def reconstruct(weights, coefficients):
 # ---- the command ----------------------------------------------------------------------------
 def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     """Reconstruct and evaluate every sigma_rel; the result written to DIR/posthoc.json."""
-    from ssl_ema import algorithms, backbones, data, evaluation, train
+    from ssl_ema import algorithms, backbones, cli, data, evaluation
     from ssl_ema.config import TrainConfig
     from ssl_ema.ema import recompute_statistics, sigma_rel_to_gamma
     from ssl_ema.trainer import statistics_batches
 
-    record = train.read_run_record(train_dir)
+    record = cli.read_run_record(train_dir)
     if record is None:
         raise ConfigError(f'--train_dir={train_dir} holds no run (no flags.json)')
     known = TrainConfig.__dataclass_fields__
@@ -154,15 +155,32 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     tmp = os.path.join(train_dir, SNAPSHOTS, '.tmp-best.weights.h5')
     model.save_weights(tmp)
     os.replace(tmp, out)
+    exported = export_best(train_dir, model, row, int(target))
     summary = {'step': int(target), 'snapshots': int(len(set(steps))),
                'tracked_sigma_rels': sorted(set(tracked.tolist())), 'ema_bn': cfg.ema_bn,
-               'sweep': results, 'best': dict(row, weights=out),
+               'sweep': results, 'best': dict(row, weights=out, export=exported),
                'chosen_by': 'valid' if 'valid' in row else 'test'}
     files.write_json(os.path.join(train_dir, 'posthoc.json'), summary)
     log(f'best sigma_rel {row["sigma_rel"]:g} on {summary["chosen_by"]}: test '
-        f'{row.get("test", float("nan")):.2f}%; weights in {out}, sweep in '
-        f'{os.path.join(train_dir, "posthoc.json")}')
+        f'{row.get("test", float("nan")):.2f}%; exported to {exported} (weights also in {out}), '
+        f'sweep in {os.path.join(train_dir, "posthoc.json")}')
     return summary
+
+
+def export_best(train_dir: str, model, row: dict, step: int) -> str:
+    """The chosen reconstruction as a classifier like any other (ssl_ema.export):
+    DIR/export_posthoc/ with model.keras, saved_model/ and export.json."""
+    from ssl_ema import cli, export
+    info = export.classifier_info(cli.open_run(train_dir))
+    out = os.path.join(train_dir, 'export_posthoc')
+    meta = {'model': f'posthoc sigma_rel {row["sigma_rel"]:g}', 'step': step,
+            'train_dir': os.path.abspath(train_dir), 'image_shape': info['image_shape'],
+            'num_classes': info['num_classes'], 'class_names': export.class_names(info),
+            'mean': info['mean'], 'std': info['std'], 'checkpoint': None,
+            'input': 'uint8 images [N, H, W, C], 0..255; standardised inside the model',
+            'output': 'class probabilities [N, num_classes] (softmax)'}
+    export.save(export.classifier(model, info), out, meta)
+    return out
 
 
 def main(argv):

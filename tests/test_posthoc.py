@@ -91,6 +91,13 @@ def test_posthoc_sweep_on_a_tiny_run(tmp_path):
     assert saved['best']['valid'] == max(r['valid'] for r in saved['sweep'])
     assert saved['step'] == 40 and saved['snapshots'] == 5
     assert os.path.exists(saved['best']['weights'])
+    # exported like any classifier: uint8 images in, class probabilities out
+    import keras
+    exported = keras.saving.load_model(os.path.join(saved['best']['export'], 'model.keras'))
+    images = np.random.RandomState(0).randint(0, 256, (4, *exported.input_shape[1:]), np.uint8)
+    probabilities = np.array(exported(images))
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(-1), 1., rtol=1e-5)
 
 
 def test_posthoc_without_snapshots_is_a_one_line_error(tmp_path):
