@@ -78,6 +78,11 @@ def total_steps(train_kimg: float, train_steps: int, batch: int) -> int:
     return train_steps or max(1, round(train_kimg * 1024 / batch))
 
 
+def parse_floats(text: str) -> list:
+    """'0.99, 0.9999' -> [0.99, 0.9999]; '' -> []. ValueError on anything else."""
+    return [float(v) for v in text.split(',') if v.strip()]
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything the shared training loop needs; each field is the flag of the same name."""
@@ -134,6 +139,34 @@ class TrainConfig:
                               'tracks the student early instead of averaging in the random '
                               'initialisation for ~1/(1-decay) steps. --noema_warmup for a '
                               'constant decay.')
+    ema_bn: str = hparam('average', 'Batch-norm statistics of every averaged model: average (the '
+                         'moving statistics averaged like the weights: the average is a '
+                         'self-contained classifier), student (only trainable weights averaged, '
+                         'the student\'s statistics used, as the anchors\' fixmatch.py does) or '
+                         'recompute (as student while training; at evaluation re-estimated for '
+                         'the averaged weights over --ema_bn_batches training batches). Default: '
+                         'ours, measured against the others in runs/RESULTS.md.')
+    ema_bn_batches: int = hparam(16, 'Training batches (of batch * uratio unlabeled images, or '
+                                 'the labeled batch for supervised) over which --ema_bn=recompute '
+                                 're-estimates the statistics; the first ones of the run\'s data '
+                                 'stream, the same at every evaluation (our choice).')
+    ema_decays: str = hparam('', 'Extra EMA horizons tracked beside the teacher\'s --ema_decay, '
+                             'comma-separated decays (e.g. 0.99,0.9999), each with --ema_warmup, '
+                             'evaluated and recorded under ema_<decay> (the teacher stays "ema").')
+    polyak_start_fraction: float = hparam(-1., 'Also track Polyak\'s uniform average of the '
+                                          'weights from this fraction of training on (0 = from '
+                                          'the start), recorded as "polyak"; -1 = off.')
+    ema_reference_batch: int = hparam(0, 'EMA scaling rule (Busbridge et al. 2023): every EMA '
+                                      'decay d becomes d^(batch / ema_reference_batch), keeping '
+                                      'the horizon in images when --batch differs from the batch '
+                                      'the decays were tuned for; 0 = off.')
+    posthoc_sigma_rels: str = hparam('0.05,0.1', 'Relative widths sigma_rel of the power-function'
+                                     ' EMA profiles tracked for post-hoc EMA (Karras et al. 2024,'
+                                     ' Sec. 3.2, tracked these two), comma-separated.')
+    posthoc_snapshot_every_kimg: float = hparam(0., 'Save snapshots of the --posthoc_sigma_rels '
+                                                'profiles every this many kimg into '
+                                                '<train_dir>/posthoc/ for `python -m '
+                                                'ssl_ema.posthoc`; 0 = no post-hoc tracking.')
     train_dir: Optional[str] = hparam(None, 'Run directory; an existing run there resumes. '
                                       'Default: experiments/<dataset>.<labels>@<seed>/<algorithm>_'
                                       '<arch>[_<non-default flags>].', run_defining=False)
@@ -182,12 +215,40 @@ class TrainConfig:
                 raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
         if not 0. <= self.ema_decay < 1.:
             raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
+        self._check_averages()
         if not 0. <= self.warmup_fraction <= 1.:
             raise ConfigError(f'--warmup_fraction={self.warmup_fraction} must be in [0, 1]')
         if (self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0
                 or self.collective_timeout_s < 0):
             raise ConfigError('--valid, --train_steps, --weight_decay and --collective_timeout_s '
                               'must be >= 0')
+
+    def _check_averages(self):
+        if self.ema_bn not in ('average', 'student', 'recompute'):
+            raise ConfigError(f'--ema_bn={self.ema_bn} is unknown; valid: average, student, '
+                              'recompute')
+        if self.ema_bn_batches <= 0 or self.ema_reference_batch < 0:
+            raise ConfigError('--ema_bn_batches must be > 0 and --ema_reference_batch >= 0')
+        if not (self.polyak_start_fraction == -1 or 0. <= self.polyak_start_fraction < 1.):
+            raise ConfigError(f'--polyak_start_fraction={self.polyak_start_fraction} must be in '
+                              '[0, 1), or -1 (off)')
+        if self.posthoc_snapshot_every_kimg < 0:
+            raise ConfigError('--posthoc_snapshot_every_kimg must be >= 0 (0 = off)')
+        for flag, low, high in (('ema_decays', 0., 1.), ('posthoc_sigma_rels', 0., 12 ** -.5)):
+            try:
+                values = parse_floats(getattr(self, flag))
+            except ValueError:
+                values = [-1.]
+            if not all(low < v < high for v in values) or (flag == 'posthoc_sigma_rels'
+                                                           and len(values) < 2):
+                raise ConfigError(f'--{flag}={getattr(self, flag)} must be comma-separated '
+                                  f'numbers in ({low:g}, {high:.4g})' + (
+                                      ', at least two' if flag == 'posthoc_sigma_rels' else ''))
+
+    @property
+    def extra_ema_decays(self) -> tuple:
+        """--ema_decays without duplicates and without the teacher's --ema_decay."""
+        return tuple(d for d in dict.fromkeys(parse_floats(self.ema_decays)) if d != self.ema_decay)
 
     @property
     def total_steps(self) -> int:

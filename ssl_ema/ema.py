@@ -1,38 +1,62 @@
-"""The exponential moving average (EMA) of a model's weights: teacher, and final classifier.
+"""Running averages of a model's weights: the EMA teacher and final classifier, extra horizons,
+Polyak's uniform average and the power-function EMA of post-hoc EMA.
 
-`EMA.model` is an ordinary Keras model of the same architecture whose variables are the shadow
-weights, updated after every optimizer step with the semantics of
-`tf.train.ExponentialMovingAverage`:
+Every average is an ordinary Keras model of the student's architecture (`.model`) whose
+variables are the shadow weights, moved after every optimizer step by
 
-    shadow = decay * shadow + (1 - decay) * weight,
-    decay  = min(ema_decay, (1 + t) / (10 + t))   with the optional warm-up (t = updates so far).
+    shadow = beta_t * shadow + (1 - beta_t) * weight        (t = updates so far)
 
-Batch-norm statistics: the moving mean and variance are averaged exactly like the weights (as
-the anchors' `tf.train.ExponentialMovingAverage` over all model variables did). The averaged
-statistics then belong to the averaged weights, and the EMA model in inference mode is a
-self-contained classifier: what is evaluated (and what a user would save) is exactly the averaged model.
+and they differ only in beta_t:
+- `EMA`: beta_t = decay, or min(decay, (1 + t) / (10 + t)) with the warm-up of
+  `tf.train.ExponentialMovingAverage(num_updates=t)` (what the anchors use).
+- `Polyak`: the uniform average of the weights after steps start+1 ... t+1 (beta_t = n / (n + 1),
+  n = t - start updates averaged so far); before `start` it follows the student.
+- `PowerEMA`: Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion
+  Models", Sec. 3, Eq. 3 / Algorithm 2): beta_t = (1 - 1/(t + 1))^(gamma + 1). The weights after
+  step tau then carry exactly the mass of the profile (gamma + 1) s^gamma / T^(gamma + 1) on
+  (tau - 1, tau], whose relative width is sigma_rel (`sigma_rel_to_gamma`); ssl_ema.posthoc
+  rebuilds any other sigma_rel from snapshots of two of them.
+
+Batch-norm moving statistics (`bn`, the flag --ema_bn):
+- 'average': averaged exactly like the weights, so the average in inference mode is a
+  self-contained classifier whose statistics followed its own weights (our default).
+- 'student': the statistics are the student's own, copied at every update, and only trainable
+  weights are averaged. This is what the anchors do: google-research/fixmatch's
+  `tf.train.ExponentialMovingAverage` is applied to `utils.model_vars()`, the trainable variables
+  only, and its EMA getter falls back to the student's variables for the statistics.
+- 'recompute': as 'student' during training; at evaluation the statistics are re-estimated for
+  the averaged weights by `recompute_statistics` (one pass over a fixed set of training batches in
+  training mode, the mean of the batches' statistics, as PyTorch's `swa_utils.update_bn`).
 
 As a teacher, `ema(x, training=True)` runs the averaged weights the way Mean Teacher's teacher
 runs (Tarvainen & Valpola 2017, Sec. 2): batch norm on the batch's statistics and dropout active,
-so the teacher is as noisy as the student; the shadow moving averages are left untouched, so
-only `update()` ever changes the EMA. `ema(x)` is the inference-mode classifier.
+so the teacher is as noisy as the student; the shadow statistics are left untouched, so only
+`update()` ever changes an average. `ema(x)` is the inference-mode classifier.
 """
+import contextlib
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ssl_ema import backbones
 
+BN_MODES = ('average', 'student', 'recompute')
 
-class EMA:
-    def __init__(self, model: keras.Model, decay: float = 0.999, warmup: bool = False):
-        if not 0. <= decay < 1.:
-            raise ValueError(f'--ema_decay={decay} must be in [0, 1)')
-        self.decay = decay
-        self.warmup = warmup
+
+class Average:
+    """A model whose variables follow a running average of `model`'s (subclasses set beta_t)."""
+
+    def __init__(self, model: keras.Model, bn: str = 'average', name: str = 'ema'):
+        if bn not in BN_MODES:
+            raise ValueError(f'--ema_bn={bn} is unknown; valid: {", ".join(BN_MODES)}')
+        self.bn, self.name = bn, name
         self.model = keras.models.clone_model(model)
         self.model.set_weights(model.get_weights())
-        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name='ema_updates')
-        self._pairs = list(zip(self.model.weights, model.weights))
+        self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name=f'{name}_updates')
+        pairs = list(zip(self.model.weights, model.weights))
+        self._averaged = [(s, w) for s, w in pairs if bn == 'average' or w.trainable]
+        self._copied = [(s, w) for s, w in pairs if not (bn == 'average' or w.trainable)]
 
     def __call__(self, x, training=False):
         if not training:
@@ -40,14 +64,104 @@ class EMA:
         return backbones.call_keeping_statistics(self.model, x)
 
     def current_decay(self):
+        """beta_t of the next update, a float32 scalar tensor."""
+        raise NotImplementedError
+
+    def update(self):
+        """One step towards the student's current weights (call after each optimizer step)."""
+        keep = self.current_decay()
+        for shadow, weight in self._averaged:
+            shadow.assign_sub((1. - keep) * (shadow - weight))   # = keep*shadow + (1-keep)*weight
+        for shadow, weight in self._copied:
+            shadow.assign(weight)
+        self.updates.assign_add(1)
+
+    @contextlib.contextmanager
+    def statistics_for_evaluation(self, batches):
+        """With bn='recompute': re-estimated statistics inside the block, the student's after it
+        (the teacher between evaluations runs as in 'student'). Otherwise nothing changes."""
+        if self.bn != 'recompute':
+            yield
+            return
+        saved = [tf.identity(v) for v in self.model.non_trainable_weights]
+        recompute_statistics(self.model, batches)
+        try:
+            yield
+        finally:
+            for v, value in zip(self.model.non_trainable_weights, saved):
+                v.assign(value)
+
+
+class EMA(Average):
+    def __init__(self, model, decay: float = 0.999, warmup: bool = False, bn: str = 'average',
+                 name: str = 'ema'):
+        if not 0. <= decay < 1.:
+            raise ValueError(f'--ema_decay={decay} must be in [0, 1)')
+        self.decay, self.warmup = decay, warmup
+        super().__init__(model, bn, name)
+
+    def current_decay(self):
         if not self.warmup:
             return tf.constant(self.decay, tf.float32)
         t = tf.cast(self.updates, tf.float32)
         return tf.minimum(self.decay, (1. + t) / (10. + t))
 
-    def update(self):
-        """One EMA step towards the student's current weights (call after each optimizer step)."""
-        decay = self.current_decay()
-        for shadow, weight in self._pairs:
-            shadow.assign(decay * shadow + (1. - decay) * weight)
-        self.updates.assign_add(1)
+
+class Polyak(Average):
+    """Uniform average of the weights after steps start_step+1, start_step+2, ... (Polyak &
+    Juditsky 1992); equal to the student until then."""
+
+    def __init__(self, model, start_step: int, bn: str = 'average', name: str = 'polyak'):
+        self.start_step = start_step
+        super().__init__(model, bn, name)
+
+    def current_decay(self):
+        n = tf.cast(tf.maximum(self.updates - self.start_step, 0), tf.float32)
+        return n / (n + 1.)
+
+
+class PowerEMA(Average):
+    """Karras et al. 2024's power-function EMA of relative width sigma_rel (Eq. 3, Algorithm 2)."""
+
+    def __init__(self, model, sigma_rel: float, bn: str = 'average', name: str = 'power'):
+        self.sigma_rel, self.gamma = sigma_rel, sigma_rel_to_gamma(sigma_rel)
+        super().__init__(model, bn, name)
+
+    def current_decay(self):
+        t = tf.cast(self.updates + 1, tf.float32)   # 1-based index of the step being averaged in
+        return (1. - 1. / t) ** (self.gamma + 1.)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of the power-function profile whose relative standard deviation is
+    sigma_rel: sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (Karras et al. 2024,
+    Eq. 3), i.e. the largest real root of g^3 + 7 g^2 + (16 - s) g + (12 - s), s = sigma_rel^-2."""
+    if not 0. < sigma_rel < 12 ** -0.5:   # gamma > -1 needs sigma_rel < sqrt(1/12) (uniform)
+        raise ValueError(f'sigma_rel={sigma_rel} must be in (0, {12 ** -0.5:.4f})')
+    s = sigma_rel ** -2
+    roots = np.roots([1., 7., 16. - s, 12. - s])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def scaled_decay(decay: float, batch: int, reference_batch: int) -> float:
+    """The EMA scaling rule (Busbridge et al. 2023, "How to Scale Your EMA", Def. 1.2): a batch
+    kappa = batch / reference_batch times larger takes kappa steps in one, so the decay that
+    keeps the same horizon in images is decay^kappa."""
+    return decay ** (batch / reference_batch)
+
+
+def recompute_statistics(model: keras.Model, batches) -> None:
+    """Re-estimate the moving mean and variance of every batch-norm layer of `model` for its
+    current weights: one pass over `batches` in training mode, each layer's statistics set to the
+    mean over batches of the batch statistics (PyTorch's swa_utils.update_bn with momentum=None;
+    variances are Keras' biased batch variances). Weights other than the statistics are unchanged."""
+    layers = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    momenta = [l.momentum for l in layers]
+    try:
+        for k, x in enumerate(batches):
+            for layer in layers:   # moving = k/(k+1) moving + 1/(k+1) batch: a running mean
+                layer.momentum = k / (k + 1.)
+            model(x, training=True)   # eager: momentum is read at every call
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum

@@ -1,8 +1,8 @@
 """Accuracy of a model on arrays, and the run summary written to accuracy.json.
 
 The summary follows the anchors' protocol (FixMatch's extract_accuracy.py): besides the last
-value, the median over the last 10 and 20 evaluations, for the raw student and the EMA model,
-on validation and test.
+value, the median over the last 10 and 20 evaluations, for the raw student and every averaged
+model (the EMA teacher, extra horizons, Polyak), on validation and test.
 """
 import numpy as np
 import tensorflow as tf
@@ -29,13 +29,15 @@ def accuracy(predict, x, y, batch_size: int = 1024) -> float:
 
 def summarize(history: list) -> dict:
     """accuracy.json from the list of evaluations (each {'step', 'kimg', 'raw': {split: acc},
-    'ema': {split: acc}, ...})."""
+    'ema': {split: acc}, ...}): every model evaluated (a dict of splits: raw, ema and any extra
+    average such as ema_0.99 or polyak) gets the statistics, other entries are the last value."""
     if not history:
         return {}
     last = history[-1]
-    out = {k: v for k, v in last.items() if k not in ('raw', 'ema')}
+    models = [k for k, v in last.items() if isinstance(v, dict)]
+    out = {k: v for k, v in last.items() if k not in models}
     out['evaluations'] = len(history)
-    for model in ('raw', 'ema'):
+    for model in models:
         out[model] = {}
         for split in last[model]:
             values = [h[model][split] for h in history]

@@ -2,9 +2,11 @@
 
 Per step: the algorithm's loss on a labeled batch and its unlabeled views (the student in
 training mode; whether targets come from the student or the EMA teacher is the algorithm's
-choice), one optimizer step on the student, one EMA update. Every
-`eval_every_steps`: accuracy of the raw student and of the EMA model on validation and test, a
-checkpoint, TensorBoard scalars and accuracy.json. The data stream is a pure function of
+choice), one optimizer step on the student, one update of every average (the EMA teacher, extra
+horizons, Polyak, post-hoc EMA profiles; ssl_ema/ema.py). Every `eval_every_steps`: accuracy of
+the raw student and of every average but the post-hoc profiles on validation and test, a
+checkpoint, TensorBoard scalars and accuracy.json; every `posthoc_snapshot_every_kimg` a
+snapshot of the post-hoc profiles (ssl_ema/posthoc.py). The data stream is a pure function of
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
 exactly where it stopped.
 """
@@ -20,12 +22,12 @@ import time
 import keras
 import tensorflow as tf
 
-from ssl_ema import backbones, cluster, evaluation, files, losses
+from ssl_ema import backbones, cluster, evaluation, files, losses, posthoc
 from ssl_ema.algorithms import Batch
-from ssl_ema.config import ConfigError, TrainConfig
+from ssl_ema.config import ConfigError, TrainConfig, parse_floats
 from ssl_ema.data import pipeline
 from ssl_ema.data.datasets import one_line
-from ssl_ema.ema import EMA
+from ssl_ema.ema import EMA, Polyak, PowerEMA, scaled_decay
 from ssl_ema.files import RunError
 from ssl_ema.guard import NonFiniteGuard
 
@@ -66,6 +68,17 @@ def l2_penalty(variables):
     return tf.add_n([tf.nn.l2_loss(v) for v in variables])
 
 
+def statistics_batches(data, cfg: TrainConfig, unlabeled: bool) -> list:
+    """The fixed training batches over which --ema_bn=recompute re-estimates batch-norm
+    statistics: the first --ema_bn_batches of the unlabeled stream (weak view), or of the labeled
+    one for an algorithm that never reads the unlabeled pool."""
+    if unlabeled:
+        ds = data.unlabeled(cfg.batch * cfg.uratio, ('weak',)).map(lambda *views: views[0])
+    else:
+        ds = data.labeled(cfg.batch).map(lambda x, y: x)
+    return list(ds.take(cfg.ema_bn_batches))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None):
         self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
@@ -78,7 +91,11 @@ class Trainer:
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
                                            conv_bias=cfg.wrn_conv_bias, precision=cfg.precision)
-            self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
+            self.averages = self._build_averages()   # name -> average; 'ema' is the teacher
+            self.ema = self.averages['ema']
+            self.profiles = [PowerEMA(self.student, s, cfg.ema_bn, f'power_{s:g}')
+                             for s in parse_floats(cfg.posthoc_sigma_rels)
+                             ] if cfg.posthoc_snapshot_every_kimg else []
             self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
             if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
@@ -95,7 +112,9 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
-            optimizer=self.optimizer, rng=self.rng)
+            optimizer=self.optimizer, rng=self.rng,
+            averages={a.name: list(a.model.variables) + [a.updates]
+                      for a in self._all_averages() if a is not self.ema})
         # Multi-worker (cluster.py): only the chief writes train_dir (and evaluates). Every
         # worker still saves each checkpoint, as TensorFlow asks (saving may read variables
         # through collectives), the others into a scratch directory removed when training ends.
@@ -106,8 +125,10 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.checkpoint_dir if self.chief else
             os.path.join(self._scratch, 'checkpoints'), cfg.keep_checkpoints)
-        self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
-                        'ema': evaluation.make_predict(self.ema.model, data.image_shape)}
+        self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape)}
+        self.predict.update({name: evaluation.make_predict(a.model, data.image_shape)
+                             for name, a in self.averages.items()})
+        self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
         self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
                        if self.chief else tf.summary.create_noop_writer())
@@ -119,6 +140,58 @@ class Trainer:
         self._compiled_replica_step = (tf.function(self._replica_step, jit_compile=True)
                                        if cfg.jit_compile else self._replica_step)
 
+    # ---- the averages -----------------------------------------------------------------------
+    def _decay(self, decay):
+        """The EMA scaling rule, if on (--ema_reference_batch)."""
+        if not self.cfg.ema_reference_batch:
+            return decay
+        return scaled_decay(decay, self.cfg.batch, self.cfg.ema_reference_batch)
+
+    def _build_averages(self) -> dict:
+        cfg = self.cfg
+        averages = {'ema': EMA(self.student, self._decay(cfg.ema_decay), cfg.ema_warmup, cfg.ema_bn)}
+        for decay in cfg.extra_ema_decays:
+            name = f'ema_{decay:g}'
+            averages[name] = EMA(self.student, self._decay(decay), cfg.ema_warmup, cfg.ema_bn, name)
+        if cfg.polyak_start_fraction >= 0:
+            start = round(cfg.polyak_start_fraction * cfg.total_steps)
+            averages['polyak'] = Polyak(self.student, start, cfg.ema_bn)
+        return averages
+
+    def _all_averages(self):
+        return list(self.averages.values()) + self.profiles
+
+    def _evaluation_statistics(self, name):
+        """The context in which model `name` is evaluated (--ema_bn=recompute's statistics)."""
+        average = self.averages.get(name)
+        if average is None or average.bn != 'recompute':
+            return contextlib.nullcontext()
+        if self._statistics_batches is None:
+            self._statistics_batches = statistics_batches(self.data, self.cfg,
+                                                          bool(self.algorithm.views))
+        return average.statistics_for_evaluation(self._statistics_batches)
+
+    def _snapshot_due(self, step) -> bool:
+        every = self.cfg.posthoc_snapshot_every_kimg
+        if not self.profiles:
+            return False
+        every_steps = max(1, round(every * 1024 / self.cfg.batch))
+        return step % every_steps == 0 or step == self.cfg.total_steps
+
+    def _describe_averages(self) -> str:
+        parts = [f'{n} (decay {a.decay:.6g})' if isinstance(a, EMA) else
+                 f'{n} (from step {a.start_step})' for n, a in self.averages.items()]
+        text = 'averages: ' + ', '.join(parts) + f'; batch-norm statistics: {self.cfg.ema_bn}'
+        if self.cfg.ema_reference_batch:
+            text += (f'; EMA scaling rule: decays d -> d^{self.cfg.batch / self.cfg.ema_reference_batch:g}'
+                     f' (--batch={self.cfg.batch}, --ema_reference_batch='
+                     f'{self.cfg.ema_reference_batch})')
+        if self.profiles:
+            text += ('; post-hoc EMA profiles sigma_rel ' + ', '.join(
+                f'{p.sigma_rel:g}' for p in self.profiles) + ' snapshotted into '
+                + os.path.join(self.train_dir, posthoc.SNAPSHOTS))
+        return text
+
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
@@ -126,6 +199,8 @@ class Trainer:
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
+        if self.chief:
+            posthoc.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
         path = os.path.join(self.train_dir, HISTORY)
         if self.chief and os.path.exists(path):
             with open(path) as f:
@@ -182,7 +257,8 @@ class Trainer:
             shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)
             for v in self.decayed:
                 v.assign(v * shrink)
-        self.ema.update()   # cross-replica context: every replica's copy gets the same average
+        for average in self._all_averages():
+            average.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)
         metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                    for k, v in per_replica.items()}
@@ -208,8 +284,9 @@ class Trainer:
         step = int(self.step.numpy())
         result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
         for model, predict in self.predict.items():
-            result[model] = {split: evaluation.accuracy(predict, x, y)
-                             for split, (x, y) in self.eval_arrays.items()}
+            with self._evaluation_statistics(model):
+                result[model] = {split: evaluation.accuracy(predict, x, y)
+                                 for split, (x, y) in self.eval_arrays.items()}
         return result
 
     def _check_finite(self, saving=True):
@@ -245,7 +322,7 @@ class Trainer:
             self.manager.save(checkpoint_number=result['step'])
             self._write_summary()
         with self.writer.as_default(step=result['step']):
-            for model in ('raw', 'ema'):
+            for model in self.predict:
                 for split, acc in result[model].items():
                     tf.summary.scalar(f'accuracy/{model}/{split}', acc)
 
@@ -272,7 +349,9 @@ class Trainer:
         result['wall_time_s'] = self._wall_time + time.time() - start
         self._record(result)
         log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
-            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
+            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
+            + ''.join(f' | {m} ' + '/'.join(f'{v:.2f}' for v in result[m].values())
+                      for m in self.predict if m not in ('raw', 'ema')))
 
     def train(self, log=print):
         """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
@@ -280,6 +359,7 @@ class Trainer:
         step = self.restore()
         if step:
             log(f'Resuming {self.train_dir} at step {step}/{total}')
+        log(self._describe_averages())
         iterator = self._dataset(step) if step < total else None
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
@@ -299,6 +379,8 @@ class Trainer:
                     preemption.save_checkpoint_if_preempted()
                 metrics = self._train_step(iterator)
                 step += 1
+                if self.chief and self._snapshot_due(step):
+                    posthoc.save_snapshot(self.train_dir, step, self.profiles)
                 if step % cfg.log_every_steps == 0 or step == total:
                     self._check_finite(saving=False)
                     self._log_progress(step, metrics, self._speed(log_mark, step), log)

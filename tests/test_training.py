@@ -55,7 +55,10 @@ def test_outputs_of_a_run(tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_weights(digits_data, tmp_path):
     algorithm = algorithms.ALGORITHMS['vat']()   # VAT also draws noise from the checkpointed RNG
-    cfg = tiny_config(algorithm='vat', train_steps=40, eval_every_kimg=0.25)
+    # Every kind of average, re-estimated statistics, and post-hoc snapshots every 8 steps.
+    cfg = tiny_config(algorithm='vat', train_steps=40, eval_every_kimg=0.25, ema_decays='0.99',
+                      polyak_start_fraction=0.25, posthoc_snapshot_every_kimg=0.125,
+                      ema_bn='recompute', ema_bn_batches=2)
     straight = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'straight'))
     straight.train(log=quiet)
 
@@ -72,10 +75,25 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_data, tmp_path):
     # The loop's step and the optimizer's (which drives the learning rate) move and restore
     # together: both are incremented in the same compiled step and saved in one checkpoint.
     assert int(second.optimizer.iterations.numpy()) == 40
-    for a, b in zip(weights_of(straight.student) + weights_of(straight.ema.model),
-                    weights_of(second.student) + weights_of(second.ema.model)):
+    assert [a.name for a in second._all_averages()] == [
+        'ema', 'ema_0.99', 'polyak', 'power_0.05', 'power_0.1']
+    for x, y in zip(straight._all_averages(), second._all_averages()):
+        assert int(x.updates.numpy()) == int(y.updates.numpy()) == 40
+    for a, b in zip(weights_of(straight.student) + [w for x in straight._all_averages()
+                                                     for w in weights_of(x.model)],
+                    weights_of(second.student) + [w for x in second._all_averages()
+                                                  for w in weights_of(x.model)]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert summary['evaluations'] == len(straight.history)
+    snapshots = sorted(os.listdir(tmp_path / 'straight' / 'posthoc'))
+    assert snapshots == sorted(os.listdir(tmp_path / 'resumed' / 'posthoc'))
+    assert snapshots == [f'snapshot-{s:08d}.npz' for s in (8, 16, 24, 32, 40)]
+    for name in snapshots:
+        with np.load(tmp_path / 'straight' / 'posthoc' / name) as a, \
+                np.load(tmp_path / 'resumed' / 'posthoc' / name) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def evaluations(history):
