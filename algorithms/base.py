@@ -26,7 +26,12 @@ SHARED_HELP = {
                             '(as a pseudo-label or as a consistency target).',
     'mixup_alpha': 'alpha of the Beta(alpha, alpha) distribution of mixup coefficients.',
     'temperature': 'Temperature T sharpening the unlabeled targets (p^(1/T), normalised).',
+    'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
+               'being trained) or ema (the EMA of its weights, in inference mode).',
+    'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
 }
+
+TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
 
 # Valid values of hyperparameters, checked whenever an algorithm is built: name -> (test, rule).
 VALID = {
@@ -39,6 +44,13 @@ VALID = {
     'label_guess_views': (lambda v: v >= 1, '>= 1'),
     'vat_eps': (lambda v: v > 0, '> 0'),
     'vat_xi': (lambda v: v > 0, '> 0'),
+    'teacher': (lambda v: v in TEACHERS, ' or '.join(TEACHERS)),
+    'state_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'fairness_weight': (lambda v: v >= 0, '>= 0'),
+    'pre_mixup_weight': (lambda v: v >= 0, '>= 0'),
+    'rotation_weight': (lambda v: v >= 0, '>= 0'),
+    'n_sigma': (lambda v: v > 0, '> 0'),
+    'strong_views': (lambda v: v >= 1, '>= 1'),
 }
 
 
@@ -50,6 +62,9 @@ class Batch:
     ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (the algorithm's `ramp_up`)
     rng: tf.random.Generator           # checkpointed, so a resumed run draws the same noise
     progress: tf.Tensor = 0.           # step / total steps, in [0, 1] (UDA's TSA schedule)
+    state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # see Algorithm.state
+    unlabeled_index: tf.Tensor = None  # each unlabeled image's index in the pool (needs_indices)
+    heads: object = None               # the student with the algorithm's `heads` (see with_heads)
 
 
 @dataclasses.dataclass
@@ -57,6 +72,7 @@ class Losses:
     labeled: tf.Tensor                 # supervised term
     unlabeled: tf.Tensor               # everything else, weights and ramp-up already applied
     metrics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+    state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # new state values
 
 
 class Algorithm:
@@ -65,6 +81,16 @@ class Algorithm:
     # Shape of batch.ramp over the first warmup_fraction of training (losses.RAMPUPS): 'linear'
     # (the anchors' default), 'sigmoid' (Pi-model, Mean Teacher, ICT) or 'none' (FixMatch, UDA).
     ramp_up: str = 'linear'
+    needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
+    heads: Dict[str, int] = {}   # extra dense heads on the penultimate features: name -> units
+
+    def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
+        """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
+        one variable of each, checkpoints it and hands its value in `batch.state`; the algorithm
+        returns the new values in `Losses.state`. Under tf.distribute the new values must be the
+        same on every replica: compute them from statistics reduced with `replica_mean` or
+        `replica_concat` (the trainer keeps the first replica's)."""
+        return {}
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -78,6 +104,53 @@ class Algorithm:
         `teacher(x)` is the averaged classifier, `teacher(x, training=True)` the same weights
         with batch statistics and dropout (Mean Teacher's noisy teacher)."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    shape: Tuple[int, ...]
+    initial: float
+    dtype: tf.DType = tf.float32
+
+
+def replica_mean(x):
+    """Mean of `x` over the replicas of a tf.distribute step (`x` itself on one device). The
+    per-replica batches are equal, so the mean of per-replica means is the global batch's."""
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def replica_concat(x):
+    """`x` of every replica concatenated along the batch axis, in replica order: the global
+    batch, the same on every replica."""
+    return tf.distribute.get_replica_context().all_gather(x, axis=0)
+
+
+def target_logits(algorithm, teacher, x, student_logits):
+    """The logits that targets or pseudo-labels come from, gradient stopped: the student's own
+    (`student_logits`, already computed on `x`) with --teacher=student; with --teacher=ema the
+    EMA model's on `x` in inference mode (moving batch-norm statistics, no dropout): the averaged
+    classifier that is evaluated, so a pseudo-label is exactly the EMA model's prediction and its
+    confidence is not shaken by the batch's own statistics (Mean Teacher's noisy training-mode
+    teacher feeds a soft squared-error cost; thresholded pseudo-labels want the calibrated one)."""
+    if algorithm.teacher == 'ema':
+        return tf.stop_gradient(teacher(x))
+    return tf.stop_gradient(student_logits)
+
+
+def teacher_field(default='student'):
+    """The --teacher field of an algorithm that makes targets from a model's prediction."""
+    return hparam(default, 'Model whose predictions become the targets: student or ema.')
+
+
+def with_heads(student, heads: Dict[str, int]):
+    """A model sharing every layer of `student` that returns [logits, *one output per head], each
+    head a new Dense layer on the student's penultimate features (its global-average-pooled
+    features: every backbone ends with pooling then one Dense). E.g. ReMixMatch's rotation head."""
+    import keras
+    features = student.layers[-2].output
+    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(features)
+                                      for name, units in heads.items()]
+    return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 
 
 def forward(model, batch: Batch, *unlabeled):

@@ -9,7 +9,8 @@ pi_model.py), one pass is the target with its gradient stopped, and `consistency
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
+                                     teacher_field)
 
 
 @register('pi_model')
@@ -17,10 +18,11 @@ class PiModel(Algorithm):
     views = ('weak', 'weak')   # target pass, student pass
     ramp_up = 'sigmoid'   # the paper's exp(-5(1-t)^2)
     consistency_weight: float = hparam(10., 'Weight of the Pi-model consistency (ramped up).')
+    teacher: str = teacher_field()   # the paper: a second pass of the student itself
 
     def __call__(self, student, teacher, batch):
-        xe, (target_logits, logits) = forward(student, batch, *batch.unlabeled)
-        target = tf.stop_gradient(tf.nn.softmax(target_logits))
+        xe, (first_logits, logits) = forward(student, batch, *batch.unlabeled)
+        target = tf.nn.softmax(target_logits(self, teacher, batch.unlabeled[0], first_logits))
         consistency = losses.softmax_mse(logits, target)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency,
                       {'consistency': consistency})

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from ssl_ema import backbones, evaluation, files, losses
-from ssl_ema.algorithms import Batch
+from ssl_ema.algorithms import Batch, base
 from ssl_ema.config import TrainConfig
 from ssl_ema.ema import EMA
 
@@ -55,8 +55,9 @@ class Trainer:
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes)
             self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
+            self._build_algorithm_state(data)
             self.optimizer = make_optimizer(cfg)
-            self.optimizer.build(self.student.trainable_variables)
+            self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
         # Model variables are listed explicitly: this includes the dropout seed generators,
@@ -64,7 +65,8 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
-            optimizer=self.optimizer, rng=self.rng)
+            optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
+            heads=self.head_variables)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(train_dir, 'checkpoints'), cfg.keep_checkpoints)
         self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape),
@@ -74,6 +76,23 @@ class Trainer:
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
+
+    # ---- the algorithm's own state and heads ------------------------------------------------
+    def _build_algorithm_state(self, data):
+        """Variables for the algorithm's declared state (checkpointed; every replica keeps the
+        first replica's update, which the algorithm computes from cross-replica statistics) and
+        its extra heads (trained with the student, not part of the EMA or the evaluation)."""
+        specs = self.algorithm.state(data.num_classes, data.unlabeled_size)
+        self.state = {name: tf.Variable(tf.fill(s.shape, tf.cast(s.initial, s.dtype)),
+                                        trainable=False, name=f'algorithm_state_{name}',
+                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                      for name, s in specs.items()}
+        self.heads = (base.with_heads(self.student, self.algorithm.heads)
+                      if self.algorithm.heads else None)
+        own = {id(v) for v in self.student.trainable_variables}
+        self.head_variables = [v for v in (self.heads.trainable_variables if self.heads else [])
+                               if id(v) not in own]
+        self.trainable = list(self.student.trainable_variables) + self.head_variables
 
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -105,14 +124,21 @@ class Trainer:
     def _replica_step(self, labeled_x, labels, unlabeled):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
         ramp = losses.RAMPUPS[self.algorithm.ramp_up](progress, self.cfg.warmup_fraction)
-        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress)
+        index = None
+        if self.algorithm.needs_indices:
+            unlabeled, index = unlabeled[:-1], unlabeled[-1]
+        state = {k: tf.identity(v) for k, v in self.state.items()}
+        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress, state, index,
+                      self.heads)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
             total = out.labeled + out.unlabeled
             # Each replica averages over its share of the batch; the optimizer sums replicas.
             scaled = total / self.strategy.num_replicas_in_sync
-        grads = tape.gradient(scaled, self.student.trainable_variables)
-        self.optimizer.apply(grads, self.student.trainable_variables)
+        grads = tape.gradient(scaled, self.trainable)
+        self.optimizer.apply(grads, self.trainable)
+        for name, value in out.state.items():
+            self.state[name].assign(value)
         metrics = {'loss/total': total, 'loss/labeled': out.labeled, 'loss/unlabeled': out.unlabeled,
                    'consistency_weight': ramp * self.algorithm.consistency_weight}
         metrics.update({f'algorithm/{k}': v for k, v in out.metrics.items()})
@@ -130,7 +156,8 @@ class Trainer:
     def _dataset(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
         if views:
-            ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
+            ds = self.data.train(cfg.batch, cfg.uratio, views, start_step,
+                                 self.algorithm.needs_indices)
         else:   # supervised: never touch the unlabeled pool
             ds = self.data.labeled(cfg.batch, start_step).map(lambda x, y: ((x, y), ()))
         return iter(self.strategy.experimental_distribute_dataset(ds))
