@@ -45,7 +45,7 @@ class FlexMatch(Algorithm):
         hard = tf.one_hot(classes, tf.shape(probs)[-1])
         pseudo = losses.soft_cross_entropy(hard, strong_logits, mask)
         # The whole batch's confident predictions (every replica's) enter the per-image record.
-        confident = replica_concat(max_probs >= self.confidence_threshold)
+        confident = replica_concat(tf.cast(max_probs >= self.confidence_threshold, tf.int32)) > 0
         index, label = replica_concat(tf.cast(batch.unlabeled_index, tf.int32)), replica_concat(classes)
         selected = tf.tensor_scatter_nd_update(
             batch.state['selected'], tf.boolean_mask(index, confident)[:, None],
