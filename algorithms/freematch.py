@@ -6,7 +6,7 @@ the class probabilities: an image counts when max p >= MaxNorm(p~_t)(argmax p) t
 averages (momentum lambda = 0.999) are updated with the batch before it is masked, as in USB's
 FreeMatchThresholingHook (microsoft/Semi-supervised-learning). The unlabeled loss is FixMatch's
 cross-entropy of hard pseudo-labels on the strong view; the self-adaptive fairness term (Sec. 3.3,
-weight w_f = `fairness_weight`, USB's 0.01) pulls the confident strong-view predictions' mean,
+weight w_f = `fairness_weight`, 0.001 as USB's CIFAR-10 configs) pulls the confident strong-view predictions' mean,
 normalised by their histogram, towards p~_t normalised by the running histogram h~_t.
 
 Deliberate difference: the running averages start at 1/C as in the paper (tau_0 = p~_0 = h~_0 =
@@ -25,7 +25,8 @@ class FreeMatch(Algorithm):
     views = ('weak', 'strong')
     ramp_up = 'none'
     consistency_weight: float = hparam(1., 'Weight w_u of the unlabeled loss (not ramped).')
-    fairness_weight: float = hparam(0.01, 'Weight w_f of the self-adaptive fairness term.')
+    fairness_weight: float = hparam(0.001, 'Weight w_f of the self-adaptive fairness term (USB\'s '
+                                    'CIFAR-10 configs, e.g. freematch_cifar10_40_0.yaml).')
     state_momentum: float = hparam(0.999, 'lambda: momentum of the running averages of the '
                                    'confidence, class probabilities and histogram.')
     teacher: str = teacher_field()
