@@ -113,6 +113,12 @@ class State:
     dtype: tf.DType = tf.float32
 
 
+def initial_state(algorithm, num_classes: int, pool_size: int) -> Dict[str, tf.Tensor]:
+    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
+    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
+            for name, s in algorithm.state(num_classes, pool_size).items()}
+
+
 def replica_mean(x):
     """Mean of `x` over the replicas of a tf.distribute step (`x` itself on one device). The
     per-replica batches are equal, so the mean of per-replica means is the global batch's."""
@@ -151,6 +157,21 @@ def with_heads(student, heads: Dict[str, int]):
     outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(features)
                                       for name, units in heads.items()]
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
+
+
+class WeakStrong(Algorithm):
+    """FixMatch's family (FlexMatch, FreeMatch, SoftMatch): targets from a weak view of each
+    unlabeled image train the prediction on a strong view, with a constant unlabeled weight."""
+    views = ('weak', 'strong')
+    ramp_up = 'none'
+
+    def weak_strong(self, student, teacher, batch: Batch):
+        """One training pass over labeled, weak and strong images (shared batch norm). Returns
+        (labeled cross-entropy, the targets' class probabilities on the weak view, gradient
+        stopped and from --teacher, strong-view logits)."""
+        weak, strong = batch.unlabeled
+        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
+        return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
 
 
 def forward(model, batch: Batch, *unlabeled):

@@ -17,14 +17,12 @@ pseudo-labels (and the state) come from the EMA model's predictions on the weak 
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import (Algorithm, Losses, State, forward, hparam, register,
-                                     replica_concat, target_logits, teacher_field)
+from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_concat,
+                                     teacher_field)
 
 
 @register('flexmatch')
-class FlexMatch(Algorithm):
-    views = ('weak', 'strong')
-    ramp_up = 'none'
+class FlexMatch(WeakStrong):
     needs_indices = True
     consistency_weight: float = hparam(1., 'Weight lambda_u of the unlabeled loss (not ramped).')
     confidence_threshold: float = hparam(0.95, 'tau: the threshold of a fully learnt class.')
@@ -36,9 +34,7 @@ class FlexMatch(Algorithm):
         return {'selected': State((pool_size,), -1, tf.int32), 'beta': State((num_classes,), 0.)}
 
     def __call__(self, student, teacher, batch):
-        weak, strong = batch.unlabeled
-        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
-        probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
         max_probs, classes = tf.reduce_max(probs, -1), tf.argmax(probs, -1, output_type=tf.int32)
         threshold = losses.flexmatch_threshold(batch.state['beta'], self.confidence_threshold)
         mask = tf.cast(max_probs >= tf.gather(threshold, classes), tf.float32)
@@ -46,7 +42,8 @@ class FlexMatch(Algorithm):
         pseudo = losses.soft_cross_entropy(hard, strong_logits, mask)
         # The whole batch's confident predictions (every replica's) enter the per-image record.
         confident = replica_concat(tf.cast(max_probs >= self.confidence_threshold, tf.int32)) > 0
-        index, label = replica_concat(tf.cast(batch.unlabeled_index, tf.int32)), replica_concat(classes)
+        index = replica_concat(tf.cast(batch.unlabeled_index, tf.int32))
+        label = replica_concat(classes)
         selected = tf.tensor_scatter_nd_update(
             batch.state['selected'], tf.boolean_mask(index, confident)[:, None],
             tf.boolean_mask(label, confident))

@@ -6,8 +6,9 @@ the class probabilities: an image counts when max p >= MaxNorm(p~_t)(argmax p) t
 averages (momentum lambda = 0.999) are updated with the batch before it is masked, as in USB's
 FreeMatchThresholingHook (microsoft/Semi-supervised-learning). The unlabeled loss is FixMatch's
 cross-entropy of hard pseudo-labels on the strong view; the self-adaptive fairness term (Sec. 3.3,
-weight w_f = `fairness_weight`, 0.001 as USB's CIFAR-10 configs) pulls the confident strong-view predictions' mean,
-normalised by their histogram, towards p~_t normalised by the running histogram h~_t.
+weight w_f = `fairness_weight`, 0.001 as USB's CIFAR-10 configs) pulls the confident strong-view
+predictions' mean, normalised by their histogram, towards p~_t normalised by the running
+histogram h~_t.
 
 Deliberate difference: the running averages start at 1/C as in the paper (tau_0 = p~_0 = h~_0 =
 1/C); USB starts them at 1, which holds every image out for the first thousands of steps. With
@@ -16,14 +17,12 @@ Deliberate difference: the running averages start at 1/C as in the paper (tau_0 
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import (Algorithm, Losses, State, forward, hparam, register,
-                                     replica_mean, target_logits, teacher_field)
+from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_mean,
+                                     teacher_field)
 
 
 @register('freematch')
-class FreeMatch(Algorithm):
-    views = ('weak', 'strong')
-    ramp_up = 'none'
+class FreeMatch(WeakStrong):
     consistency_weight: float = hparam(1., 'Weight w_u of the unlabeled loss (not ramped).')
     fairness_weight: float = hparam(0.001, 'Weight w_f of the self-adaptive fairness term (USB\'s '
                                     'CIFAR-10 configs, e.g. freematch_cifar10_40_0.yaml).')
@@ -37,9 +36,7 @@ class FreeMatch(Algorithm):
                 'label_hist': uniform}
 
     def __call__(self, student, teacher, batch):
-        weak, strong = batch.unlabeled
-        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
-        probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
         num_classes = probs.shape[-1]
         max_probs, classes = tf.reduce_max(probs, -1), tf.argmax(probs, -1, output_type=tf.int32)
         hist = tf.reduce_mean(tf.one_hot(classes, num_classes), 0)

@@ -16,14 +16,12 @@ averages come from the EMA model's predictions.
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import (Algorithm, Losses, State, forward, hparam, register,
-                                     replica_mean, target_logits, teacher_field)
+from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_mean,
+                                     teacher_field)
 
 
 @register('softmatch')
-class SoftMatch(Algorithm):
-    views = ('weak', 'strong')
-    ramp_up = 'none'
+class SoftMatch(WeakStrong):
     consistency_weight: float = hparam(1., 'Weight lambda_u of the unlabeled loss (not ramped).')
     n_sigma: float = hparam(2., 'n: the Gaussian\'s standard deviation is sigma_t / n.')
     state_momentum: float = hparam(0.999, 'm: momentum of the running mean and variance of the '
@@ -35,9 +33,7 @@ class SoftMatch(Algorithm):
                 'p_model': State((num_classes,), 1. / num_classes)}
 
     def __call__(self, student, teacher, batch):
-        weak, strong = batch.unlabeled
-        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
-        raw = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        xe, raw, strong_logits = self.weak_strong(student, teacher, batch)
         num_classes = raw.shape[-1]
         m, old = self.state_momentum, batch.state
         p_model = losses.moving_average(old['p_model'], replica_mean(tf.reduce_mean(raw, 0)), m)

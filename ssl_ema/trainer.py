@@ -82,11 +82,10 @@ class Trainer:
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
         its extra heads (trained with the student, not part of the EMA or the evaluation)."""
-        specs = self.algorithm.state(data.num_classes, data.unlabeled_size)
-        self.state = {name: tf.Variable(tf.fill(s.shape, tf.cast(s.initial, s.dtype)),
-                                        trainable=False, name=f'algorithm_state_{name}',
+        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size)
+        self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-                      for name, s in specs.items()}
+                      for name, value in initial.items()}
         self.heads = (base.with_heads(self.student, self.algorithm.heads)
                       if self.algorithm.heads else None)
         own = {id(v) for v in self.student.trainable_variables}
