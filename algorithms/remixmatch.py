@@ -75,7 +75,7 @@ class ReMixMatch(Algorithm):
         turns = batch.rng.uniform([tf.shape(weak)[0]], 0, 4, dtype=tf.int32)
         _, rotation_logits = call_keeping_statistics(batch.heads, losses.rotate(strong[0], turns))
         rotation = losses.cross_entropy(turns, rotation_logits)
-        unlabeled = (batch.ramp * (self.consistency_weight * mixed + self.pre_mixup_weight * pre_mixup)
-                     + self.rotation_weight * rotation)
+        ramped = self.consistency_weight * mixed + self.pre_mixup_weight * pre_mixup
+        unlabeled = batch.ramp * ramped + self.rotation_weight * rotation
         return Losses(xe, unlabeled, {'mixed': mixed, 'pre_mixup': pre_mixup,
                                       'rotation': rotation}, state)
