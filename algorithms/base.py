@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import flags
 
 from ssl_ema import losses
+from ssl_ema.backbones import call_keeping_statistics
 from ssl_ema.config import ConfigError, define_flags, from_flags, hparam  # noqa: F401
 
 ALGORITHMS: Dict[str, type] = {}
@@ -26,6 +27,15 @@ SHARED_HELP = {
                             '(as a pseudo-label or as a consistency target).',
     'mixup_alpha': 'alpha of the Beta(alpha, alpha) distribution of mixup coefficients.',
     'temperature': 'Temperature T sharpening the unlabeled targets (p^(1/T), normalised).',
+    'ramp_up': 'Shape of the consistency weight\'s ramp-up over --warmup_fraction of training: '
+               'linear (the anchors\', every algorithm), sigmoid (exp(-5(1-t)^2), the Pi-model, '
+               'Mean Teacher and ICT papers) or none.',
+    'bn_passes': 'joint: labeled and unlabeled images go through one training-mode pass (batch '
+                 'norm normalises over all of them and its moving statistics follow all of them, '
+                 'as FixMatch); separate: one pass per batch, and only the labeled pass moves '
+                 'the statistics (the anchors\' pi_model.py, pseudo_label.py, mean_teacher.py, '
+                 'ict.py). joint is the default: our CPU results (runs/RESULTS.md) were '
+                 'measured with it.',
     'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
                'being trained) or ema (the EMA of its weights, in inference mode).',
     'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
@@ -44,6 +54,8 @@ VALID = {
     'label_guess_views': (lambda v: v >= 1, '>= 1'),
     'vat_eps': (lambda v: v > 0, '> 0'),
     'vat_xi': (lambda v: v > 0, '> 0'),
+    'ramp_up': (lambda v: v in losses.RAMPUPS, 'one of ' + ', '.join(losses.RAMPUPS)),
+    'bn_passes': (lambda v: v in ('joint', 'separate'), 'joint or separate'),
     'teacher': (lambda v: v in TEACHERS, ' or '.join(TEACHERS)),
     'state_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'fairness_weight': (lambda v: v >= 0, '>= 0'),
@@ -62,6 +74,9 @@ class Batch:
     ramp: tf.Tensor                    # consistency ramp-up in [0, 1] (the algorithm's `ramp_up`)
     rng: tf.random.Generator           # checkpointed, so a resumed run draws the same noise
     progress: tf.Tensor = 0.           # step / total steps, in [0, 1] (UDA's TSA schedule)
+    # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel (127.5 / std
+    # with standardised inputs): input noise and VAT's epsilon are defined in pixel units.
+    pixel_scale: tf.Tensor = 1.
     state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # see Algorithm.state
     unlabeled_index: tf.Tensor = None  # each unlabeled image's index in the pool (needs_indices)
     heads: object = None               # the student with the algorithm's `heads` (see with_heads)
@@ -78,8 +93,9 @@ class Losses:
 class Algorithm:
     views: Tuple[str, ...] = ('weak',)  # augmentations of each unlabeled image it needs
     consistency_weight: float = 0.
-    # Shape of batch.ramp over the first warmup_fraction of training (losses.RAMPUPS): 'linear'
-    # (the anchors' default), 'sigmoid' (Pi-model, Mean Teacher, ICT) or 'none' (FixMatch, UDA).
+    # Shape of batch.ramp over the first warmup_fraction of training (losses.RAMPUPS). The
+    # algorithms that ramp declare it as a field (the shared --ramp_up flag, each with its
+    # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
     heads: Dict[str, int] = {}   # extra dense heads on the penultimate features: name -> units
@@ -174,14 +190,20 @@ class WeakStrong(Algorithm):
         return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
 
 
-def forward(model, batch: Batch, *unlabeled):
-    """Run `model` in training mode once on the labeled images and `unlabeled` batches together.
+def forward(model, batch: Batch, *unlabeled, passes='joint'):
+    """Run `model` in training mode on the labeled images and the `unlabeled` batches.
 
-    One concatenated forward pass means batch norm normalises and updates its statistics over
-    the labeled and unlabeled images alike (as FixMatch does), instead of once per sub-batch.
-    Returns (labeled cross-entropy, [logits of each unlabeled batch]).
+    passes='joint': one concatenated pass, so batch norm normalises and updates its statistics
+    over the labeled and unlabeled images alike (as FixMatch does). 'separate': one pass per
+    batch, each normalised by its own statistics, and only the labeled pass moves the moving
+    averages (the anchors' pi_model.py, mean_teacher.py, ...: "Take only first call to update
+    batch norm"). Returns (labeled cross-entropy, [logits of each unlabeled batch]).
     """
-    logits = concat_forward(model, batch.labeled_x, *unlabeled)
+    if passes == 'separate':
+        logits = [model(batch.labeled_x, training=True)]
+        logits += [call_keeping_statistics(model, u) for u in unlabeled]
+    else:
+        logits = concat_forward(model, batch.labeled_x, *unlabeled)
     return losses.cross_entropy(batch.labels, logits[0]), logits[1:]
 
 

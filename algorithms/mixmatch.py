@@ -28,6 +28,7 @@ class MixMatch(Algorithm):
     label_guess_views: int = hparam(
         2, 'K: weak augmentations of each unlabeled image averaged to guess its label.')
     teacher: str = teacher_field()   # the paper guesses with the student
+    ramp_up: str = hparam('linear', 'Ramp-up shape of lambda_U (linear: the anchors\').')
 
     @property
     def views(self):

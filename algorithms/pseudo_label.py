@@ -20,10 +20,12 @@ class PseudoLabel(Algorithm):
     consistency_weight: float = hparam(1., 'Weight of the pseudo-label loss (ramped up).')
     confidence_threshold: float = hparam(
         0.95, 'Largest class probability a prediction needs to become a (pseudo-)label.')
+    ramp_up: str = hparam('linear', 'Ramp-up shape of the pseudo-label weight (the anchors\').')
+    bn_passes: str = hparam('joint', 'Labeled and unlabeled images in one pass or separate ones.')
     teacher: str = teacher_field()   # Lee 2013: the network's own prediction
 
     def __call__(self, student, teacher, batch):
-        xe, (logits,) = forward(student, batch, *batch.unlabeled)
+        xe, (logits,) = forward(student, batch, *batch.unlabeled, passes=self.bn_passes)
         # The same logits give the label (gradient stopped) and are trained toward it, unless
         # --teacher=ema takes the label from the EMA model.
         target = target_logits(self, teacher, batch.unlabeled[0], logits)

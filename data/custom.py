@@ -14,6 +14,7 @@ chosen with the fixed seed 0, the same for every run and --seed) is carved out o
 images as the test part, so that test accuracies of runs on the same data are comparable.
 Horizontal flips are assumed label-preserving.
 """
+import dataclasses
 import os
 import pathlib
 from typing import List, Optional, Tuple
@@ -124,18 +125,28 @@ def _image_files(folder: pathlib.Path) -> List[pathlib.Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
 
 
-def _read_images(files: List[pathlib.Path], source: str) -> np.ndarray:
+def read_image(path) -> np.ndarray:
+    """One image file as uint8 [H, W, C], C = 1 (grey) or 3 (colour; alpha dropped); DataError
+    naming the file if it cannot be read. Training folders and `ssl_ema.predict` read through it."""
     import tensorflow as tf
+    try:
+        image = tf.io.decode_image(pathlib.Path(path).read_bytes(), expand_animations=False).numpy()
+    except Exception as e:
+        raise DataError(f'cannot decode {path} ({type(e).__name__})')
+    if image.shape[-1] == 4:            # drop alpha
+        image = image[..., :3]
+    elif image.shape[-1] == 2:          # grey + alpha
+        image = image[..., :1]
+    return image
+
+
+def _read_images(files: List[pathlib.Path], source: str) -> np.ndarray:
     images, first = [], None
     for path in files:
         try:
-            image = tf.io.decode_image(path.read_bytes(), expand_animations=False).numpy()
-        except Exception as e:
-            raise DataError(f'{source}: cannot decode {path} ({type(e).__name__})')
-        if image.shape[-1] == 4:            # drop alpha
-            image = image[..., :3]
-        elif image.shape[-1] == 2:          # grey + alpha
-            image = image[..., :1]
+            image = read_image(path)
+        except DataError as e:
+            raise DataError(f'{source}: {e}') from None
         if first is None:
             first = path, image.shape
         elif image.shape[:2] != first[1][:2]:
@@ -199,4 +210,5 @@ def folder(path: str) -> Arrays:
     x_train = everything[:n_train]
     x_test = everything[n_train:n_train + n_test] if split_layout else None
     x_unlabeled = everything[n_train + n_test:]
-    return _assemble(source, x_train, y_train, x_test, y_test, x_unlabeled)
+    arrays = _assemble(source, x_train, y_train, x_test, y_test, x_unlabeled)
+    return dataclasses.replace(arrays, class_names=tuple(names))   # the class folders' names

@@ -4,7 +4,7 @@ Every loader returns uint8 images in NHWC layout and int64 labels, so that the s
 normalisation and the augmentation downstream are the same for every source.
 """
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class Arrays:
     num_classes: int
     x_extra: Optional[np.ndarray] = None   # extra unlabeled images (svhn_extra, stl10), never labeled
     flip: bool = True                      # horizontal flips are a valid augmentation (False for digits)
+    class_names: Optional[Tuple[str, ...]] = None   # label -> name, where the source has names
 
     @property
     def image_shape(self):
@@ -72,4 +73,5 @@ def digits(data_dir=None, download=True) -> Arrays:
     labels = bunch.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.3, stratify=labels, random_state=0)
-    return Arrays('digits', x_train, y_train, x_test, y_test, num_classes=10, flip=False)
+    return Arrays('digits', x_train, y_train, x_test, y_test, num_classes=10, flip=False,
+                  class_names=tuple(map(str, range(10))))

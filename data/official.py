@@ -172,38 +172,52 @@ class Official:
     file_sets: Tuple[Tuple[Tuple[str, ...], Callable], ...]
     extra_split: Optional[str] = None   # tfds split that becomes the unlabeled-only x_extra
     system_dirs: Tuple[str, ...] = ()   # where a distribution package installs the files
+    class_names: Optional[Tuple[str, ...]] = None   # the dataset's own names of labels 0..K-1
 
     def expected(self) -> str:
         return ' or '.join('+'.join(files) for files, _ in self.file_sets)
 
 
 _CIFAR10_TRAIN = [f'data_batch_{i}' for i in range(1, 6)]
+# Label names as the datasets publish them (CIFAR-10's batches.meta, STL-10's class_names.txt,
+# Fashion-MNIST's README); the digit datasets' labels are the digits. CIFAR-100's are left out:
+# its classes are reported by id.
+_DIGITS = tuple(map(str, range(10)))
+_CIFAR10_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                  'ship', 'truck')
+_STL10_NAMES = ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship',
+                'truck')
+_FASHION_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                  'Sneaker', 'Bag', 'Ankle boot')
 OFFICIAL = {o.name: o for o in [
     Official('cifar10', 'cifar10', 10, True, (
         (('cifar-10-binary.tar.gz',), _cifar_reader(
             [b + '.bin' for b in _CIFAR10_TRAIN], ['test_batch.bin'],
             lambda d, w: _cifar_binary(d, 1, 0, w))),
         (('cifar-10-python.tar.gz',), _cifar_reader(
-            _CIFAR10_TRAIN, ['test_batch'], lambda d, w: _cifar_pickle(d, 'labels', w))))),
+            _CIFAR10_TRAIN, ['test_batch'], lambda d, w: _cifar_pickle(d, 'labels', w)))),
+        class_names=_CIFAR10_NAMES),
     Official('cifar100', 'cifar100', 100, True, (
         (('cifar-100-binary.tar.gz',), _cifar_reader(
             ['train.bin'], ['test.bin'], lambda d, w: _cifar_binary(d, 2, 1, w))),
         (('cifar-100-python.tar.gz',), _cifar_reader(
             ['train'], ['test'], lambda d, w: _cifar_pickle(d, 'fine_labels', w))))),
     Official('svhn', 'svhn_cropped', 10, False, (
-        (('train_32x32.mat', 'test_32x32.mat'), _svhn_reader(extra=False)),)),
+        (('train_32x32.mat', 'test_32x32.mat'), _svhn_reader(extra=False)),),
+        class_names=_DIGITS),
     Official('svhn_extra', 'svhn_cropped', 10, False, (
         (('train_32x32.mat', 'test_32x32.mat', 'extra_32x32.mat'), _svhn_reader(extra=True)),),
-        extra_split='extra'),
+        extra_split='extra', class_names=_DIGITS),
     Official('stl10', 'stl10', 10, True, ((('stl10_binary.tar.gz',), _read_stl10),),
-             extra_split='unlabelled'),
+             extra_split='unlabelled', class_names=_STL10_NAMES),
     Official('mnist', 'mnist', 10, False, (
         (('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
-          't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'), _read_mnist),)),
+          't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'), _read_mnist),),
+        class_names=_DIGITS),
     Official('fashion_mnist', 'fashion_mnist', 10, True, (
         (('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
           't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'), _read_mnist),),
-        system_dirs=('/usr/share/datasets/fashion-mnist',)),
+        system_dirs=('/usr/share/datasets/fashion-mnist',), class_names=_FASHION_NAMES),
 ]}
 
 
@@ -385,7 +399,8 @@ def load_official(name: str, data_dir: Optional[str] = None, download: bool = Tr
         except OSError as e:   # a read-only data_dir still trains, just without the cache
             logging.warning('cannot cache %s at %s: %s', name, cache, e)
     return Arrays(name, arrays['x_train'], arrays['y_train'], arrays['x_test'], arrays['y_test'],
-                  num_classes=spec.num_classes, x_extra=arrays.get('x_extra'), flip=spec.flip)
+                  num_classes=spec.num_classes, x_extra=arrays.get('x_extra'), flip=spec.flip,
+                  class_names=spec.class_names)
 
 
 def _register(name):

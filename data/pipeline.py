@@ -39,15 +39,27 @@ class SSLData:
     split: Split
     seed: int
     augment: str = 'weak'
+    input_norm: str = 'standardize'
 
     def __post_init__(self):
         if self.augment not in augment_lib.AUGMENTATIONS:
             raise DataError(f'--augment={self.augment} is unknown; valid: '
                             f'{", ".join(sorted(augment_lib.AUGMENTATIONS))}')
         x = self.arrays.x_train
-        # Per-channel statistics of the training part, in 0..255 units.
-        self.mean = x.reshape(-1, x.shape[-1]).mean(0).astype(np.float32)
-        self.std = np.maximum(x.reshape(-1, x.shape[-1]).std(0), 1e-3).astype(np.float32)
+        channels = x.shape[-1]
+        if self.input_norm == 'plus_minus_one':   # x / 127.5 - 1, the anchors' libml/data.py
+            self.mean = np.full(channels, 127.5, np.float32)
+            self.std = np.full(channels, 127.5, np.float32)
+        elif self.input_norm == 'standardize':
+            # Per-channel statistics of the training part, in 0..255 units.
+            self.mean = x.reshape(-1, channels).mean(0).astype(np.float32)
+            self.std = np.maximum(x.reshape(-1, channels).std(0), 1e-3).astype(np.float32)
+        else:
+            raise DataError(f'--input_norm={self.input_norm} is unknown; valid: standardize, '
+                            'plus_minus_one')
+        # Model-input units per unit of the anchors' [-1, 1] pixel scale (127.5 grey levels):
+        # input noise and VAT's epsilon are defined in those units whatever the normalisation.
+        self.pixel_scale = (127.5 / self.std).astype(np.float32)
         self._labeled_x = tf.constant(x[self.split.labeled])
         self._labels = tf.constant(self.arrays.y_train[self.split.labeled])
         pool = x[self.split.unlabeled]
@@ -127,11 +139,11 @@ class SSLData:
 
 
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
-          data_dir: str = None, download: bool = True) -> SSLData:
-    """--dataset, --labels, --valid, --seed, --augment, --data_dir -> SSLData.
+          data_dir: str = None, download: bool = True, input_norm: str = 'standardize') -> SSLData:
+    """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm -> SSLData.
 
     `download=False` forbids tfds from fetching from the internet (see official.py for where the
     files are looked for first)."""
     arrays = load(dataset, data_dir, download=download)
     split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
-    return SSLData(arrays, split, seed, augment)
+    return SSLData(arrays, split, seed, augment, input_norm)

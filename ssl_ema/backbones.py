@@ -6,6 +6,7 @@
 - `small_cnn`: a few-thousand-image CNN for tiny inputs such as the 8x8 digits.
 - `auto`: `small_cnn` below 32 pixels, `wrn28_2` from 32 pixels up.
 """
+import functools
 import math
 import re
 
@@ -18,10 +19,10 @@ from ssl_ema.config import ConfigError
 LEAK = 0.1
 
 
-def _conv(filters, kernel, strides=1, padding='same'):
+def _conv(filters, kernel, strides=1, padding='same', use_bias=False):
     # He-normal fan-out initialisation, as the WRN papers use.
     std = math.sqrt(2. / (kernel * kernel * filters))
-    return layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
+    return layers.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=use_bias,
                          kernel_initializer=keras.initializers.RandomNormal(stddev=std))
 
 
@@ -34,24 +35,27 @@ def _bn_act(x, momentum):
     return layers.LeakyReLU(LEAK)(x)
 
 
-def wide_resnet(input_shape, num_classes, depth=28, width=2, bn_momentum=0.999):
+def wide_resnet(input_shape, num_classes, depth=28, width=2, bn_momentum=0.999, conv_bias=False):
+    """`conv_bias`: every convolution gets a (zero-initialised) bias, as the anchors'
+    tf.layers.conv2d defaults (libml/models.py ResNet); the WRN papers have none."""
     if (depth - 4) % 6:
         raise ConfigError(f'--arch=wrn{depth}_{width}: depth must be 6n+4 (e.g. 16, 22, 28)')
     blocks = (depth - 4) // 6
+    conv = functools.partial(_conv, use_bias=conv_bias)
 
     def residual(x, filters, stride, activate_before_residual=False):
         y = _bn_act(x, bn_momentum)
         if activate_before_residual:
             x = y
-        y = _conv(filters, 3, stride)(y)
+        y = conv(filters, 3, stride)(y)
         y = _bn_act(y, bn_momentum)
-        y = _conv(filters, 3)(y)
+        y = conv(filters, 3)(y)
         if x.shape[-1] != filters or stride != 1:
-            x = _conv(filters, 1, stride)(x)
+            x = conv(filters, 1, stride)(x)
         return layers.Add()([x, y])
 
     inputs = keras.Input(input_shape)
-    x = _conv(16, 3)(inputs)
+    x = conv(16, 3)(inputs)
     for scale in range(3):
         filters = 16 * width << scale
         x = residual(x, filters, 2 if scale else 1, activate_before_residual=scale == 0)
@@ -123,11 +127,13 @@ def resolve(arch: str, input_shape) -> str:
     return arch
 
 
-def build(arch: str, input_shape, num_classes: int) -> keras.Model:
+def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False) -> keras.Model:
+    """`conv_bias` (--wrn_conv_bias) applies to wrnD_K only."""
     arch = resolve(arch, input_shape)
     wrn = re.fullmatch(r'wrn(\d+)_(\d+)', arch)
     if wrn:
-        return wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]))
+        return wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]),
+                           conv_bias=conv_bias)
     if arch in ARCHS:
         return ARCHS[arch](input_shape, num_classes)
     raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, cnn13, '

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from absl import app, flags
 
+from ssl_ema import cli
 from ssl_ema import config as config_lib
 from ssl_ema import files
 from ssl_ema import train   # defines the training flags and every algorithm's
@@ -312,11 +313,11 @@ def load_runs(out: str) -> List[dict]:
             continue
         for run_dir in sorted(os.listdir(os.path.join(root, group))):
             path = os.path.join(root, group, run_dir)
-            saved = train.read_run_record(path)
+            saved = cli.read_run_record(path)
             if saved is None:
                 continue   # never started (its train.log says why)
             accuracy = read_json(os.path.join(path, 'accuracy.json')) or {}
-            total = train.recorded_total_steps(saved)
+            total = cli.recorded_total_steps(saved)
             records.append(dict(name=f'{group}/{run_dir}', variant=run_dir,
                                 config=saved['config'], hparams=saved['algorithm'],
                                 accuracy=accuracy, history=read_history(

@@ -97,12 +97,27 @@ class TrainConfig:
     optimizer: str = hparam('sgd', 'sgd (Nesterov momentum) or adam.')
     lr: float = hparam(0.03, 'Peak learning rate.')
     lr_decay: str = hparam('cosine', 'cosine (the anchors\' cos(7 pi t / 16 T)) or constant.')
-    momentum: float = hparam(0.9, 'SGD momentum (Nesterov) or Adam beta_1.')
-    weight_decay: float = hparam(5e-4, 'Decoupled weight decay on kernels (not biases or batch '
-                                 'norm), per unit learning rate.')
+    momentum: float = hparam(0.9, 'SGD momentum (Nesterov) or Adam beta_1 (Adam\'s epsilon is '
+                             '1e-8, tf.compat.v1.train.AdamOptimizer\'s as in the anchors).')
+    weight_decay: float = hparam(5e-4, 'Weight decay on kernels (conv and dense; not biases or '
+                                 'batch norm, as the anchors\' "kernel" filter), applied as '
+                                 '--weight_decay_type says.')
+    weight_decay_type: str = hparam(
+        'decoupled', 'decoupled: after each step kernel *= 1 - weight_decay * lr (the anchors\' '
+        'Adam algorithms, vat.py and ict.py; our CPU results, runs/RESULTS.md, were measured '
+        'with it); l2: weight_decay * sum(kernel^2) / 2 is added to the loss, so its gradient '
+        'goes through the momentum (the anchors\' SGD algorithms, e.g. fixmatch.py; about 10x '
+        'stronger at lr 0.03, momentum 0.9).')
+    input_norm: str = hparam(
+        'standardize', 'Model input: standardize (per channel, with the training images\' mean '
+        'and std) or plus_minus_one (x / 127.5 - 1, the anchors\' default, libml/data.py '
+        '--whiten=False). Input noise and VAT\'s epsilon are in plus_minus_one units either way.')
+    wrn_conv_bias: bool = hparam(False, 'Give wrnD_K\'s convolutions biases, as the anchors\' '
+                                 'tf.layers.conv2d (libml/models.py); off by default as in the WRN '
+                                 'papers (most are followed by batch norm).')
     warmup_fraction: float = hparam(0.4, 'Fraction of training over which the consistency weight '
-                                    'ramps up (linearly, or along exp(-5(1-t)^2) for pi_model, '
-                                    'mean_teacher and ict; fixmatch and uda do not ramp).')
+                                    'ramps up (its shape: --ramp_up; fixmatch and uda do not '
+                                    'ramp).')
     ema_decay: float = hparam(0.999, 'EMA decay per step, in [0, 1).')
     ema_warmup: bool = hparam(True, 'Use decay min(ema_decay, (1+t)/(10+t)) at update t, as '
                               'tf.train.ExponentialMovingAverage(num_updates=t): the teacher '
@@ -123,7 +138,9 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {'optimizer': ('sgd', 'adam'), 'lr_decay': ('cosine', 'constant'),
-                   'distribute': ('default', 'mirrored'), 'augment': ('weak', 'strong', 'none')}
+                   'distribute': ('default', 'mirrored'), 'augment': ('weak', 'strong', 'none'),
+                   'weight_decay_type': ('decoupled', 'l2'),
+                   'input_norm': ('standardize', 'plus_minus_one')}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Callable
 
@@ -27,9 +28,7 @@ def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())   # the data is on disk before the name points at it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes the file private; this is ordinary data
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes the file private; this is ordinary data
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -39,6 +38,35 @@ def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> N
 def write_json(path, obj) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True) + '\n'),
                      mode='w')
+
+
+def write_directory_atomically(path, write: Callable) -> None:
+    """write(directory) into a temporary directory beside `path`, then renamed to `path` (an
+    exported model: model.keras, saved_model/, export.json). A reader sees the old directory or
+    the new one, never a mix (between the two renames that swap them, briefly neither); a failed
+    write leaves the old one as it was."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; this is ordinary data
+        if path.exists():
+            old = tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.old')
+            os.replace(path, os.path.join(old, 'replaced'))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def check_writable_dir(path: str, flag: str) -> None:

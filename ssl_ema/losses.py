@@ -18,12 +18,13 @@ def softmax_mse(logits, target_probs):
     return tf.reduce_mean(tf.square(tf.nn.softmax(logits) - target_probs))
 
 
-def kl_divergence(target_logits, logits):
-    """KL(p_target || p_student), with p = softmax(logits): the direction VAT uses (Miyato et al.
-    2018, Eq. 4), target first. Summed over classes, averaged over the batch."""
-    p = tf.nn.softmax(target_logits)
+def kl_divergence(p_logits, q_logits):
+    """KL(p || q) with p = softmax(p_logits), q = softmax(q_logits), summed over classes and
+    averaged over the batch. VAT's paper puts the target first (Miyato et al. 2018, Eq. 4:
+    KL(target || student)); the anchors' vat.py puts the student first."""
+    p = tf.nn.softmax(p_logits)
     return tf.reduce_mean(tf.reduce_sum(
-        p * (tf.nn.log_softmax(target_logits) - tf.nn.log_softmax(logits)), axis=-1))
+        p * (tf.nn.log_softmax(p_logits) - tf.nn.log_softmax(q_logits)), axis=-1))
 
 
 def entropy(logits):
@@ -70,19 +71,21 @@ def l2_normalize(d):
     return d / tf.sqrt(1e-6 + tf.reduce_sum(tf.square(d), axes, keepdims=True))
 
 
-def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps):
+def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps, scale=1.):
     """The virtual adversarial perturbation r_adv (Miyato et al. 2018, Eqs. 11-13).
 
     One power iteration: from the random direction d = `noise`, r = xi * d / ||d||, and
-    r_adv = eps * g / ||g|| with g the gradient of KL(target || logits_fn(x + r)) w.r.t. r.
-    Returned with its gradient stopped.
+    r_adv = eps * g / ||g|| with g the gradient of KL(target || logits_fn(x + scale r)) w.r.t. r.
+    r, xi and eps are in pixel units, `scale` model-input units per pixel unit (per channel;
+    the anchors' pixels are in [-1, 1]), so the norms are taken where the anchors take them and
+    ||r_adv|| = eps in pixel units. Returned in model-input units, gradient stopped.
     """
     r = xi * l2_normalize(noise)
     with tf.GradientTape() as tape:
         tape.watch(r)
-        divergence = kl_divergence(tf.stop_gradient(target_logits), logits_fn(x + r))
+        divergence = kl_divergence(tf.stop_gradient(target_logits), logits_fn(x + scale * r))
     g = tape.gradient(divergence, r)
-    return tf.stop_gradient(eps * l2_normalize(g))
+    return tf.stop_gradient(scale * eps * l2_normalize(g))
 
 
 def soft_cross_entropy(target_probs, logits, mask=None):

@@ -4,18 +4,17 @@ With no flags: Mean Teacher on scikit-learn's embedded 8x8 digits with 50 labels
 minute on a CPU. `--helpfull` lists every flag, each algorithm's under its own module.
 """
 import dataclasses
-import json
 import os
 import re
 import signal
 import sys
-from typing import Optional
 
 from absl import app, flags, logging
 
 from ssl_ema import config as config_lib
+from ssl_ema.cli import read_run_record, recorded_total_steps
 from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.data.datasets import DataError
 
 config_lib.define_flags(TrainConfig, 'ssl_ema.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
@@ -40,30 +39,6 @@ def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
 
 def run_record(cfg: TrainConfig, algorithm) -> dict:
     return {'config': dataclasses.asdict(cfg), 'algorithm': dataclasses.asdict(algorithm)}
-
-
-def recorded_total_steps(record: dict) -> int:
-    """The training length, in steps, of a run record (flags.json)."""
-    c = record['config']
-    return config_lib.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
-
-
-def read_run_record(train_dir: str) -> Optional[dict]:
-    """train_dir's flags.json, None if it has none; ConfigError naming the file if it is damaged
-    or too old to say how the run was made."""
-    path = os.path.join(train_dir, 'flags.json')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        if not isinstance(record['config'], dict) or not isinstance(record['algorithm'], dict):
-            raise TypeError('config and algorithm must be objects')
-        recorded_total_steps(record)
-    except (OSError, ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
-        raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
-                          f'{train_dir} away or use another --train_dir') from None
-    return record
 
 
 def check_compatible(train_dir: str, record: dict, log=print) -> bool:
@@ -124,13 +99,15 @@ def make_strategy(cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
-    """Validate everything, then train (or resume) and return the accuracy summary."""
-    from ssl_ema import backbones, data
+    """Validate everything, then train (or resume), export the EMA classifier to DIR/export and
+    return the accuracy summary."""
+    from ssl_ema import backbones, data, export
     from ssl_ema.files import check_writable_dir, write_atomically, write_json
     from ssl_ema.trainer import Trainer
 
     strategy = make_strategy(cfg)
-    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir)
+    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir,
+                         input_norm=cfg.input_norm)
     arch = backbones.resolve(cfg.arch, dataset.image_shape)
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or default_train_dir(cfg, algorithm, arch)
@@ -141,6 +118,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy)   # builds (and checks) the model
+    export.write_classifier_info(train_dir, dataset)   # what an export needs besides weights
     if not resuming:
         write_json(os.path.join(train_dir, 'split.json'), dataset.split.as_dict())
         values = {**record['config'], **record['algorithm']}
@@ -152,6 +130,7 @@ def run(cfg: TrainConfig, algorithm, log=print) -> dict:
         f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
     summary = trainer.train(log)
     log(format_table(summary))
+    export.export_run(train_dir, log=log, skip_if_current=True)   # the EMA classifier, DIR/export
     return summary
 
 

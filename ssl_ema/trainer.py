@@ -36,15 +36,25 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
         return self.lr * losses.fixmatch_cosine(progress)
 
 
-def make_optimizer(cfg: TrainConfig):
-    lr = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+def make_optimizer(cfg: TrainConfig, schedule=None):
+    """SGD with Nesterov momentum or Adam, as the anchors' tf.compat.v1 MomentumOptimizer
+    (use_nesterov) and AdamOptimizer (epsilon 1e-8). Weight decay is not the optimizer's: the
+    Trainer applies it (`--weight_decay_type`)."""
+    lr = schedule or LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
     if cfg.optimizer == 'sgd':
-        opt = keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True,
-                                   weight_decay=cfg.weight_decay or None)
-    else:
-        opt = keras.optimizers.Adam(lr, beta_1=cfg.momentum, weight_decay=cfg.weight_decay or None)
-    opt.exclude_from_weight_decay(var_names=['bias', 'gamma', 'beta'])
-    return opt
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True)
+    return keras.optimizers.Adam(lr, beta_1=cfg.momentum, epsilon=1e-8)
+
+
+def decayed_variables(model):
+    """The variables weight decay shrinks: kernels of convolutions and dense layers, not biases
+    or batch norm (the anchors select `'kernel' in v.name`)."""
+    return [v for v in model.trainable_variables if v.name.endswith('kernel')]
+
+
+def l2_penalty(variables):
+    """sum over variables of sum(v^2) / 2 (tf.nn.l2_loss), the anchors' `loss_wd`."""
+    return tf.add_n([tf.nn.l2_loss(v) for v in variables])
 
 
 class Trainer:
@@ -53,13 +63,18 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
-            self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes)
+            self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
+                                           conv_bias=cfg.wrn_conv_bias)
             self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
             self._build_algorithm_state(data)
-            self.optimizer = make_optimizer(cfg)
+            self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+            self.optimizer = make_optimizer(cfg, self.learning_rate)
             self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
+        self.decayed = decayed_variables(self.student) if cfg.weight_decay else []
+        # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel.
+        self.pixel_scale = tf.constant(getattr(data, 'pixel_scale', 1.), tf.float32)
         # Model variables are listed explicitly: this includes the dropout seed generators,
         # which Keras models do not expose to tf.train.Checkpoint themselves.
         self.checkpoint = tf.train.Checkpoint(
@@ -127,19 +142,24 @@ class Trainer:
         if self.algorithm.needs_indices:
             unlabeled, index = unlabeled[:-1], unlabeled[-1]
         state = {k: tf.identity(v) for k, v in self.state.items()}
-        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress, state, index,
-                      self.heads)
+        batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress,
+                      self.pixel_scale, state, index, self.heads)
+        l2 = self.cfg.weight_decay_type == 'l2' and bool(self.decayed)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
             total = out.labeled + out.unlabeled
+            if l2:   # through the optimizer's momentum, as the anchors' SGD algorithms
+                decay = self.cfg.weight_decay * l2_penalty(self.decayed)
             # Each replica averages over its share of the batch; the optimizer sums replicas.
-            scaled = total / self.strategy.num_replicas_in_sync
+            scaled = (total + decay if l2 else total) / self.strategy.num_replicas_in_sync
         grads = tape.gradient(scaled, self.trainable)
         self.optimizer.apply(grads, self.trainable)
         for name, value in out.state.items():
             self.state[name].assign(value)
         metrics = {'loss/total': total, 'loss/labeled': out.labeled, 'loss/unlabeled': out.unlabeled,
                    'consistency_weight': ramp * self.algorithm.consistency_weight}
+        if l2:
+            metrics['loss/weight_decay'] = decay
         metrics.update({f'algorithm/{k}': v for k, v in out.metrics.items()})
         return metrics
 
@@ -147,6 +167,11 @@ class Trainer:
     def _train_step(self, iterator):
         (labeled_x, labels), unlabeled = next(iterator)
         per_replica = self.strategy.run(self._replica_step, args=(labeled_x, labels, unlabeled))
+        if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
+            # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
+            shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)
+            for v in self.decayed:
+                v.assign(v * shrink)
         self.ema.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)

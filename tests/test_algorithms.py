@@ -123,10 +123,10 @@ def test_vat_power_iteration_differentiates_the_function_its_target_came_from(mo
     seen = {}
     original = losses.vat_perturbation
 
-    def spy(logits_fn, x, target_logits, noise, xi, eps):
+    def spy(logits_fn, x, target_logits, noise, xi, eps, scale=1.):
         seen['gap'] = float(tf.reduce_max(tf.abs(logits_fn(x) - target_logits)))
         seen['scale'] = float(tf.reduce_max(tf.abs(target_logits)))
-        return original(logits_fn, x, target_logits, noise, xi, eps)
+        return original(logits_fn, x, target_logits, noise, xi, eps, scale)
 
     monkeypatch.setattr(losses, 'vat_perturbation', spy)
     student = backbones.build('small_cnn', (8, 8, 1), 10)

@@ -79,6 +79,27 @@ def test_vat_perturbation_power_iteration_finds_the_hessian_direction():
     assert float(tf.norm(r)) == pytest.approx(1., 1e-5)
 
 
+def test_vat_perturbation_has_norm_eps_in_pixel_units():
+    # Identity model on model-input units, two channels at 2 and 0.5 model units per pixel unit:
+    # logits = x + scale * r. Target [.5, .5], q(x) = [.75, .25]: the gradient w.r.t. the pixel
+    # perturbation is scale * (q - p) = [.5, -.125]; normalised in pixel units and times eps = 2,
+    # r_adv = 2 [.5, -.125] / 0.515388 = [1.940285, -0.485071] pixels, so in model units
+    # [3.880570, -0.242536], whose norm is not 2 while the pixel norm is.
+    x = tf.constant([[math.log(3.), 0.]])
+    scale = tf.constant([2., .5])
+    r = losses.vat_perturbation(lambda v: v, x, tf.constant([[0., 0.]]),
+                                tf.constant([[0.3, 0.7]]), xi=1e-6, eps=2., scale=scale)
+    np.testing.assert_allclose(r, [[3.880570, -0.242536]], rtol=1e-4)
+    assert float(tf.norm(r / scale)) == pytest.approx(2., 1e-5)
+
+
+def test_kl_divergence_is_generic_in_its_arguments():
+    # VAT's --vat_kl swaps the arguments: KL(p || q) with p first, whichever is the target.
+    p, q = tf.constant([[0., 0.]]), tf.constant([[math.log(3.), 0.]])   # [.5, .5], [.75, .25]
+    assert float(losses.kl_divergence(q, p)) == pytest.approx(
+        .75 * math.log(1.5) + .25 * math.log(.5), 1e-5)
+
+
 def test_soft_cross_entropy_and_its_mask():
     # target [.5, .5], prediction [.75, .25]: -(.5 ln .75 + .5 ln .25)
     value = 0.5 * math.log(4 / 3) + 0.5 * math.log(4.)

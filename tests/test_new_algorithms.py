@@ -47,8 +47,8 @@ def logit_batch(algorithm, weak_probs, state, index=None, labeled=((2., 0.),), l
     weak = tf.math.log(tf.constant(weak_probs, tf.float32))
     views = (weak,) * len(algorithm.views)
     return Batch(tf.constant(labeled), tf.constant(labels), views, tf.constant(1.),
-                 tf.random.Generator.from_seed(0), tf.constant(.5), state,
-                 None if index is None else tf.constant(index))
+                 tf.random.Generator.from_seed(0), tf.constant(.5), state=state,
+                 unlabeled_index=None if index is None else tf.constant(index))
 
 
 def test_flexmatch_thresholds_after_two_updates():
@@ -169,8 +169,8 @@ def random_batch(algorithm, num_classes=10, heads=None, seed=0):
     state = base.initial_state(algorithm, num_classes, 16)
     views = tuple(x(8, i) for i in range(len(algorithm.views)))
     return Batch(x(4), tf.constant([0, 1, 2, 3]), views,
-                 tf.constant(1.), rng, tf.constant(.5), state,
-                 tf.range(8) if algorithm.needs_indices else None, heads)
+                 tf.constant(1.), rng, tf.constant(.5), state=state,
+                 unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads)
 
 
 # ---- learning, backbones, replicas, resuming --------------------------------------------------
