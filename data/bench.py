@@ -11,11 +11,12 @@ so the figures compare across machines. It then times a FixMatch-shaped step str
 --arch on 32x32x3 images, and prints how many times faster the pipeline delivers than that step
 consumes. Synthetic images are uniform noise: RandAugment's cost does not depend on content.
 """
-import subprocess
 import time
 
 import numpy as np
 from absl import app, flags
+
+from ssl_ema.machine import cpu_model
 
 flags.DEFINE_integer('steps', 30, 'Batches timed per measurement (after 3 warm-up batches).')
 flags.DEFINE_integer('batch', 64, 'Labeled batch size; the unlabeled batch is batch * uratio.')
@@ -25,16 +26,6 @@ flags.DEFINE_string('arch', 'wrn28_2', 'Backbone whose training step the pipelin
 flags.DEFINE_integer('train_batch', 64, 'Images per timed training step.')
 flags.DEFINE_string('data_dir', None, 'Where Fashion-MNIST is cached (default: tfds data dir).')
 FLAGS = flags.FLAGS
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown CPU (no lscpu)'
-    fields = dict(line.split(':', 1) for line in out.splitlines() if ':' in line)
-    model = fields.get('Model name', 'unknown CPU').strip()
-    return f'{model}, {fields.get("CPU(s)", "?").strip()} CPUs'
 
 
 def images_per_second(dataset, images_per_batch: int, steps: int) -> float:

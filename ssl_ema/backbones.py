@@ -5,7 +5,13 @@
 - `cnn13`: the 13-layer "conv-large" of Laine & Aila 2017, used by Mean Teacher and VAT.
 - `small_cnn`: a few-thousand-image CNN for tiny inputs such as the 8x8 digits.
 - `auto`: `small_cnn` below 32 pixels, `wrn28_2` from 32 pixels up.
+
+Batch norm is `ssl_ema.batch_norm.BatchNorm` (TensorFlow's fused kernel, same weights as the stock
+layer); `build(..., portable=True)` uses stock Keras layers only, in float32, for models that
+must load without this package. `precision` is a Keras mixed-precision policy: the layers compute
+in bfloat16 or float16, the weights, batch-norm statistics and the logits stay float32.
 """
+import contextlib
 import functools
 import math
 import re
@@ -14,9 +20,12 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from ssl_ema import batch_norm
 from ssl_ema.config import ConfigError
 
 LEAK = 0.1
+PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
+_BATCH_NORM = {'layer': batch_norm.BatchNorm}   # what _bn_act builds; build() may swap it
 
 
 def _conv(filters, kernel, strides=1, padding='same', use_bias=False):
@@ -31,7 +40,7 @@ def _bn_act(x, momentum):
     # statistics (all-reduced): every replica then moves its copy of the moving averages the
     # same way, and training matches one device on the same global batch.
     synchronized = tf.distribute.get_strategy().num_replicas_in_sync > 1
-    x = layers.BatchNormalization(momentum=momentum, epsilon=1e-3, synchronized=synchronized)(x)
+    x = _BATCH_NORM['layer'](momentum=momentum, epsilon=1e-3, synchronized=synchronized)(x)
     return layers.LeakyReLU(LEAK)(x)
 
 
@@ -107,15 +116,27 @@ def call_keeping_statistics(model, x):
     averages as they were. For the extra passes whose inputs should not shape the statistics the
     model is evaluated with: VAT's perturbed images, MixMatch's label guessing, and the EMA
     teacher run in training mode (only `EMA.update()` may change the EMA). The anchors
-    (google-research/fixmatch) likewise keep only the batch-norm updates of the main pass."""
-    stats = model.non_trainable_weights   # the moving means and variances
+    (google-research/fixmatch) likewise keep only the batch-norm updates of the main pass.
+    `BatchNorm` layers skip their update; any other layer's statistics (stock Keras batch norm)
+    are saved and restored around the call."""
+    ours = {id(v) for layer in _layers(model) if isinstance(layer, batch_norm.BatchNorm)
+            for v in layer.non_trainable_weights}
+    stats = [v for v in model.non_trainable_weights if id(v) not in ours]
     saved = [tf.identity(v.value) for v in stats]
-    logits = model(x, training=True)
+    with batch_norm.keeping_statistics():
+        logits = model(x, training=True)
     # Ops on one variable run in program order, so the restore follows the call's own update.
     with tf.control_dependencies(tf.nest.flatten(logits)):   # (a list for a multi-head model)
         for v, value in zip(stats, saved):
             v.assign(value)
     return logits
+
+
+def _layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, 'layers'):
+            yield from _layers(layer)
 
 
 ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K, parsed from the name
@@ -127,14 +148,40 @@ def resolve(arch: str, input_shape) -> str:
     return arch
 
 
-def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False) -> keras.Model:
-    """`conv_bias` (--wrn_conv_bias) applies to wrnD_K only."""
+def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False,
+          precision: str = 'float32', portable: bool = False) -> keras.Model:
+    """The backbone `arch` (see the module doc); `conv_bias` (--wrn_conv_bias) applies to wrnD_K
+    only; `portable`: stock Keras layers, float32."""
     arch = resolve(arch, input_shape)
+    if precision not in PRECISIONS:
+        raise ConfigError(f'--precision={precision} is unknown; valid: {", ".join(PRECISIONS)}')
+    if portable:
+        precision = 'float32'
     wrn = re.fullmatch(r'wrn(\d+)_(\d+)', arch)
-    if wrn:
-        return wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]),
-                           conv_bias=conv_bias)
-    if arch in ARCHS:
-        return ARCHS[arch](input_shape, num_classes)
-    raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, cnn13, '
-                      f'wrnD_K (e.g. wrn28_2)')
+    if not wrn and arch not in ARCHS:
+        raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, cnn13, '
+                          f'wrnD_K (e.g. wrn28_2)')
+    with _building(precision, layers.BatchNormalization if portable else batch_norm.BatchNorm):
+        if wrn:
+            model = wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]),
+                                conv_bias=conv_bias)
+        else:
+            model = ARCHS[arch](input_shape, num_classes)
+        if precision == 'float32':
+            return model
+        # Logits (and so every loss) in float32, as the Keras mixed-precision guide advises.
+        logits = layers.Activation('linear', dtype='float32', name='logits')(model.outputs[0])
+        return keras.Model(model.inputs[0], logits, name=model.name)
+
+
+@contextlib.contextmanager
+def _building(precision, batch_norm_layer):
+    """Layers made inside take `precision` as dtype policy and `batch_norm_layer` as batch norm."""
+    policy, layer = keras.config.dtype_policy(), _BATCH_NORM['layer']
+    keras.config.set_dtype_policy(precision)
+    _BATCH_NORM['layer'] = batch_norm_layer
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
+        _BATCH_NORM['layer'] = layer

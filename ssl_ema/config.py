@@ -133,6 +133,14 @@ class TrainConfig:
                              run_defining=False)
     cpu_devices: int = hparam(2, 'Logical CPU devices for --distribute=mirrored without GPUs.',
                               run_defining=False)
+    precision: str = hparam('float32', 'float32, mixed_bfloat16 (CPUs with AVX-512 BF16 or AMX, '
+                            'TPUs, GPUs from A100 on) or mixed_float16 (older GPUs; with loss '
+                            'scaling): the layers compute in that type, the weights, EMA, '
+                            'batch-norm statistics, logits and losses stay float32. Speed and '
+                            'accuracy: runs/SPEED.md.')
+    jit_compile: bool = hparam(False, 'Compile the training step with XLA. Off by default: '
+                               'several times slower on CPU where measured (runs/SPEED.md).',
+                               run_defining=False)
     deterministic: bool = hparam(False, 'Enable TensorFlow op determinism (bitwise-reproducible '
                                  'runs; slower on GPU).', run_defining=False)
 
@@ -140,7 +148,8 @@ class TrainConfig:
         choices = {'optimizer': ('sgd', 'adam'), 'lr_decay': ('cosine', 'constant'),
                    'distribute': ('default', 'mirrored'), 'augment': ('weak', 'strong', 'none'),
                    'weight_decay_type': ('decoupled', 'l2'),
-                   'input_norm': ('standardize', 'plus_minus_one')}
+                   'input_norm': ('standardize', 'plus_minus_one'),
+                   'precision': ('float32', 'mixed_bfloat16', 'mixed_float16')}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '

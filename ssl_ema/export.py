@@ -71,7 +71,8 @@ def classifier_info(run: cli.Run) -> dict:
     if not os.path.exists(path):
         from ssl_ema import data
         c = run.config
-        return describe(data.build(c.dataset, c.labels, c.valid, c.seed, 'none', c.data_dir))
+        return describe(data.build(c.dataset, c.labels, c.valid, c.seed, 'none', c.data_dir,
+                                   input_norm=c.input_norm))
     try:
         with open(path) as f:
             info = json.load(f)
@@ -95,11 +96,14 @@ def restore_backbone(run: cli.Run, info: dict, model: str = 'ema',
     import tensorflow as tf
     from ssl_ema import backbones
     path = run.checkpoint(checkpoint)
-    arch = run.config.arch
+    c = run.config
+    arch = c.arch
     # Float32 stock Keras layers whatever the run trained with, where backbones offers it.
     portable = ({'portable': True} if 'portable' in inspect.signature(backbones.build).parameters
                 else {})
-    net = backbones.build(arch, tuple(info['image_shape']), info['num_classes'], **portable)
+    # The Trainer's architecture flags (as trainer.py builds the student).
+    net = backbones.build(arch, tuple(info['image_shape']), info['num_classes'],
+                          conv_bias=c.wrn_conv_bias, **portable)
     key = cli.CHECKPOINT_KEYS[model]
     try:   # the Trainer checkpoints each model as the list of its variables
         status = tf.train.Checkpoint(**{key: list(net.variables)}).restore(path)

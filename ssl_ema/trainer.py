@@ -64,11 +64,13 @@ class Trainer:
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
-                                           conv_bias=cfg.wrn_conv_bias)
+                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision)
             self.ema = EMA(self.student, cfg.ema_decay, cfg.ema_warmup)
             self._build_algorithm_state(data)
             self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
+            if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
@@ -91,6 +93,10 @@ class Trainer:
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
+        # XLA compiles each replica's step (the iterator and the cross-replica EMA update stay
+        # outside it); runs/SPEED.md has the measurements behind --jit_compile's default.
+        self._compiled_replica_step = (tf.function(self._replica_step, jit_compile=True)
+                                       if cfg.jit_compile else self._replica_step)
 
     # ---- the algorithm's own state and heads ------------------------------------------------
     def _build_algorithm_state(self, data):
@@ -152,6 +158,8 @@ class Trainer:
                 decay = self.cfg.weight_decay * l2_penalty(self.decayed)
             # Each replica averages over its share of the batch; the optimizer sums replicas.
             scaled = (total + decay if l2 else total) / self.strategy.num_replicas_in_sync
+            # The loss scale of --precision=mixed_float16 (identity otherwise).
+            scaled = self.optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, self.trainable)
         self.optimizer.apply(grads, self.trainable)
         for name, value in out.state.items():
@@ -166,7 +174,8 @@ class Trainer:
     @tf.function
     def _train_step(self, iterator):
         (labeled_x, labels), unlabeled = next(iterator)
-        per_replica = self.strategy.run(self._replica_step, args=(labeled_x, labels, unlabeled))
+        per_replica = self.strategy.run(self._compiled_replica_step,
+                                        args=(labeled_x, labels, unlabeled))
         if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
             # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
             shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)

@@ -153,8 +153,9 @@ def test_remixmatch_guess_is_aligned_and_sharpened():
 
 
 class Model:
-    """A callable with the attribute call_keeping_statistics needs."""
+    """A callable with the attributes call_keeping_statistics needs."""
     non_trainable_weights = []
+    layers = []
 
     def __init__(self, fn):
         self.fn = fn
