@@ -36,7 +36,12 @@ SHARED_HELP = {
                  'the statistics (the anchors\' pi_model.py, pseudo_label.py, mean_teacher.py, '
                  'ict.py). joint is the default: our CPU results (runs/RESULTS.md) were '
                  'measured with it.',
+    'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
+               'being trained) or ema (the EMA of its weights, in inference mode).',
+    'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
 }
+
+TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
 
 # Valid values of hyperparameters, checked whenever an algorithm is built: name -> (test, rule).
 VALID = {
@@ -51,6 +56,13 @@ VALID = {
     'vat_xi': (lambda v: v > 0, '> 0'),
     'ramp_up': (lambda v: v in losses.RAMPUPS, 'one of ' + ', '.join(losses.RAMPUPS)),
     'bn_passes': (lambda v: v in ('joint', 'separate'), 'joint or separate'),
+    'teacher': (lambda v: v in TEACHERS, ' or '.join(TEACHERS)),
+    'state_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'fairness_weight': (lambda v: v >= 0, '>= 0'),
+    'pre_mixup_weight': (lambda v: v >= 0, '>= 0'),
+    'rotation_weight': (lambda v: v >= 0, '>= 0'),
+    'n_sigma': (lambda v: v > 0, '> 0'),
+    'strong_views': (lambda v: v >= 1, '>= 1'),
 }
 
 
@@ -65,6 +77,9 @@ class Batch:
     # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel (127.5 / std
     # with standardised inputs): input noise and VAT's epsilon are defined in pixel units.
     pixel_scale: tf.Tensor = 1.
+    state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # see Algorithm.state
+    unlabeled_index: tf.Tensor = None  # each unlabeled image's index in the pool (needs_indices)
+    heads: object = None               # the student with the algorithm's `heads` (see with_heads)
 
 
 @dataclasses.dataclass
@@ -72,6 +87,7 @@ class Losses:
     labeled: tf.Tensor                 # supervised term
     unlabeled: tf.Tensor               # everything else, weights and ramp-up already applied
     metrics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+    state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # new state values
 
 
 class Algorithm:
@@ -81,6 +97,16 @@ class Algorithm:
     # algorithms that ramp declare it as a field (the shared --ramp_up flag, each with its
     # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
+    needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
+    heads: Dict[str, int] = {}   # extra dense heads on the penultimate features: name -> units
+
+    def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
+        """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
+        one variable of each, checkpoints it and hands its value in `batch.state`; the algorithm
+        returns the new values in `Losses.state`. Under tf.distribute the new values must be the
+        same on every replica: compute them from statistics reduced with `replica_mean` or
+        `replica_concat` (the trainer keeps the first replica's)."""
+        return {}
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -94,6 +120,74 @@ class Algorithm:
         `teacher(x)` is the averaged classifier, `teacher(x, training=True)` the same weights
         with batch statistics and dropout (Mean Teacher's noisy teacher)."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    shape: Tuple[int, ...]
+    initial: float
+    dtype: tf.DType = tf.float32
+
+
+def initial_state(algorithm, num_classes: int, pool_size: int) -> Dict[str, tf.Tensor]:
+    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
+    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
+            for name, s in algorithm.state(num_classes, pool_size).items()}
+
+
+def replica_mean(x):
+    """Mean of `x` over the replicas of a tf.distribute step (`x` itself on one device). The
+    per-replica batches are equal, so the mean of per-replica means is the global batch's."""
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def replica_concat(x):
+    """`x` of every replica concatenated along the batch axis, in replica order: the global
+    batch, the same on every replica."""
+    return tf.distribute.get_replica_context().all_gather(x, axis=0)
+
+
+def target_logits(algorithm, teacher, x, student_logits):
+    """The logits that targets or pseudo-labels come from, gradient stopped: the student's own
+    (`student_logits`, already computed on `x`) with --teacher=student; with --teacher=ema the
+    EMA model's on `x` in inference mode (moving batch-norm statistics, no dropout): the averaged
+    classifier that is evaluated, so a pseudo-label is exactly the EMA model's prediction and its
+    confidence is not shaken by the batch's own statistics (Mean Teacher's noisy training-mode
+    teacher feeds a soft squared-error cost; thresholded pseudo-labels want the calibrated one)."""
+    if algorithm.teacher == 'ema':
+        return tf.stop_gradient(teacher(x))
+    return tf.stop_gradient(student_logits)
+
+
+def teacher_field(default='student'):
+    """The --teacher field of an algorithm that makes targets from a model's prediction."""
+    return hparam(default, 'Model whose predictions become the targets: student or ema.')
+
+
+def with_heads(student, heads: Dict[str, int]):
+    """A model sharing every layer of `student` that returns [logits, *one output per head], each
+    head a new Dense layer on the student's penultimate features (its global-average-pooled
+    features: every backbone ends with pooling then one Dense). E.g. ReMixMatch's rotation head."""
+    import keras
+    features = student.layers[-2].output
+    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(features)
+                                      for name, units in heads.items()]
+    return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
+
+
+class WeakStrong(Algorithm):
+    """FixMatch's family (FlexMatch, FreeMatch, SoftMatch): targets from a weak view of each
+    unlabeled image train the prediction on a strong view, with a constant unlabeled weight."""
+    views = ('weak', 'strong')
+    ramp_up = 'none'
+
+    def weak_strong(self, student, teacher, batch: Batch):
+        """One training pass over labeled, weak and strong images (shared batch norm). Returns
+        (labeled cross-entropy, the targets' class probabilities on the weak view, gradient
+        stopped and from --teacher, strong-view logits)."""
+        weak, strong = batch.unlabeled
+        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
+        return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
 
 
 def forward(model, batch: Batch, *unlabeled, passes='joint'):

@@ -7,11 +7,13 @@ trained with cross-entropy on a strongly augmented view of the same image (RandA
 (Eq. 5), lambda_u = `consistency_weight` = 1, without ramp-up (Sec. 3.2). Labeled, weak and strong
 images go through one forward pass so batch norm sees them together (the anchors' choice). The
 paper's unlabeled ratio is mu = 7: `--uratio=7` (this toolkit's shared default is 4).
+`--teacher=ema`: the pseudo-labels come from the EMA model (base.target_logits).
 """
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
+                                     teacher_field)
 
 
 @register('fixmatch')
@@ -24,10 +26,13 @@ class FixMatch(Algorithm):
     confidence_threshold: float = hparam(
         0.95, 'Largest class probability an unlabeled prediction needs to count (as a '
         'pseudo-label, or as a consistency target for uda).')
+    teacher: str = teacher_field()   # the paper's pseudo-labels are the student's own
 
     def __call__(self, student, teacher, batch):
         xe, (weak_logits, strong_logits) = forward(student, batch, *batch.unlabeled)
+        weak, _ = batch.unlabeled
         pseudo, mask = losses.confident_pseudo_label_loss(
-            weak_logits, strong_logits, self.confidence_threshold)
+            target_logits(self, teacher, weak, weak_logits), strong_logits,
+            self.confidence_threshold)
         return Losses(xe, self.consistency_weight * pseudo,
                       {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask)})

@@ -14,7 +14,8 @@ so batch norm sees labeled and unlabeled together (what the paper's interleaving
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, Losses, concat_forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, Losses, concat_forward, hparam, register,
+                                     target_logits, teacher_field)
 from ssl_ema.backbones import call_keeping_statistics
 
 
@@ -26,6 +27,7 @@ class MixMatch(Algorithm):
     mixup_alpha: float = hparam(0.75, 'alpha of the Beta(alpha, alpha) mixup coefficients.')
     label_guess_views: int = hparam(
         2, 'K: weak augmentations of each unlabeled image averaged to guess its label.')
+    teacher: str = teacher_field()   # the paper guesses with the student
     ramp_up: str = hparam('linear', 'Ramp-up shape of lambda_U (linear: the anchors\').')
 
     @property
@@ -35,7 +37,10 @@ class MixMatch(Algorithm):
     def __call__(self, student, teacher, batch):
         # The guess comes from the student in training mode, as in the paper's code (Eq. 6); as
         # there, the guessing pass does not update the batch-norm statistics.
-        views = call_keeping_statistics(student, tf.concat(batch.unlabeled, 0))
+        # --teacher=ema guesses with the EMA model instead.
+        unlabeled = tf.concat(batch.unlabeled, 0)
+        views = target_logits(self, teacher, unlabeled, None if self.teacher == 'ema' else
+                              call_keeping_statistics(student, unlabeled))
         guesses = [tf.nn.softmax(logits) for logits in tf.split(views, len(batch.unlabeled))]
         guess = tf.stop_gradient(losses.sharpen(tf.add_n(guesses) / len(guesses),
                                                 self.temperature))

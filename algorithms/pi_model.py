@@ -10,7 +10,8 @@ the target with its gradient stopped, and `consistency_weight` is 10.
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
+                                     teacher_field)
 
 
 @register('pi_model')
@@ -19,11 +20,12 @@ class PiModel(Algorithm):
     consistency_weight: float = hparam(10., 'Weight of the Pi-model consistency (ramped up).')
     ramp_up: str = hparam('sigmoid', 'Ramp-up shape (sigmoid: the paper\'s exp(-5(1-t)^2)).')
     bn_passes: str = hparam('joint', 'Labeled and unlabeled views in one pass or separate ones.')
+    teacher: str = teacher_field()   # the paper: a second pass of the student itself
 
     def __call__(self, student, teacher, batch):
-        xe, (target_logits, logits) = forward(student, batch, *batch.unlabeled,
-                                              passes=self.bn_passes)
-        target = tf.stop_gradient(tf.nn.softmax(target_logits))
+        xe, (first_logits, logits) = forward(student, batch, *batch.unlabeled,
+                                             passes=self.bn_passes)
+        target = tf.nn.softmax(target_logits(self, teacher, batch.unlabeled[0], first_logits))
         consistency = losses.softmax_mse(logits, target)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency,
                       {'consistency': consistency})

@@ -10,7 +10,8 @@ batch, and the weight is 1.
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
+                                     teacher_field)
 
 
 @register('pseudo_label')
@@ -21,10 +22,13 @@ class PseudoLabel(Algorithm):
         0.95, 'Largest class probability a prediction needs to become a (pseudo-)label.')
     ramp_up: str = hparam('linear', 'Ramp-up shape of the pseudo-label weight (the anchors\').')
     bn_passes: str = hparam('joint', 'Labeled and unlabeled images in one pass or separate ones.')
+    teacher: str = teacher_field()   # Lee 2013: the network's own prediction
 
     def __call__(self, student, teacher, batch):
         xe, (logits,) = forward(student, batch, *batch.unlabeled, passes=self.bn_passes)
-        # The same logits give the label (gradient stopped) and are trained toward it.
-        pseudo, mask = losses.confident_pseudo_label_loss(logits, logits, self.confidence_threshold)
+        # The same logits give the label (gradient stopped) and are trained toward it, unless
+        # --teacher=ema takes the label from the EMA model.
+        target = target_logits(self, teacher, batch.unlabeled[0], logits)
+        pseudo, mask = losses.confident_pseudo_label_loss(target, logits, self.confidence_threshold)
         return Losses(xe, batch.ramp * self.consistency_weight * pseudo,
                       {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask)})

@@ -13,7 +13,8 @@ pass over labeled, weak and strong images (shared batch norm).
 import tensorflow as tf
 
 from ssl_ema import losses
-from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, concat_forward, hparam, register
+from ssl_ema.algorithms.base import (Algorithm, ConfigError, Losses, concat_forward, hparam,
+                                     register, target_logits, teacher_field)
 
 TSA_SCHEDULES = ('none', 'linear', 'log', 'exp')
 
@@ -28,6 +29,7 @@ class UDA(Algorithm):
         0.8, 'Confidence beta a weak-view prediction needs for its image to count.')
     tsa: str = hparam('none', 'Training Signal Annealing schedule of the labeled loss: '
                       + ', '.join(TSA_SCHEDULES) + '.')
+    teacher: str = teacher_field()   # the paper: the student's own weak-view prediction
 
     def __post_init__(self):
         super().__post_init__()
@@ -37,7 +39,7 @@ class UDA(Algorithm):
     def __call__(self, student, teacher, batch):
         labeled_logits, weak_logits, strong_logits = concat_forward(
             student, batch.labeled_x, *batch.unlabeled)
-        probs = tf.stop_gradient(tf.nn.softmax(weak_logits))
+        probs = tf.nn.softmax(target_logits(self, teacher, batch.unlabeled[0], weak_logits))
         mask = losses.confidence_mask(probs, self.confidence_threshold)
         consistency = losses.soft_cross_entropy(losses.sharpen(probs, self.temperature),
                                                 strong_logits, mask)

@@ -100,11 +100,18 @@ class SSLData:
             return self._augment(self.augment, x, seed), tf.gather(self._labels, idx)
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def unlabeled(self, batch: int, views: Sequence[str], start_step: int = 0) -> tf.data.Dataset:
+    @property
+    def unlabeled_size(self) -> int:
+        """Images in the unlabeled pool (the range of the indices `unlabeled` can yield)."""
+        return int(self._unlabeled_x.shape[0])
+
+    def unlabeled(self, batch: int, views: Sequence[str], start_step: int = 0,
+                  indices: bool = False) -> tf.data.Dataset:
         """A tuple of augmented views of the same unlabeled images per step.
 
         A view named 'weak' gets the run's --augment; other names ('strong', 'none') are taken
-        literally, so an algorithm asks for exactly the views its paper uses.
+        literally, so an algorithm asks for exactly the views its paper uses. With `indices`, the
+        tuple ends with the images' indices in the pool (FlexMatch's per-image state).
         """
         steps, base = self._stream(self._unlabeled_x, batch, _UNLABELED, start_step)
 
@@ -112,14 +119,16 @@ class SSLData:
             x = tf.gather(self._unlabeled_x, idx)
             seeds = tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base, step), len(views))
-            return tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i])
-                         for i, v in enumerate(views))
+            out = tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i])
+                        for i, v in enumerate(views))
+            return out + (idx,) if indices else out
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0):
-        """((labeled images, labels), unlabeled views) per step, prefetched."""
+    def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0,
+              indices: bool = False):
+        """((labeled images, labels), unlabeled views [+ indices]) per step, prefetched."""
         return tf.data.Dataset.zip((self.labeled(batch, start_step),
-                                    self.unlabeled(batch * uratio, views, start_step))
+                                    self.unlabeled(batch * uratio, views, start_step, indices))
                                    ).prefetch(tf.data.AUTOTUNE)
 
     def eval_arrays(self) -> dict:

@@ -126,7 +126,7 @@ def call_keeping_statistics(model, x):
     with batch_norm.keeping_statistics():
         logits = model(x, training=True)
     # Ops on one variable run in program order, so the restore follows the call's own update.
-    with tf.control_dependencies([logits]):
+    with tf.control_dependencies(tf.nest.flatten(logits)):   # (a list for a multi-head model)
         for v, value in zip(stats, saved):
             v.assign(value)
     return logits

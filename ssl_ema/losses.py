@@ -157,3 +157,79 @@ def tsa_cross_entropy(labels, logits, threshold):
     per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     keep = tf.cast(tf.exp(-per_example) <= threshold, tf.float32)   # p_correct = exp(-CE)
     return tf.reduce_sum(per_example * keep) / tf.maximum(tf.reduce_sum(keep), 1.)
+
+
+# ---- the newer algorithms' pieces (FlexMatch, FreeMatch, SoftMatch, ReMixMatch) ----------------
+
+def moving_average(average, value, momentum):
+    """momentum * average + (1 - momentum) * value: the running averages FreeMatch (Sec. 3.2),
+    SoftMatch (Sec. 3.2) and ReMixMatch's distribution alignment keep of their predictions."""
+    return momentum * average + (1. - momentum) * value
+
+
+def align_distribution(probs, p_target, p_model):
+    """Distribution alignment (ReMixMatch Sec. 3.2; SoftMatch's uniform alignment, Sec. 3.3, with
+    p_target = 1/C): probs * p_target / p_model, renormalised per example. The 1e-6 in both
+    ratios is the anchors' and USB's guard against empty classes."""
+    aligned = probs * (p_target + 1e-6) / (p_model + 1e-6)
+    return aligned / tf.reduce_sum(aligned, axis=-1, keepdims=True)
+
+
+def flexmatch_learning_effect(selected, num_classes, warmup=True):
+    """FlexMatch's normalised learning effect beta_t(c) (Zhang et al. 2021, Sec. 3.2-3.3).
+
+    `selected` holds, per unlabeled image, the class it was last confidently (>= tau) predicted
+    as, or -1 if never. sigma(c) counts images of class c; beta(c) = sigma(c) / max_c sigma, with
+    the threshold warm-up (Sec. 3.3) counting the unused images (-1) among the candidates of the
+    max. While no image (or every image) has been selected, beta stays as the caller had it:
+    returns (beta, whether it was updated), as USB's FlexMatchThresholdingHook.update."""
+    counts = tf.math.bincount(tf.cast(selected, tf.int32) + 1, minlength=num_classes + 1,
+                              maxlength=num_classes + 1, dtype=tf.float32)
+    largest = tf.reduce_max(counts if warmup else counts[1:])
+    update = tf.reduce_max(counts) < tf.cast(tf.size(selected), tf.float32)
+    return counts[1:] / tf.maximum(largest, 1.), update
+
+
+def flexmatch_threshold(beta, tau):
+    """The flexible threshold T_t(c) = M(beta_t(c)) tau with the convex mapping
+    M(x) = x / (2 - x) (FlexMatch Sec. 3.2-3.3, USB's default)."""
+    return tau * beta / (2. - beta)
+
+
+def freematch_mask(max_probs, classes, global_threshold, p_model):
+    """FreeMatch's self-adaptive threshold (Wang et al. 2023, Sec. 3.2): an image counts when its
+    confidence reaches tau_t(c) = MaxNorm(p~_t)(c) * tau_t, for its predicted class c."""
+    local = p_model / tf.reduce_max(p_model)
+    return tf.cast(max_probs >= global_threshold * tf.gather(local, classes), tf.float32)
+
+
+def _sum_normalise(p):
+    return p / tf.maximum(tf.reduce_sum(p, axis=-1, keepdims=True), 1e-12)   # 0 stays 0
+
+
+def freematch_fairness(target_probs, target_hist, probs, hist):
+    """FreeMatch's self-adaptive fairness term (Sec. 3.3) as USB computes it:
+    sum_c SumNorm(p~_t / h~_t)(c) log SumNorm(p-bar / h-bar)(c), with p~, h~ the running
+    averages of the unlabeled predictions and their histogram, p-bar, h-bar the mean strong-view
+    prediction and its histogram over the confident images (-H(.,.), minimised as a loss).
+    Classes absent from a histogram get weight 0 (USB's 1/0 -> 0)."""
+    def inverse(h):
+        return tf.where(h > 0, 1. / tf.where(h > 0, h, 1.), 0.)
+    target = tf.stop_gradient(_sum_normalise(target_probs * inverse(target_hist)))
+    mean = _sum_normalise(probs * tf.stop_gradient(inverse(hist)))
+    return tf.reduce_sum(target * tf.math.log(mean + 1e-12))
+
+
+def truncated_gaussian_weight(max_probs, mean, variance, n_sigma=2.):
+    """SoftMatch's sample weight (Chen et al. 2023, Sec. 3.2): 1 above the running mean confidence
+    mu_t, exp(-(max p - mu_t)^2 / (2 sigma_t^2 / n_sigma^2)) below it (USB's n_sigma = 2)."""
+    below = tf.minimum(max_probs - mean, 0.)
+    return tf.exp(-tf.square(below) / (2. * variance / n_sigma ** 2))
+
+
+def rotate(images, quarter_turns):
+    """Each image [h, w, c] rotated counter-clockwise by its own multiple of 90 degrees (0..3),
+    for ReMixMatch's rotation loss (Sec. 3.3); the images must be square."""
+    turns = tf.stack([tf.image.rot90(images, k) for k in range(4)])   # [4, n, h, w, c]
+    n = tf.shape(images)[0]
+    return tf.gather_nd(turns, tf.stack([tf.cast(quarter_turns, tf.int32), tf.range(n)], 1))

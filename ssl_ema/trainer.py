@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from ssl_ema import backbones, cluster, evaluation, files, losses, posthoc
-from ssl_ema.algorithms import Batch
+from ssl_ema.algorithms import Batch, base
 from ssl_ema.config import ConfigError, TrainConfig, parse_floats
 from ssl_ema.data import pipeline
 from ssl_ema.data.datasets import one_line
@@ -96,11 +96,12 @@ class Trainer:
             self.profiles = [PowerEMA(self.student, s, cfg.ema_bn, f'power_{s:g}')
                              for s in parse_floats(cfg.posthoc_sigma_rels)
                              ] if cfg.posthoc_snapshot_every_kimg else []
+            self._build_algorithm_state(data)
             self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
             if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-            self.optimizer.build(self.student.trainable_variables)
+            self.optimizer.build(self.trainable)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
             self.guard = NonFiniteGuard()
@@ -112,7 +113,8 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
-            optimizer=self.optimizer, rng=self.rng,
+            optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
+            heads=self.head_variables,
             averages={a.name: list(a.model.variables) + [a.updates]
                       for a in self._all_averages() if a is not self.ema})
         # Multi-worker (cluster.py): only the chief writes train_dir (and evaluates). Every
@@ -192,6 +194,22 @@ class Trainer:
                 + os.path.join(self.train_dir, posthoc.SNAPSHOTS))
         return text
 
+    # ---- the algorithm's own state and heads ------------------------------------------------
+    def _build_algorithm_state(self, data):
+        """Variables for the algorithm's declared state (checkpointed; every replica keeps the
+        first replica's update, which the algorithm computes from cross-replica statistics) and
+        its extra heads (trained with the student, not part of the EMA or the evaluation)."""
+        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size)
+        self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
+                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                      for name, value in initial.items()}
+        self.heads = (base.with_heads(self.student, self.algorithm.heads)
+                      if self.algorithm.heads else None)
+        own = {id(v) for v in self.student.trainable_variables}
+        self.head_variables = [v for v in (self.heads.trainable_variables if self.heads else [])
+                               if id(v) not in own]
+        self.trainable = list(self.student.trainable_variables) + self.head_variables
+
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
@@ -226,8 +244,12 @@ class Trainer:
     def _replica_step(self, labeled_x, labels, unlabeled):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
         ramp = losses.RAMPUPS[self.algorithm.ramp_up](progress, self.cfg.warmup_fraction)
+        index = None
+        if self.algorithm.needs_indices:
+            unlabeled, index = unlabeled[:-1], unlabeled[-1]
+        state = {k: tf.identity(v) for k, v in self.state.items()}
         batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress,
-                      self.pixel_scale)
+                      self.pixel_scale, state, index, self.heads)
         l2 = self.cfg.weight_decay_type == 'l2' and bool(self.decayed)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
@@ -238,8 +260,10 @@ class Trainer:
             scaled = (total + decay if l2 else total) / self.strategy.num_replicas_in_sync
             # The loss scale of --precision=mixed_float16 (identity otherwise).
             scaled = self.optimizer.scale_loss(scaled)
-        grads = tape.gradient(scaled, self.student.trainable_variables)
-        self.optimizer.apply(grads, self.student.trainable_variables)
+        grads = tape.gradient(scaled, self.trainable)
+        self.optimizer.apply(grads, self.trainable)
+        for name, value in out.state.items():
+            self.state[name].assign(value)
         metrics = {'loss/total': total, 'loss/labeled': out.labeled, 'loss/unlabeled': out.unlabeled,
                    'consistency_weight': ramp * self.algorithm.consistency_weight}
         if l2:
@@ -270,7 +294,8 @@ class Trainer:
 
         def replica_batches(context):   # called once per worker
             if views:
-                ds = self.data.train(cfg.batch, cfg.uratio, views, start_step)
+                ds = self.data.train(cfg.batch, cfg.uratio, views, start_step,
+                                     self.algorithm.needs_indices)
             else:   # supervised: never touch the unlabeled pool
                 ds = self.data.labeled(cfg.batch, start_step)
             ds = pipeline.replica_shares(ds, context)

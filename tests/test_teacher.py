@@ -1,0 +1,55 @@
+"""--teacher=student|ema: with ema, the targets and pseudo-labels of every algorithm that makes
+them from a prediction come from the EMA model (in inference mode), not from the student."""
+import pytest
+import tensorflow as tf
+
+from ssl_ema import algorithms, backbones, losses
+from ssl_ema.algorithms import base
+from ssl_ema.ema import EMA
+from test_new_algorithms import random_batch
+
+TEACHING = sorted(name for name, cls in algorithms.ALGORITHMS.items()
+                  if 'teacher' in cls.__dataclass_fields__)
+
+
+def confident_teacher(student, label):
+    """An EMA model predicting `label` for every image, with near certainty."""
+    teacher = EMA(student)
+    kernel, bias = teacher.model.layers[-1].weights
+    kernel.assign(tf.zeros_like(kernel))
+    bias.assign(20. * tf.one_hot(label, bias.shape[0]))
+    return teacher
+
+
+def test_every_target_making_algorithm_has_the_teacher_flag():
+    assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
+                             'flexmatch', 'freematch', 'softmatch', 'remixmatch'}
+
+
+@pytest.mark.parametrize('name', TEACHING)
+def test_teacher_ema_makes_the_targets(name):
+    """Two EMA teachers predicting different classes give different unlabeled losses with
+    --teacher=ema (the targets are theirs), and the same one with --teacher=student."""
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    heads = base.with_heads(student, {'rotation': 4})
+    teachers = [confident_teacher(student, 3), confident_teacher(student, 7)]
+
+    def unlabeled_loss(teacher_flag, teacher):
+        algorithm = algorithms.ALGORITHMS[name](teacher=teacher_flag)
+        return float(algorithm(student, teacher, random_batch(algorithm, heads=heads)).unlabeled)
+    ema = [unlabeled_loss('ema', t) for t in teachers]
+    own = [unlabeled_loss('student', t) for t in teachers]
+    assert abs(ema[0] - ema[1]) > 1e-3 * max(1., abs(ema[0])), ema
+    assert own[0] == pytest.approx(own[1], rel=1e-5), own
+
+
+def test_fixmatch_pseudo_labels_are_the_ema_models_class():
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    algorithm = algorithms.ALGORITHMS['fixmatch'](teacher='ema')
+    batch = random_batch(algorithm)
+    out = algorithm(student, confident_teacher(student, 3), batch)
+    # the student's logits on the strong view, from the same joint training-mode pass
+    strong = student(tf.concat((batch.labeled_x,) + batch.unlabeled, 0), training=True)[-8:]
+    assert float(out.metrics['mask']) == 1.
+    expected = float(losses.cross_entropy(tf.fill([8], 3), strong))
+    assert float(out.metrics['pseudo_label']) == pytest.approx(expected, rel=1e-4)
