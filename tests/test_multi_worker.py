@@ -17,7 +17,7 @@ from ssl_ema.trainer import Trainer
 
 FLAGS = ['--batch=16', '--uratio=2', '--arch=small_cnn', '--eval_every_kimg=0.0625',
          '--log_every_steps=4']   # evaluations and checkpoints every 4 steps
-RUN_FILES = {'accuracy.json', 'checkpoints', 'classifier.json', 'evaluations.jsonl', 'export',
+RUN_FILES = {'.lock', 'accuracy.json', 'checkpoints', 'classifier.json', 'evaluations.jsonl', 'export',
              'flagfile', 'flags.json', 'split.json', 'tensorboard'}
 TIMEOUT_S = 240   # every process stops by itself; this only bounds a broken one
 

@@ -333,7 +333,11 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
     defaults = {name: cls().ramp_up for name, cls in algorithms.ALGORITHMS.items()}
     assert defaults == {'fixmatch': 'none', 'uda': 'none', 'pi_model': 'sigmoid',
                         'mean_teacher': 'sigmoid', 'ict': 'sigmoid', 'vat': 'linear',
-                        'pseudo_label': 'linear', 'mixmatch': 'linear', 'supervised': 'linear'}
+                        'pseudo_label': 'linear', 'mixmatch': 'linear', 'supervised': 'linear',
+                        # the newer algorithms: FixMatch's constant weight, ReMixMatch the
+                        # anchors' linear ramp (remixmatch_no_cta.py)
+                        'flexmatch': 'none', 'freematch': 'none', 'softmatch': 'none',
+                        'remixmatch': 'linear'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
     from ssl_ema.config import ConfigError
     with pytest.raises(ConfigError, match='--ramp_up=cosine is invalid for --algorithm=pi_model'):
