@@ -50,10 +50,14 @@ class FixedBatches:
     def images(self, n):
         return self.rng.normal(0, 1, (n,) + self.image_shape).astype(np.float32)
 
-    def train(self, batch, uratio, views, start_step=0):
+    unlabeled_size = 50_000   # the pool size algorithms with per-image state are built for
+
+    def train(self, batch, uratio, views, start_step=0, indices=False):
         import tensorflow as tf
         labeled = (self.images(batch), np.arange(batch) % NUM_CLASSES)
         unlabeled = tuple(self.images(batch * uratio) for _ in views)
+        if indices:   # e.g. flexmatch: the images' places in the unlabeled pool
+            unlabeled += (np.arange(batch * uratio, dtype=np.int64),)
         return tf.data.Dataset.from_tensors((labeled, unlabeled)).repeat()
 
     def eval_arrays(self):
