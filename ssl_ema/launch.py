@@ -78,19 +78,22 @@ def describe(index: int, worker, code: int) -> str:
     return f'worker {index} (pid {worker.pid}) {how}'
 
 
-def stop(workers: list, grace_s: float, signal_first=signal.SIGTERM):
+def stop(workers: list, grace_s: float, signal_first=signal.SIGTERM) -> set:
     """Send `signal_first` to every running worker (None: nothing), SIGKILL those still running
-    after grace_s seconds."""
+    after grace_s seconds; returns the indices of the workers it had to kill."""
     for w in workers:
         if w.poll() is None and signal_first:
             w.send_signal(signal_first)
     deadline = time.time() + grace_s
     while any(w.poll() is None for w in workers) and time.time() < deadline:
         time.sleep(POLL_S)
-    for w in workers:
+    forced = set()
+    for index, w in enumerate(workers):
         if w.poll() is None:
             w.kill()
             w.wait()
+            forced.add(index)
+    return forced
 
 
 def supervise(workers: list):
@@ -133,12 +136,17 @@ def main(argv):
         if failed is None:
             return
         index, code = failed
+        # The others notice the lost worker themselves within seconds (and say so); a SIGTERM
+        # would only make them try to save a checkpoint together with it.
+        forced = stop(workers, FLAGS.stop_grace_s, signal_first=None)
+        # Name the cause: a worker killed by a signal (not by us) if there is one. Its loss makes
+        # the others exit with code 1 within seconds, and one of those may be seen first.
+        killed = [i for i, w in enumerate(workers) if w.returncode < 0 and i not in forced]
+        if killed and index not in killed:
+            index, code = killed[0], workers[killed[0]].returncode
         if index:   # the chief's output was streamed already
             log = os.path.join(log_dir, f'worker{index}.log')
             print(f'--- last lines of worker {index}:\n{tail(log)}', file=sys.stderr)
-        # The others notice the lost worker themselves within seconds (and say so); a SIGTERM
-        # would only make them try to save a checkpoint together with it.
-        stop(workers, FLAGS.stop_grace_s, signal_first=None)
         sys.exit(f'error: {describe(index, workers[index], code)}; stopped the other workers. '
                  'Running the same command again resumes from the last checkpoint.')
 
