@@ -99,6 +99,27 @@ class Run:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in self.record['config'].items() if k in known})
 
+    def dataset(self, augment: Optional[str] = None):
+        """The run's SSLData as ssl_ema.train built it: the same labeled split, validation set
+        and input normalisation (its --augment unless `augment` is given)."""
+        from ssl_ema import data
+        c = self.config
+        return data.build(c.dataset, c.labels, c.valid, c.seed,
+                          c.augment if augment is None else augment, c.data_dir,
+                          input_norm=c.input_norm)
+
+    def statistics_batches(self, dataset=None) -> Optional[list]:
+        """For an --ema_bn=recompute run, the training batches over which the Trainer
+        re-estimates an average's batch-norm statistics before evaluating it (its checkpoints hold
+        the student's statistics in the averages); None for the other --ema_bn modes."""
+        c = self.config
+        if c.ema_bn != 'recompute':
+            return None
+        from ssl_ema import algorithms
+        from ssl_ema.trainer import statistics_batches
+        return statistics_batches(dataset or self.dataset(), c,
+                                  bool(algorithms.ALGORITHMS[c.algorithm].views))
+
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.train_dir, 'checkpoints')

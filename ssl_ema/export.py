@@ -14,7 +14,9 @@ probabilities [N, K] (softmax). OUT holds:
 
 Every run that ssl_ema.train finishes exports its EMA classifier to DIR/export/ this way.
 The weights come from a checkpoint: `ema` is the Trainer's `teacher` (the EMA of the weights,
-batch-norm statistics included, see ema.py), `raw` the `student`.
+batch-norm statistics as the run's --ema_bn: averaged, the student's, or, for `recompute`,
+re-estimated for the EMA weights over the same training batches as the Trainer's evaluations,
+see ema.py), `raw` the `student`.
 """
 import dataclasses
 import json
@@ -68,10 +70,7 @@ def classifier_info(run: cli.Run) -> dict:
     """DIR/classifier.json, or, for a run made before it existed, rebuilt from its dataset."""
     path = os.path.join(run.train_dir, CLASSIFIER_INFO)
     if not os.path.exists(path):
-        from ssl_ema import data
-        c = run.config
-        return describe(data.build(c.dataset, c.labels, c.valid, c.seed, 'none', c.data_dir,
-                                   input_norm=c.input_norm))
+        return describe(run.dataset(augment='none'))
     try:
         with open(path) as f:
             info = json.load(f)
@@ -114,6 +113,9 @@ def restore_backbone(run: cli.Run, info: dict, model: str = 'ema',
         step = int(tf.train.load_variable(path, 'step/.ATTRIBUTES/VARIABLE_VALUE'))
     except (ValueError, tf.errors.OpError):
         step = None
+    if model != 'raw' and c.ema_bn == 'recompute':   # as the Trainer evaluates the average
+        from ssl_ema.ema import recompute_statistics
+        recompute_statistics(net, run.statistics_batches())
     return net, path, step
 
 

@@ -108,16 +108,11 @@ def reconstruct(weights, coefficients):
 # ---- the command ----------------------------------------------------------------------------
 def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     """Reconstruct and evaluate every sigma_rel; the result written to DIR/posthoc.json."""
-    from ssl_ema import algorithms, backbones, cli, data, evaluation
-    from ssl_ema.config import TrainConfig
+    from ssl_ema import backbones, cli, evaluation
     from ssl_ema.ema import recompute_statistics, sigma_rel_to_gamma
-    from ssl_ema.trainer import statistics_batches
 
-    record = cli.read_run_record(train_dir)
-    if record is None:
-        raise ConfigError(f'--train_dir={train_dir} holds no run (no flags.json)')
-    known = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in record['config'].items() if k in known})
+    run = cli.open_run(train_dir)
+    cfg = run.config
     steps, tracked, weights = load_snapshots(train_dir)
     if not len(steps):
         raise ConfigError(f'--train_dir={train_dir} has no post-hoc EMA snapshots in '
@@ -127,12 +122,13 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     if target < cfg.total_steps:
         log(f'warning: the run stopped at step {target:.0f} of {cfg.total_steps}: reconstructing '
             'the EMA at its last snapshot')
-    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir)
-    model = backbones.build(cfg.arch, dataset.image_shape, dataset.num_classes)
+    dataset = run.dataset()   # the run's normalisation and architecture flags, as trained
+    # Stock float32 Keras layers (as ssl_ema.export): the chosen model is exported from it.
+    model = backbones.build(cfg.arch, dataset.image_shape, dataset.num_classes,
+                            conv_bias=cfg.wrn_conv_bias, portable=True)
     predict = evaluation.make_predict(model, dataset.image_shape)
     eval_arrays = dataset.eval_arrays()
-    batches = (statistics_batches(dataset, cfg, bool(algorithms.ALGORITHMS[cfg.algorithm].views))
-               if cfg.ema_bn == 'recompute' else None)
+    batches = run.statistics_batches(dataset)
     gammas = np.array([sigma_rel_to_gamma(s) for s in tracked])
     results, best = [], None
     for sigma_rel in sigma_rels:

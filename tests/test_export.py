@@ -252,6 +252,34 @@ def test_evaluate_reproduces_the_runs_accuracy(run_dir, tmp_path):
                                                   dataset=f'npz:{tmp_path}/rgb.npz'), log=quiet)
 
 
+def test_a_recompute_run_exports_its_reestimated_statistics(digits_data, tmp_path):
+    """--ema_bn=recompute: the checkpointed EMA holds the student's batch-norm statistics; the
+    export (and ssl_ema.evaluate, which shares it) re-estimates them for the EMA weights over the
+    Trainer's batches, so it reproduces the in-training evaluation of the EMA model."""
+    import keras
+    import tensorflow as tf
+    from ssl_ema import evaluate
+    from ssl_ema.train import run
+    from ssl_ema.trainer import Trainer
+    train_dir = str(tmp_path / 'run')
+    cfg = tiny_config(algorithm='supervised', train_steps=20, ema_bn='recompute',
+                      ema_bn_batches=2, train_dir=train_dir)
+    run(cfg, algorithms.ALGORITHMS['supervised'](), log=quiet)
+    trainer = Trainer(cfg, algorithms.ALGORITHMS['supervised'](), digits_data, train_dir)
+    assert trainer.restore() == 20
+    x = trainer.eval_arrays['test'][0]
+    as_checkpointed = tf.nn.softmax(trainer.ema.model(x, training=False)).numpy()
+    with trainer._evaluation_statistics('ema'):
+        as_evaluated = tf.nn.softmax(trainer.ema.model(x, training=False)).numpy()
+    assert np.abs(as_evaluated - as_checkpointed).max() > 1e-3   # the statistics matter here
+    images = digits_data.arrays.x_test
+    exported = keras.saving.load_model(os.path.join(train_dir, 'export', 'model.keras'))
+    np.testing.assert_allclose(exported(images).numpy(), as_evaluated, atol=1e-5)
+    result = evaluate.evaluate(evaluate.EvaluateConfig(train_dir=train_dir), log=quiet)
+    summary = json.load(open(os.path.join(train_dir, 'accuracy.json')))
+    assert result['ema']['accuracy'] == summary['ema']['test']['last']
+
+
 def test_confusion_matrix_by_hand():
     from ssl_ema.evaluate import confusion_matrix
     got = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)

@@ -80,6 +80,7 @@ def test_resumed_run_drops_snapshots_newer_than_its_checkpoint(tmp_path):
 def test_posthoc_sweep_on_a_tiny_run(tmp_path):
     train_dir = str(tmp_path / 'run')
     cfg = tiny_config(algorithm='supervised', train_steps=40, posthoc_snapshot_every_kimg=0.125,
+                      input_norm='plus_minus_one',   # the sweep must normalise as the run did
                       train_dir=train_dir)   # a snapshot every 8 steps of 16 images
     run(cfg, algorithms.ALGORITHMS['supervised'](), log=lambda *a: None)
     assert sorted(os.listdir(os.path.join(train_dir, posthoc.SNAPSHOTS))) == [
@@ -98,6 +99,11 @@ def test_posthoc_sweep_on_a_tiny_run(tmp_path):
     probabilities = np.array(exported(images))
     assert probabilities.shape == (4, 10)
     np.testing.assert_allclose(probabilities.sum(-1), 1., rtol=1e-5)
+    # ... and it is the model the sweep chose: its test accuracy on the raw test images
+    from ssl_ema import data
+    digits = data.load('digits')
+    predicted = np.argmax(exported(digits.x_test), -1)
+    assert 100 * np.mean(predicted == digits.y_test) == pytest.approx(saved['best']['test'])
 
 
 def test_posthoc_without_snapshots_is_a_one_line_error(tmp_path):
