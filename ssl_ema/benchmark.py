@@ -51,6 +51,8 @@ NAMED_HERE = ('train_dir',)                     # the benchmark names each run's
 RESULT_FILES = ('results.csv', 'results.md', 'curves.png')
 SPLITS, MODELS, STATS = ('valid', 'test'), ('raw', 'ema'), ('last', 'median_last_20')
 TABLE_STAT = 'median_last_20'
+CURVE_STYLES, CURVE_NAMES = {'ema': '-', 'raw': '--'}, {'ema': 'EMA', 'raw': 'raw'}
+OTHER_STYLES = (':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))   # the other averages
 # Flags that say nothing about a run's result: left out of results.csv.
 _NOT_REPORTED = ('train_dir', 'data_dir', 'log_every_steps', 'keep_checkpoints')
 
@@ -339,6 +341,16 @@ def _row_labels(records) -> Dict[tuple, str]:
             else r['variant'] for r in records}
 
 
+def models_of(records) -> List[str]:
+    """The models the runs evaluated: raw and ema, then every other tracked average (the
+    --ema_decays horizons, polyak) in the order the runs list them."""
+    names = dict.fromkeys(MODELS)
+    for r in records:
+        names.update(dict.fromkeys(k for k, v in r['accuracy'].items()
+                                   if isinstance(v, dict) and 'test' in v))
+    return list(names)
+
+
 def csv_rows(records) -> (List[str], List[dict]):
     """results.csv: columns and one row per run."""
     flag_values = [{k: v for k, v in {**r['config'], **r['hparams']}.items()
@@ -347,7 +359,8 @@ def csv_rows(records) -> (List[str], List[dict]):
     fixed = ['algorithm', 'dataset', 'labels', 'seed']
     differing = [k for k in names if k not in fixed
                  and len({json.dumps(v.get(k)) for v in flag_values}) > 1]
-    accuracy_columns = [f'{m}_{s}_{stat}' for m in MODELS for s in SPLITS for stat in STATS]
+    models = models_of(records)
+    accuracy_columns = [f'{m}_{s}_{stat}' for m in models for s in SPLITS for stat in STATS]
     columns = (fixed + differing + accuracy_columns
                + ['step', 'total_steps', 'finished', 'evaluations', 'images_per_sec',
                   'wall_time_s', 'run'])
@@ -355,7 +368,7 @@ def csv_rows(records) -> (List[str], List[dict]):
     for r, values in zip(records, flag_values):
         row = {k: values.get(k, '') for k in fixed + differing}
         acc = r['accuracy']
-        for m in MODELS:
+        for m in models:
             for s in SPLITS:
                 for stat in STATS:
                     row[f'{m}_{s}_{stat}'] = acc.get(m, {}).get(s, {}).get(stat, '')
@@ -419,9 +432,10 @@ def markdown_table(records) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def plot_curves(records, path: str) -> None:
-    """Test accuracy against training kimg, EMA solid and raw dashed, one colour per label count
-    (the mean over seeds at the evaluations they share), one panel per table row."""
+def plot_curves(records, path: str) -> Dict[str, List[str]]:
+    """Test accuracy against training kimg, EMA solid and raw dashed (any other tracked average
+    dotted or dash-dotted), one colour per label count (the mean over seeds at the evaluations
+    they share), one panel per table row. Returns each panel's title and its curves' labels."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -433,6 +447,7 @@ def plot_curves(records, path: str) -> None:
     lines = -(-len(panels) // columns)
     figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.6 * lines),
                                 squeeze=False)
+    drawn = {}
     for ax, (dataset, row) in zip(axes.flat, panels):
         runs = [r for r in records if r['config']['dataset'] == dataset
                 and rows[dataset, r['variant']] == row and r['history']]
@@ -442,23 +457,27 @@ def plot_curves(records, path: str) -> None:
             if not steps:
                 continue
             kimg = [next(h['kimg'] for h in histories[0] if h['step'] == s) for s in steps]
-            for model, style in (('ema', '-'), ('raw', '--')):
+            tracked = [m for m in models_of(runs) if all(m in h for hist in histories for h in hist)]
+            for k, model in enumerate(tracked):
                 by_step = [{h['step']: h[model]['test'] for h in hist} for hist in histories]
                 mean = [np.mean([b[s] for b in by_step]) for s in steps]
-                ax.plot(kimg, mean, style, color=f'C{color}',
-                        label=f'{n} labels, {"EMA" if model == "ema" else "raw"}')
+                style = CURVE_STYLES.get(model, OTHER_STYLES[k % len(OTHER_STYLES)])
+                ax.plot(kimg, mean, linestyle=style, color=f'C{color}',
+                        label=f'{n} labels, {CURVE_NAMES.get(model, model)}')
         ax.set_title(f'{row} ({dataset})' if several_datasets else row)
+        drawn[ax.get_title()] = [line.get_label() for line in ax.get_lines()]
         ax.set_xlabel('training kimg (thousands of labeled images)')
         ax.set_ylabel('test accuracy (%)')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis('off')
-    figure.suptitle('Test accuracy while training: EMA (solid) and raw student (dashed), '
-                    'mean over seeds', fontsize=10)
+    figure.suptitle('Test accuracy while training: EMA (solid), raw student (dashed), other '
+                    'averages dotted, mean over seeds', fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.98))   # leave the top strip to the title
     files.write_atomically(path, lambda f: figure.savefig(f, format='png', dpi=100))
     plt.close(figure)
+    return drawn
 
 
 def write_results(out: str, log=print) -> List[str]:

@@ -29,9 +29,11 @@ def cli(*args, **kwargs):
 
 
 # ---- the table from hand-made run directories ------------------------------------------------
-def make_run(out, algorithm, labels, seed, ema_offset, evaluations=25, total_steps=250):
+def make_run(out, algorithm, labels, seed, ema_offset, evaluations=25, total_steps=250,
+             averages=()):
     """A run directory as ssl_ema.train leaves it: EMA test accuracy ema_offset + i at the i-th
-    evaluation (i = 0, 1, ...), raw test 10 points lower, validation 1 point higher."""
+    evaluation (i = 0, 1, ...), raw test 10 points lower, validation 1 point higher; each of
+    `averages` (other tracked averages, e.g. ema_0.99) k + 1 points above the EMA (k its index)."""
     cfg = TrainConfig(algorithm=algorithm, labels=labels, seed=seed, train_steps=total_steps,
                       arch='small_cnn')
     path = os.path.join(out, 'runs', f'digits.{labels}@{seed}', f'{algorithm}_small_cnn')
@@ -39,7 +41,9 @@ def make_run(out, algorithm, labels, seed, ema_offset, evaluations=25, total_ste
     history = [{'step': 10 * (i + 1), 'kimg': 10 * (i + 1) * 32 / 1024,
                 'ema': {'valid': ema_offset + i + 1., 'test': ema_offset + i},
                 'raw': {'valid': ema_offset + i - 9., 'test': ema_offset + i - 10.},
-                'images_per_sec': 1000. + i, 'wall_time_s': 2. * (i + 1)}
+                'images_per_sec': 1000. + i, 'wall_time_s': 2. * (i + 1),
+                **{name: {'valid': ema_offset + i + k + 2., 'test': ema_offset + i + k + 1.}
+                   for k, name in enumerate(averages)}}
                for i in range(evaluations)]
     with open(os.path.join(path, 'evaluations.jsonl'), 'w') as f:
         f.writelines(json.dumps(h) + '\n' for h in history)
@@ -116,6 +120,26 @@ def test_table_from_hand_made_runs(hand_made):
     assert 'batch' not in rows[0]            # the same for every run
     assert os.path.getsize(os.path.join(hand_made, 'curves.png')) > 10000
     assert sorted(os.listdir(hand_made)) == sorted(benchmark.RESULT_FILES + ('runs',))  # no temps
+
+
+def test_every_tracked_average_reaches_the_csv_and_the_curves(tmp_path):
+    """Runs with --ema_decays and Polyak: results.csv has their columns, curves.png their lines."""
+    out = str(tmp_path / 'bench')
+    for seed in (1, 2):
+        make_run(out, 'mean_teacher', 50, seed, 60., averages=('ema_0.99', 'polyak'))
+    make_run(out, 'supervised', 50, 1, 40.)   # without: its panel shows EMA and raw only
+    records = benchmark.load_runs(out)
+    assert benchmark.models_of(records) == ['raw', 'ema', 'ema_0.99', 'polyak']
+    columns, rows = benchmark.csv_rows(records)
+    assert {'ema_0.99_test_median_last_20', 'polyak_valid_last'} <= set(columns)
+    teacher = next(r for r in rows if r['algorithm'] == 'mean_teacher')
+    assert teacher['ema_0.99_test_median_last_20'] == 75.5    # 60 + 1 + median(5..24)
+    assert teacher['polyak_test_last'] == 86.                 # 60 + 2 + 24
+    assert next(r for r in rows if r['algorithm'] == 'supervised')['polyak_test_last'] == ''
+    drawn = benchmark.plot_curves(records, str(tmp_path / 'curves.png'))
+    assert drawn == {'mean_teacher': ['50 labels, raw', '50 labels, EMA', '50 labels, ema_0.99',
+                                      '50 labels, polyak'],
+                     'supervised': ['50 labels, raw', '50 labels, EMA']}
 
 
 def test_collect_rebuilds_the_same_files(hand_made):
