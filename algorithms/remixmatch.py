@@ -40,6 +40,7 @@ class ReMixMatch(Algorithm):
     mixup_alpha: float = hparam(0.75, 'alpha of the Beta(alpha, alpha) mixup coefficients.')
     state_momentum: float = hparam(0.999, 'Momentum of the running label and prediction '
                                    'distributions of distribution alignment.')
+    ramp_up: str = hparam('linear', 'Ramp-up shape of w_match and w_kl (linear: the anchors\').')
     teacher: str = teacher_field()
 
     @property

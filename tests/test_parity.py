@@ -339,6 +339,7 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         'flexmatch': 'none', 'freematch': 'none', 'softmatch': 'none',
                         'remixmatch': 'linear'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
+    assert algorithms.ALGORITHMS['remixmatch'](ramp_up='sigmoid').ramp_up == 'sigmoid'
     from ssl_ema.config import ConfigError
     with pytest.raises(ConfigError, match='--ramp_up=cosine is invalid for --algorithm=pi_model'):
         algorithms.ALGORITHMS['pi_model'](ramp_up='cosine')
