@@ -240,14 +240,21 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize('name', NEW)
-def test_two_replicas(name):
-    """Under --distribute=mirrored every replica holds the same state; the thresholding
-    algorithms (no mixup, whose partners are per replica) match one device on the same batch."""
-    result = subprocess.run([sys.executable, '-c', MIRRORED, name], capture_output=True,
+@pytest.fixture(scope='module')
+def two_replica_runs():
+    """Two steps of every new algorithm on one device and on two (one process: the CPU split
+    into two logical devices must happen before TensorFlow starts)."""
+    result = subprocess.run([sys.executable, '-c', MIRRORED, *NEW], capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', NEW)
+def test_two_replicas(name, two_replica_runs):
+    """Under --distribute=mirrored every replica holds the same state; the thresholding
+    algorithms (no mixup, whose partners are per replica) match one device on the same batch."""
+    out = two_replica_runs
     two = out[f'{name}/two']
     for key, replicas in two['state'].items():
         assert len(replicas) == 2 and replicas[0] == replicas[1], (name, key)
