@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ssl_ema import config as config_lib
 from ssl_ema.cli import read_run_record, recorded_total_steps
 from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.data.datasets import DataError
 from ssl_ema.files import RunError
 
 config_lib.define_flags(TrainConfig, 'ssl_ema.config')

@@ -24,3 +24,27 @@ def tiny_config(**overrides):
 
 def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
+
+
+def quiet(*args):
+    pass
+
+
+def straight_and_resumed(cfg, algorithm, data, tmp_path, stop_at):
+    """Train `cfg` straight through in tmp_path/straight, and in tmp_path/resumed stopped at step
+    `stop_at` (a KeyboardInterrupt from the log line, as Ctrl-C) then continued by a new Trainer
+    from the checkpoint. Returns (straight Trainer, resumed Trainer, the resumed run's summary)."""
+    from ssl_ema.trainer import Trainer
+    straight = Trainer(cfg, algorithm, data, str(tmp_path / 'straight'))
+    straight.train(log=quiet)
+
+    def interrupt(line):
+        if line.startswith(f'step {stop_at}/'):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, algorithm, data, str(tmp_path / 'resumed')).train(log=interrupt)
+    resumed = Trainer(cfg, algorithm, data, str(tmp_path / 'resumed'))
+    assert resumed.restore() == stop_at
+    summary = resumed.train(log=quiet)
+    assert int(resumed.step.numpy()) == cfg.total_steps
+    return straight, resumed, summary

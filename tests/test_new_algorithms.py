@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config, weights_of
+from conftest import straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms, backbones, losses
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.ema import EMA
@@ -17,9 +17,6 @@ from ssl_ema.trainer import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
 
-
-def quiet(line):
-    pass
 
 
 # ---- pieces on hand-worked values -----------------------------------------------------------
@@ -276,17 +273,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data
     # a threshold low enough that images get selected (and the per-image state moves) this early
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.2}
                                                if name == 'flexmatch' else {}))
-    straight = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'straight'))
-    straight.train(log=quiet)
-
-    def interrupt(line):
-        if line.startswith('step 8/'):
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed')).train(log=interrupt)
-    resumed = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
-    assert resumed.restore() == 8
-    resumed.train(log=quiet)
+    straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 8)
     for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
                     weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

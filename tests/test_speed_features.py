@@ -5,14 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config, weights_of
+from conftest import straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms, backbones
 from ssl_ema.batch_norm import BatchNorm
 from ssl_ema.trainer import Trainer
 
-
-def quiet(*args):
-    pass
 
 
 def pair(momentum=0.9):
@@ -107,18 +104,7 @@ def test_resumed_mixed_precision_run_equals_an_uninterrupted_one(digits_data, tm
     algorithm = algorithms.ALGORITHMS['mean_teacher']()
     cfg = tiny_config(algorithm='mean_teacher', train_steps=40, eval_every_kimg=0.25,
                       precision='mixed_float16')   # with the loss scale in the checkpoint
-    straight = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'straight'))
-    straight.train(log=quiet)
-
-    def interrupt_at_step_20(line):
-        if line.startswith('step 20/'):
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed')).train(
-            log=interrupt_at_step_20)
-    second = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
-    second.train(log=quiet)
-    assert int(second.step.numpy()) == 40
+    straight, second, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 20)
     for a, b in zip(weights_of(straight.student) + weights_of(straight.ema.model),
                     weights_of(second.student) + weights_of(second.ema.model)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -5,14 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_config, weights_of
+from conftest import quiet, straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms
 from ssl_ema.train import run
 from ssl_ema.trainer import Trainer
-
-
-def quiet(*args):
-    pass
 
 
 @pytest.mark.parametrize('name', ['supervised', 'mean_teacher', 'vat'])
@@ -59,19 +55,7 @@ def test_interrupted_run_resumes_to_the_same_weights(digits_data, tmp_path):
     cfg = tiny_config(algorithm='vat', train_steps=40, eval_every_kimg=0.25, ema_decays='0.99',
                       polyak_start_fraction=0.25, posthoc_snapshot_every_kimg=0.125,
                       ema_bn='recompute', ema_bn_batches=2)
-    straight = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'straight'))
-    straight.train(log=quiet)
-
-    def interrupt_at_step_20(line):
-        if line.startswith('step 20/'):
-            raise KeyboardInterrupt
-    first = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
-    with pytest.raises(KeyboardInterrupt):
-        first.train(log=interrupt_at_step_20)
-    assert int(first.step.numpy()) == 20
-    second = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
-    summary = second.train(log=quiet)
-    assert int(second.step.numpy()) == 40
+    straight, second, summary = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 20)
     # The loop's step and the optimizer's (which drives the learning rate) move and restore
     # together: both are incremented in the same compiled step and saved in one checkpoint.
     assert int(second.optimizer.iterations.numpy()) == 40
