@@ -49,6 +49,28 @@ def table(rows) -> str:
     return '\n'.join(lines)
 
 
+def summary_table(rows) -> str:
+    """One row per protocol and --ema_bn mode: mean +- sample std over seeds of the test
+    accuracy's median of the last 20 evaluations (the post-hoc pick: its test accuracy)."""
+    runs = {}
+    for group, seed, name, acc, posthoc in rows:
+        runs.setdefault((group, name), []).append((acc, posthoc))
+    lines = ['| run | seeds | ' + ' | '.join(LABELS[m] for m in MODELS) + ' | post-hoc pick |',
+             '|---' * (len(MODELS) + 3) + '|']
+
+    def cell(values):
+        if not values:
+            return '-'
+        return (f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}' if len(values) > 1
+                else f'{values[0]:.2f}')
+    for (group, name), found in sorted(runs.items()):
+        cells = [cell([a[m]['test']['median_last_20'] for a, _ in found if m in a])
+                 for m in MODELS]
+        cells.append(cell([p['best']['test'] for _, p in found if p]))
+        lines.append(f'| {group} {name} | {len(found)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def sweep_table(rows) -> str:
     sigmas = sorted({r['sigma_rel'] for *_, p in rows if p for r in p['sweep']})
     lines = ['| run | seed | ' + ' | '.join(f'{s:g}' for s in sigmas) + ' |',
@@ -95,7 +117,9 @@ def main(argv):
     out = next((a.split('=', 1)[1] for a in argv if a.startswith('--plot=')),
                'runs/ema_horizons.png')
     rows = load(directory)
-    print('Test accuracy (%), last evaluation / median of the last 20:\n')
+    print('Test accuracy (%), median of the last 20 evaluations, mean ± std over seeds:\n')
+    print(summary_table(rows))
+    print('\nEach run, test accuracy (%), last evaluation / median of the last 20:\n')
     print(table(rows))
     print('\nPost-hoc sweep, test accuracy (validation in parentheses):\n')
     print(sweep_table(rows))
