@@ -225,6 +225,8 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 out = {}
 for name in sys.argv[1:]:
     for label, strategy in (('one', tf.distribute.get_strategy()), ('two', mirrored)):
+        if label == 'one' and name == 'remixmatch':   # not compared (see test_two_replicas)
+            continue
         trainer = Trainer(cfg, algorithms.ALGORITHMS[name](), dataset, tempfile.mkdtemp(), strategy)
         iterator = trainer._dataset(0)
         for _ in range(2):   # two steps: the second uses the state the first one left
