@@ -28,8 +28,9 @@ SHARED_HELP = {
     'mixup_alpha': 'alpha of the Beta(alpha, alpha) distribution of mixup coefficients.',
     'temperature': 'Temperature T sharpening the unlabeled targets (p^(1/T), normalised).',
     'ramp_up': 'Shape of the consistency weight\'s ramp-up over --warmup_fraction of training: '
-               'linear (the anchors\', every algorithm), sigmoid (exp(-5(1-t)^2), the Pi-model, '
-               'Mean Teacher and ICT papers) or none.',
+               'linear (the anchors\' for every algorithm that ramps; their fixmatch.py and '
+               'uda.py keep a constant weight), sigmoid (exp(-5(1-t)^2), the Pi-model, Mean '
+               'Teacher and ICT papers) or none.',
     'bn_passes': 'joint: labeled and unlabeled images go through one training-mode pass (batch '
                  'norm normalises over all of them and its moving statistics follow all of them, '
                  'as FixMatch); separate: one pass per batch, and only the labeled pass moves '
@@ -63,6 +64,7 @@ VALID = {
     'rotation_weight': (lambda v: v >= 0, '>= 0'),
     'n_sigma': (lambda v: v > 0, '> 0'),
     'strong_views': (lambda v: v >= 1, '>= 1'),
+    'prediction_window': (lambda v: v >= 0, '>= 0'),
 }
 
 

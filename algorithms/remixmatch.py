@@ -1,11 +1,13 @@
 """ReMixMatch (Berthelot et al., ICLR 2020, arXiv:1911.09785), without CTAugment.
 
 MixMatch with (Sec. 3): distribution alignment (Sec. 3.2): the weak-view prediction is multiplied
-by p(y) / p~(y), renormalised, then sharpened with T = 0.5, where p~ is the running average of
-the unlabeled predictions and p(y) that of the labeled one-hot labels (momentum 0.999, both
-starting uniform, the anchors' PData/PMovingAverage fallbacks); augmentation anchoring (Sec. 3.1):
-that one guess is the target of K strongly augmented views (RandAugment here, where the paper
-uses CTAugment, as google-research/fixmatch remixmatch_no_cta.py does); mixup of labeled, weak and
+by p(y) / p~(y), renormalised, then sharpened with T = 0.5, where p~ is the mean of the unlabeled
+weak-view predictions over the last 128 batches (the paper's; the anchors' PMovingAverage,
+dbuf=128) and p(y) the running average of the labeled one-hot labels (momentum 0.999; the
+anchors' PData when the unlabeled distribution is not given), both starting uniform;
+augmentation anchoring (Sec. 3.1): that one guess is the target of K strongly augmented views
+(RandAugment here; the paper uses CTAugment, as the anchors' cta/cta_remixmatch.py, whose
+remixmatch_no_cta.py defaults to weak views only, 'd.d.d'); mixup of labeled, weak and
 strong images with lambda' = max(lambda, 1 - lambda) (alpha = 0.75); the pre-mixup term
 (Sec. 3.3): cross-entropy of the first strong view against the guess (w = 0.5); the rotation loss
 (Sec. 3.3): a 4-way head on the penultimate features predicts by how many quarter turns the first
@@ -17,7 +19,8 @@ moving batch-norm statistics (the anchors' choice), or from the EMA model with -
 Deliberate differences: K = `strong_views` = 2 by default (USB's, whose CIFAR-10 numbers we
 compare with; the paper's 8 is in runs/algorithms/remixmatch.flags); each image is rotated by its
 own random quarter turn (USB), not one quarter of the batch per angle (anchors). The rotated,
-pre-mixup and guessing passes leave batch-norm statistics to the mixed batch's pass.
+pre-mixup and guessing passes leave batch-norm statistics to the mixed batch's pass (one joint
+pass; the anchors' interleaved passes let only the last of them move the statistics).
 """
 import tensorflow as tf
 
@@ -38,8 +41,12 @@ class ReMixMatch(Algorithm):
     strong_views: int = hparam(2, 'K: strongly augmented views anchored to each guess.')
     temperature: float = hparam(0.5, 'Temperature T sharpening the aligned guess.')
     mixup_alpha: float = hparam(0.75, 'alpha of the Beta(alpha, alpha) mixup coefficients.')
-    state_momentum: float = hparam(0.999, 'Momentum of the running label and prediction '
-                                   'distributions of distribution alignment.')
+    state_momentum: float = hparam(0.999, 'Momentum of the running label distribution p(y) of '
+                                   'distribution alignment (the anchors\' PData), and of p~(y) '
+                                   'when --prediction_window=0.')
+    prediction_window: int = hparam(128, 'p~(y) is the mean prediction of the last this many '
+                                    'batches (the paper\'s and the anchors\' 128); 0: a moving '
+                                    'average with --state_momentum instead.')
     ramp_up: str = hparam('linear', 'Ramp-up shape of w_match and w_kl (linear: the anchors\').')
     teacher: str = teacher_field()
 
@@ -48,8 +55,9 @@ class ReMixMatch(Algorithm):
         return ('weak',) + ('strong',) * self.strong_views
 
     def state(self, num_classes, pool_size):
-        uniform = State((num_classes,), 1. / num_classes)
-        return {'p_data': uniform, 'p_model': uniform}
+        window = (self.prediction_window,) if self.prediction_window else ()
+        return {'p_data': State((num_classes,), 1. / num_classes),
+                'p_model': State(window + (num_classes,), 1. / num_classes)}
 
     def __call__(self, student, teacher, batch):
         weak, strong = batch.unlabeled[0], batch.unlabeled[1:]
@@ -58,12 +66,18 @@ class ReMixMatch(Algorithm):
         probs = tf.nn.softmax(target_logits(self, teacher, weak, logits))
         m, old = self.state_momentum, batch.state
         labels = tf.one_hot(batch.labels, num_classes)
+        mean_probs = replica_mean(tf.reduce_mean(probs, 0))
+        if self.prediction_window:   # the window of batch means, oldest first
+            p_model = tf.reduce_mean(old['p_model'], 0)
+            new_p_model = tf.concat([old['p_model'][1:], mean_probs[None]], 0)
+        else:
+            p_model = old['p_model']
+            new_p_model = losses.moving_average(p_model, mean_probs, m)
         state = {'p_data': losses.moving_average(
                      old['p_data'], replica_mean(tf.reduce_mean(labels, 0)), m),
-                 'p_model': losses.moving_average(
-                     old['p_model'], replica_mean(tf.reduce_mean(probs, 0)), m)}
+                 'p_model': new_p_model}
         # The guess uses the distributions before this batch, as the anchors' update runs after.
-        guess = losses.sharpen(losses.align_distribution(probs, old['p_data'], old['p_model']),
+        guess = losses.sharpen(losses.align_distribution(probs, old['p_data'], p_model),
                                self.temperature)
         images = tf.concat((batch.labeled_x, weak) + strong, 0)
         targets = tf.concat([labels] + [guess] * (1 + len(strong)), 0)

@@ -135,18 +135,29 @@ def test_rotation_and_its_loss():
 
 
 def test_remixmatch_guess_is_aligned_and_sharpened():
-    """With the labeled distribution [.2, .8] and a uniform model average, a uniform weak
+    """With the labeled distribution [.2, .8] and a uniform model average p~, a uniform weak
     prediction is aligned to [.2, .8] and sharpened (T = .5) to [1/17, 16/17]: the pre-mixup
     cross-entropy of a uniform strong-view prediction against it is log 2."""
     algorithm = algorithms.ALGORITHMS['remixmatch'](strong_views=1)
     zeros = lambda x, units: tf.zeros([tf.shape(x)[0], units])  # noqa: E731
     batch = random_batch(algorithm, heads=Model(lambda x, training: [zeros(x, 2), zeros(x, 4)]))
-    batch.state = {'p_data': tf.constant([.2, .8]), 'p_model': tf.constant([.5, .5])}
+    # p~(y) is the mean of the window of the last batches' mean predictions: here uniform
+    batch.state = {'p_data': tf.constant([.2, .8]),
+                   'p_model': tf.constant([[.3, .7], [.6, .4], [.6, .4]])}
     batch.labels = tf.constant([1, 1, 1, 1])
     out = algorithm(Model(lambda x, training: zeros(x, 2)), None, batch)
     np.testing.assert_allclose(float(out.metrics['pre_mixup']), math.log(2.), rtol=1e-5)
     # the running label distribution moved towards the batch's labels (all class 1)
     np.testing.assert_allclose(out.state['p_data'], [.2 * .999, .8 * .999 + .001], rtol=1e-6)
+    # the window dropped its oldest batch and took this one's mean prediction (uniform)
+    np.testing.assert_allclose(out.state['p_model'], [[.6, .4], [.6, .4], [.5, .5]], rtol=1e-6)
+    # --prediction_window=0: a moving average with --state_momentum instead
+    algorithm = algorithms.ALGORITHMS['remixmatch'](strong_views=1, prediction_window=0)
+    assert algorithm.state(2, 16)['p_model'].shape == (2,)
+    batch.state = {'p_data': tf.constant([.2, .8]), 'p_model': tf.constant([.5, .5])}
+    out = algorithm(Model(lambda x, training: zeros(x, 2)), None, batch)
+    np.testing.assert_allclose(float(out.metrics['pre_mixup']), math.log(2.), rtol=1e-5)
+    np.testing.assert_allclose(out.state['p_model'], [.5, .5], rtol=1e-6)
 
 
 class Model:
