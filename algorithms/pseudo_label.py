@@ -3,9 +3,9 @@
 The class the student predicts for an unlabeled image is taken as its label (Eq. 1, the argmax)
 and trained with cross-entropy (Eq. 15's second term), weighted by `consistency_weight` (the
 paper's alpha(t), Eq. 16, here the shared linear ramp-up). As in the anchors
-(google-research/fixmatch pseudo_label.py and the realistic-evaluation code), only predictions
-with confidence >= `confidence_threshold` (0.95) count, the mean is over the whole unlabeled
-batch, and the weight is 1.
+(google-research/fixmatch pseudo_label.py and the realistic-evaluation code), only confident
+predictions count (here max p >= `confidence_threshold`, 0.95; the anchors test max p > 0.95,
+which differs only on a tie), the mean is over the whole unlabeled batch, and the weight is 1.
 """
 import tensorflow as tf
 

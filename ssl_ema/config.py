@@ -122,7 +122,7 @@ class TrainConfig:
         'Adam algorithms, vat.py and ict.py; our CPU results, runs/RESULTS.md, were measured '
         'with it); l2: weight_decay * sum(kernel^2) / 2 is added to the loss, so its gradient '
         'goes through the momentum (the anchors\' SGD algorithms, e.g. fixmatch.py; about 10x '
-        'stronger at lr 0.03, momentum 0.9).')
+        'stronger at momentum 0.9: 1 / (1 - momentum)).')
     input_norm: str = hparam(
         'standardize', 'Model input: standardize (per channel, with the training images\' mean '
         'and std) or plus_minus_one (x / 127.5 - 1, the anchors\' default, libml/data.py '

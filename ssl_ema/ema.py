@@ -8,7 +8,8 @@ variables are the shadow weights, moved after every optimizer step by
 
 and they differ only in beta_t:
 - `EMA`: beta_t = decay, or min(decay, (1 + t) / (10 + t)) with the warm-up of
-  `tf.train.ExponentialMovingAverage(num_updates=t)` (what the anchors use).
+  `tf.train.ExponentialMovingAverage(num_updates=t)` (our default, --ema_warmup; the anchors
+  pass no num_updates, so their decay is constant: --noema_warmup in runs/protocols).
 - `Polyak`: the uniform average of the weights after steps start+1 ... t+1 (beta_t = n / (n + 1),
   n = t - start updates averaged so far); before `start` it follows the student.
 - `PowerEMA`: Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion
