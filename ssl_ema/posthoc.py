@@ -130,11 +130,26 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     eval_arrays = dataset.eval_arrays()
     batches = run.statistics_batches(dataset)
     gammas = np.array([sigma_rel_to_gamma(s) for s in tracked])
+    final = weights[int(np.argmax(steps))]   # a profile of the last snapshot
     results, best = [], None
     for sigma_rel in sigma_rels:
         gamma = sigma_rel_to_gamma(sigma_rel)
         coefficients = reconstruction_coefficients(steps, gammas, target, gamma)
-        model.set_weights(reconstruct(weights, coefficients))
+        reconstructed = reconstruct(weights, coefficients)
+        if cfg.ema_bn != 'average':
+            # The profiles copy the student's statistics rather than average them: the last
+            # snapshot's (the student's at the end), not a least-squares mix of older ones.
+            reconstructed = [w if v.trainable else last
+                             for v, w, last in zip(model.weights, reconstructed, final)]
+        else:
+            # Averaged variances mixed with coefficients of both signs can dip below zero.
+            clipped = [np.maximum(w, 0.) if v.path.endswith('moving_variance') and w.min() < 0
+                       else w for v, w in zip(model.weights, reconstructed)]
+            if any(c is not w for c, w in zip(clipped, reconstructed)):
+                log(f'sigma_rel {sigma_rel:g}: negative batch-norm variances in the '
+                    'reconstruction set to 0 (sigma_rel far from the tracked profiles)')
+            reconstructed = clipped
+        model.set_weights(reconstructed)
         if batches is not None:
             recompute_statistics(model, batches)
         row = {'sigma_rel': sigma_rel, 'gamma': gamma}

@@ -110,6 +110,27 @@ def test_posthoc_sweep_on_a_tiny_run(tmp_path):
     assert 100 * np.mean(predicted == digits.y_test) == pytest.approx(saved['best']['test'])
 
 
+def test_posthoc_keeps_the_students_statistics_with_ema_bn_student(tmp_path):
+    """--ema_bn=student: the profiles copy the student's batch-norm statistics instead of
+    averaging them, so a reconstruction takes them from the last snapshot; a least-squares mix of
+    older statistics (sigma_rel 0.01 lies far outside the tracked 0.05 and 0.1: coefficients of
+    both signs) could even turn a variance negative."""
+    from ssl_ema import backbones
+    train_dir = str(tmp_path / 'run')
+    run(tiny_config(algorithm='supervised', train_steps=24, posthoc_snapshot_every_kimg=0.125,
+                    ema_bn='student', train_dir=train_dir),
+        algorithms.ALGORITHMS['supervised'](), log=lambda *a: None)
+    summary = posthoc.sweep(train_dir, [0.01], log=lambda *a: None)
+    model = backbones.build('small_cnn', (8, 8, 1), 10, portable=True)
+    model.load_weights(summary['best']['weights'])
+    steps, _, weights = posthoc.load_snapshots(train_dir)
+    final, first = weights[int(np.argmax(steps))], weights[0]
+    statistics = [k for k, v in enumerate(model.weights) if not v.trainable]
+    assert statistics and any(not np.allclose(final[k], first[k]) for k in statistics)
+    for k in statistics:
+        np.testing.assert_array_equal(model.weights[k].numpy(), final[k])
+
+
 def test_posthoc_without_snapshots_is_a_one_line_error(tmp_path):
     train_dir = str(tmp_path / 'run')
     run(tiny_config(algorithm='supervised', train_steps=10, train_dir=train_dir),
