@@ -3,15 +3,15 @@
     python -m ssl_ema.bench_ema [--archs=small_cnn,wrn28_2] [--steps=40] [--rounds=5]
 
 For each backbone, two trainers on --dataset (default the embedded digits; Mean Teacher, batch
-32 + 128 unlabeled, the CPU protocol's step): one tracking the teacher's EMA only, one with two extra horizons
-(--ema_decays=0.99,0.9999: three in all). Both compiled steps are timed in alternating rounds of
---steps steps, so a busy machine slows both alike; the medians of steps/s (wall clock) and of
-CPU seconds per step (process time, all threads: less sensitive to other jobs on a shared
-machine) and their ratios are printed with the CPU's name. More precise than the difference of
-two noisy step times: the time of the two extra averages' update alone, as a share of the step
-(an upper bound: it pays a function call of its own). The digits are 8x8: the step's own compute
-is far smaller than at 32x32 while the EMA's cost (one update per variable) is the same, so the
-share on digits is a pessimistic bound for CIFAR-sized images.
+32 + 128 unlabeled, the CPU protocol's step): one tracking the teacher's EMA only, one with two
+extra horizons (--ema_decays=0.99,0.9999: three in all). Both compiled steps are timed in
+alternating rounds of --steps steps, so a busy machine slows both alike; the medians of steps/s
+(wall clock) and of CPU seconds per step (process time, all threads: less sensitive to other
+jobs on a shared machine) and their ratios are printed with the CPU's name. More precise than
+the difference of two noisy step times: the time of the two extra averages' update alone, as a
+share of the step (an upper bound: it pays a function call of its own). The digits are 8x8: the
+step's own compute is far smaller than at 32x32 while the EMA's cost (one update per variable)
+is the same, so the share on digits is a pessimistic bound for CIFAR-sized images.
 """
 import dataclasses
 import subprocess
@@ -40,7 +40,8 @@ def cpu_name() -> str:
 
 
 def time_horizons(arch: str, steps: int, rounds: int, dataset: str = 'digits') -> dict:
-    """{'1': (steps/s, CPU s/step), '3': ...} (medians over rounds) for one backbone."""
+    """{'1': (steps/s, CPU s/step), '3': ...} (medians over rounds) and 'update': the extra
+    averages' update alone (update_seconds), for one backbone."""
     from ssl_ema import algorithms, data
     from ssl_ema.config import TrainConfig
     from ssl_ema.trainer import Trainer
@@ -89,8 +90,7 @@ def main(argv):
     import tensorflow as tf
     tf.get_logger().setLevel('ERROR')
     print(f'CPU: {cpu_name()}; Mean Teacher on {FLAGS.dataset}, batch 32+128; median of '
-          f'{FLAGS.rounds} '
-          f'alternating rounds of {FLAGS.steps} steps')
+          f'{FLAGS.rounds} alternating rounds of {FLAGS.steps} steps')
     print(f'{"arch":<10} {"steps/s: 1 EMA":>15} {"3 EMAs":>7} {"3/1":>6} | '
           f'{"CPU ms/step: 1 EMA":>18} {"3 EMAs":>7} {"3/1":>6} | '
           f'{"2 extra updates alone: ms":>25} {"% of step":>9}')

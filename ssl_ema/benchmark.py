@@ -457,7 +457,8 @@ def plot_curves(records, path: str) -> Dict[str, List[str]]:
             if not steps:
                 continue
             kimg = [next(h['kimg'] for h in histories[0] if h['step'] == s) for s in steps]
-            tracked = [m for m in models_of(runs) if all(m in h for hist in histories for h in hist)]
+            tracked = [m for m in models_of(runs)
+                       if all(m in h for hist in histories for h in hist)]
             for k, model in enumerate(tracked):
                 by_step = [{h['step']: h[model]['test'] for h in hist} for hist in histories]
                 mean = [np.mean([b[s] for b in by_step]) for s in steps]

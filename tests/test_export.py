@@ -8,17 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import quiet, tiny_config
 from ssl_ema import algorithms, cli, export, predict
 from ssl_ema.config import ConfigError
 from ssl_ema.data.datasets import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-
-
-def quiet(*args):
-    pass
 
 
 @pytest.fixture(scope='module')
