@@ -13,9 +13,10 @@ from typing import Dict, Tuple
 import tensorflow as tf
 from absl import flags
 
-from ssl_ema import losses
-from ssl_ema.backbones import call_keeping_statistics
-from ssl_ema.config import ConfigError, define_flags, from_flags, hparam  # noqa: F401
+from ssl_ema.nn import losses
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.base.errors import ConfigError  # noqa: F401
+from ssl_ema.base.config import define_flags, from_flags, hparam
 
 ALGORITHMS: Dict[str, type] = {}
 

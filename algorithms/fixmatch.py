@@ -11,7 +11,7 @@ paper's unlabeled ratio is mu = 7: `--uratio=7` (this toolkit's shared default i
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
                                      teacher_field)
 

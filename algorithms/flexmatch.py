@@ -16,7 +16,7 @@ pseudo-labels (and the state) come from the EMA model's predictions on the weak 
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_concat,
                                      teacher_field)
 

@@ -16,7 +16,7 @@ Deliberate difference: the running averages start at 1/C as in the paper (tau_0 
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_mean,
                                      teacher_field)
 

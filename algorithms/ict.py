@@ -13,7 +13,7 @@ pair, so this only orders it).
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 
 

@@ -12,7 +12,7 @@ independently for student and teacher.
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 
 

@@ -13,10 +13,10 @@ so batch norm sees labeled and unlabeled together (what the paper's interleaving
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, concat_forward, hparam, register,
                                      target_logits, teacher_field)
-from ssl_ema.backbones import call_keeping_statistics
+from ssl_ema.nn.backbones import call_keeping_statistics
 
 
 @register('mixmatch')

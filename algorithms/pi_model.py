@@ -9,7 +9,7 @@ the target with its gradient stopped, and `consistency_weight` is 10.
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
                                      teacher_field)
 

@@ -9,7 +9,7 @@ which differs only on a tie), the mean is over the whole unlabeled batch, and th
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, forward, hparam, register, target_logits,
                                      teacher_field)
 

@@ -24,10 +24,10 @@ pass; the anchors' interleaved passes let only the last of them move the statist
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, State, concat_forward, hparam, register,
                                      replica_mean, target_logits, teacher_field)
-from ssl_ema.backbones import call_keeping_statistics
+from ssl_ema.nn.backbones import call_keeping_statistics
 
 
 @register('remixmatch')

@@ -15,7 +15,7 @@ averages come from the EMA model's predictions.
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_mean,
                                      teacher_field)
 

@@ -12,7 +12,7 @@ pass over labeled, weak and strong images (shared batch norm).
 """
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Algorithm, ConfigError, Losses, concat_forward, hparam,
                                      register, target_logits, teacher_field)
 

@@ -23,9 +23,9 @@ import math
 
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, hparam, register
-from ssl_ema.backbones import call_keeping_statistics
+from ssl_ema.nn.backbones import call_keeping_statistics
 
 
 @register('vat')

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from ssl_ema.machine import cpu_model
+from ssl_ema.base.machine import cpu_model
 
 flags.DEFINE_integer('steps', 30, 'Batches timed per measurement (after 3 warm-up batches).')
 flags.DEFINE_integer('batch', 64, 'Labeled batch size; the unlabeled batch is batch * uratio.')
@@ -69,7 +69,7 @@ def bench_source(arrays, log):
 def train_step_rate(arch: str, batch: int, steps: int) -> float:
     """Images/s of one forward+backward+SGD update of `arch` at 32x32x3, 10 classes."""
     import tensorflow as tf
-    from ssl_ema import backbones
+    from ssl_ema.nn import backbones
     model = backbones.build(arch, (32, 32, 3), 10)
     optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
     x = tf.random.normal([batch, 32, 32, 3])
@@ -94,7 +94,8 @@ def train_step_rate(arch: str, batch: int, steps: int) -> float:
 def main(argv):
     del argv
     import tensorflow as tf
-    from ssl_ema.data.datasets import DataError, load
+    from ssl_ema.base.errors import DataError
+    from ssl_ema.data.datasets import load
     log = print
     log(f'CPU: {cpu_model()}; TensorFlow {tf.__version__}; tf.data threads: default (AUTOTUNE)')
     log(f'unlabeled batch {FLAGS.batch * FLAGS.uratio}, {FLAGS.steps} batches per figure')

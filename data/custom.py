@@ -34,7 +34,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ssl_ema.data.datasets import Arrays, DataError, one_line, register
+from ssl_ema.data.datasets import Arrays, register
+from ssl_ema.base.errors import DataError, one_line
 
 TEST_FRACTION = 0.1
 TEST_SEED = 0

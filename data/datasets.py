@@ -8,17 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-# data/official.py writes its caches with it; it lives with the other atomic writes.
-
-
-class DataError(ValueError):
-    """Bad data input; its message is a single line naming the flag or file at fault."""
-
-
-def one_line(error: Exception) -> str:
-    """An exception's type and the first line of its message, for one-line DataError messages."""
-    lines = str(error).splitlines()
-    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+from ssl_ema.base.errors import DataError
 
 
 @dataclasses.dataclass

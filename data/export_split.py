@@ -12,10 +12,11 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from ssl_ema.config import TrainConfig
-from ssl_ema.data.datasets import DataError, load
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import DataError
+from ssl_ema.data.datasets import load
 from ssl_ema.data.splits import make_split
-from ssl_ema.files import write_atomically
+from ssl_ema.base.files import write_atomically
 
 # The defaults are ssl_ema.train's, so that the same flags export the split that training uses.
 _TRAIN = TrainConfig()

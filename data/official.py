@@ -31,8 +31,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ssl_ema.data.datasets import Arrays, DataError, one_line, register
-from ssl_ema.files import write_atomically
+from ssl_ema.data.datasets import Arrays, register
+from ssl_ema.base.errors import DataError, one_line
+from ssl_ema.base.files import write_atomically
 
 CACHE_VERSION = 1   # bump when the cached arrays' layout changes, so stale caches are rebuilt
 

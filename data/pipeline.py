@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.data import augment as augment_lib
-from ssl_ema.data.datasets import Arrays, DataError, load
+from ssl_ema.data.datasets import Arrays, load
+from ssl_ema.base.errors import DataError
 from ssl_ema.data.splits import Split, make_split
 
 _LABELED, _UNLABELED = 1, 2   # stream ids folded into the seed so streams are independent

@@ -3,7 +3,7 @@ import dataclasses
 
 import numpy as np
 
-from ssl_ema.data.datasets import DataError
+from ssl_ema.base.errors import DataError
 
 VALID_SEED = 0   # the validation part is the same for every --seed, so seeds are comparable
 

@@ -1,4 +1,4 @@
-"""What the NaN/Inf guard (ssl_ema/guard.py) costs per training step: steps/s with and without it.
+"""What the NaN/Inf guard (ssl_ema/core/guard.py) costs per training step: steps/s with and without it.
 
     python runs/nan_guard_cost.py --arch=small_cnn --batch=32 --uratio=4 --steps=40 --repeats=7
                                   [--algorithm=mean_teacher --dataset=digits]
@@ -16,10 +16,10 @@ import time
 from absl import app, flags
 
 from ssl_ema import algorithms, data
-from ssl_ema.config import TrainConfig
+from ssl_ema.base.config import TrainConfig
 from ssl_ema.data.bench import cpu_model
-from ssl_ema.guard import NonFiniteGuard
-from ssl_ema.trainer import Trainer
+from ssl_ema.core.guard import NonFiniteGuard
+from ssl_ema.core.loop import Trainer
 
 # --steps (per repetition), --batch, --uratio and --arch are ssl_ema.data.bench's flags.
 flags.DEFINE_integer('repeats', 7, 'Timed repetitions of each trainer (alternating).')
@@ -40,8 +40,8 @@ def main(argv):
     dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment)
     trainers = {}
     for label, guard in (('with guard', NonFiniteGuard), ('without', NoGuard)):
-        import ssl_ema.trainer
-        ssl_ema.trainer.NonFiniteGuard = guard   # what Trainer builds
+        from ssl_ema.core import loop
+        loop.NonFiniteGuard = guard   # what Trainer builds
         trainer = Trainer(cfg, algorithms.create(cfg.algorithm), dataset, tempfile.mkdtemp())
         iterator = trainer._dataset(0)
         for _ in range(5):   # trace and warm up

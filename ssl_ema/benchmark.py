@@ -38,12 +38,11 @@ import numpy as np
 from absl import app, flags
 
 from ssl_ema import cli
-from ssl_ema import config as config_lib
-from ssl_ema import files
+from ssl_ema.base import config as config_lib, files
 from ssl_ema import train   # defines the training flags and every algorithm's
 from ssl_ema.algorithms import ALGORITHMS, create
-from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.base.errors import ConfigError, DataError, one_line
+from ssl_ema.base.config import TrainConfig
 
 FLAGS = flags.FLAGS
 GRID_FLAGS = ('algorithm', 'labels', 'seed')   # one value per training run, lists in the benchmark
@@ -156,7 +155,8 @@ def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = N
     Values come from the parsed flags (when they are), then `settings` (flag name -> value),
     then `per_algorithm[name]`. A bad value raises ConfigError or DataError with one line.
     """
-    from ssl_ema import backbones, data
+    from ssl_ema.nn import backbones
+    from ssl_ema import data
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown or not algorithms:
         raise ConfigError(f'--algorithms={",".join(algorithms)}: {", ".join(unknown) or "empty"} '

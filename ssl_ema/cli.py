@@ -12,9 +12,9 @@ import os
 import sys
 from typing import Callable, Optional
 
-from ssl_ema import config as config_lib
-from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError, one_line
+from ssl_ema.base import config as config_lib
+from ssl_ema.base.errors import ConfigError, DataError, one_line
+from ssl_ema.base.config import TrainConfig
 
 # The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
 CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
@@ -116,7 +116,7 @@ class Run:
         if c.ema_bn != 'recompute':
             return None
         from ssl_ema import algorithms
-        from ssl_ema.trainer import statistics_batches
+        from ssl_ema.core.loop import statistics_batches
         return statistics_batches(dataset or self.dataset(), c,
                                   bool(algorithms.ALGORITHMS[c.algorithm].views))
 

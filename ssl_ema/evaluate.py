@@ -22,10 +22,10 @@ from typing import Optional
 import numpy as np
 from absl import app
 
-from ssl_ema import cli, export, files
-from ssl_ema import config as config_lib
-from ssl_ema.config import hparam
-from ssl_ema.data.datasets import DataError
+from ssl_ema import cli, export
+from ssl_ema.base import files, config as config_lib
+from ssl_ema.base.config import hparam
+from ssl_ema.base.errors import DataError
 
 MODELS = {'raw': 'raw student', 'ema': 'EMA'}
 BATCH = 1024   # images per forward pass, as the training loop's evaluation (evaluation.py)

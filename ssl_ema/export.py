@@ -26,10 +26,10 @@ from typing import Optional
 import numpy as np
 from absl import app
 
-from ssl_ema import cli, files
-from ssl_ema import config as config_lib
-from ssl_ema.config import ConfigError, hparam
-from ssl_ema.data.datasets import one_line
+from ssl_ema import cli
+from ssl_ema.base import files, config as config_lib
+from ssl_ema.base.errors import ConfigError, one_line
+from ssl_ema.base.config import hparam
 
 CLASSIFIER_INFO = 'classifier.json'   # in the run directory, written by ssl_ema.train
 EXPORT_INFO, KERAS_FILE, SAVED_MODEL = 'export.json', 'model.keras', 'saved_model'
@@ -92,7 +92,7 @@ def restore_backbone(run: cli.Run, info: dict, model: str = 'ema',
                      checkpoint: Optional[str] = None):
     """(backbone with the checkpoint's `model` weights, checkpoint path, its step)."""
     import tensorflow as tf
-    from ssl_ema import backbones
+    from ssl_ema.nn import backbones
     path = run.checkpoint(checkpoint)
     c = run.config
     arch = c.arch
@@ -114,7 +114,7 @@ def restore_backbone(run: cli.Run, info: dict, model: str = 'ema',
     except (ValueError, tf.errors.OpError):
         step = None
     if model != 'raw' and c.ema_bn == 'recompute':   # as the Trainer evaluates the average
-        from ssl_ema.ema import recompute_statistics
+        from ssl_ema.core.ema import recompute_statistics
         recompute_statistics(net, run.statistics_batches())
     return net, path, step
 

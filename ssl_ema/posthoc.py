@@ -27,8 +27,8 @@ import zipfile
 import numpy as np
 from absl import app, flags
 
-from ssl_ema import files
-from ssl_ema.config import ConfigError
+from ssl_ema.base import files
+from ssl_ema.base.errors import ConfigError
 
 SNAPSHOTS = 'posthoc'
 _NAME = re.compile(r'snapshot-(\d+)\.npz$')
@@ -108,8 +108,10 @@ def reconstruct(weights, coefficients):
 # ---- the command ----------------------------------------------------------------------------
 def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     """Reconstruct and evaluate every sigma_rel; the result written to DIR/posthoc.json."""
-    from ssl_ema import backbones, cli, evaluation
-    from ssl_ema.ema import recompute_statistics, sigma_rel_to_gamma
+    from ssl_ema.nn import backbones
+    from ssl_ema import cli
+    from ssl_ema.core import accuracy
+    from ssl_ema.core.ema import recompute_statistics, sigma_rel_to_gamma
 
     run = cli.open_run(train_dir)
     cfg = run.config
@@ -126,7 +128,7 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
     # Stock float32 Keras layers (as ssl_ema.export): the chosen model is exported from it.
     model = backbones.build(cfg.arch, dataset.image_shape, dataset.num_classes,
                             conv_bias=cfg.wrn_conv_bias, portable=True)
-    predict = evaluation.make_predict(model, dataset.image_shape)
+    predict = accuracy.make_predict(model, dataset.image_shape)
     eval_arrays = dataset.eval_arrays()
     batches = run.statistics_batches(dataset)
     gammas = np.array([sigma_rel_to_gamma(s) for s in tracked])
@@ -153,7 +155,7 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
         if batches is not None:
             recompute_statistics(model, batches)
         row = {'sigma_rel': sigma_rel, 'gamma': gamma}
-        row.update({split: evaluation.accuracy(predict, x, y)
+        row.update({split: accuracy.accuracy(predict, x, y)
                     for split, (x, y) in eval_arrays.items()})
         results.append(row)
         log(f'sigma_rel {sigma_rel:<6g} ' + ' '.join(f'{s} {row[s]:.2f}' for s in eval_arrays))
@@ -199,8 +201,8 @@ def main(argv):
         sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
     import tensorflow as tf
     tf.get_logger().setLevel('WARNING')
-    from ssl_ema.config import parse_floats
-    from ssl_ema.data.datasets import DataError
+    from ssl_ema.base.config import parse_floats
+    from ssl_ema.base.errors import DataError
     try:
         if not FLAGS.train_dir:
             raise ConfigError('--train_dir is required: the run directory to reconstruct from')

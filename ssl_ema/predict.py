@@ -33,11 +33,11 @@ from typing import Callable, List, Optional
 import numpy as np
 from absl import app
 
-from ssl_ema import cli, export, files
-from ssl_ema import config as config_lib
-from ssl_ema.config import ConfigError, hparam
+from ssl_ema import cli, export
+from ssl_ema.base import files, config as config_lib
+from ssl_ema.base.errors import ConfigError, DataError, one_line
+from ssl_ema.base.config import hparam
 from ssl_ema.data.custom import IMAGE_SUFFIXES, _as_images, read_image
-from ssl_ema.data.datasets import DataError, one_line
 
 NPZ_KEYS = ('x', 'x_test', 'x_train')   # the array of a .npz that is classified, first found
 

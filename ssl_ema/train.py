@@ -11,13 +11,12 @@ import sys
 
 from absl import app, flags, logging
 
-from ssl_ema import config as config_lib
+from ssl_ema.base import config as config_lib
 from ssl_ema.cli import read_run_record, recorded_total_steps
-from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError
-from ssl_ema.files import RunError
+from ssl_ema.base.errors import ConfigError, DataError, RunError
+from ssl_ema.base.config import TrainConfig
 
-config_lib.define_flags(TrainConfig, 'ssl_ema.config')
+config_lib.define_flags(TrainConfig, 'ssl_ema.base.config')
 from ssl_ema import algorithms  # noqa: E402  (defines each algorithm's flags)
 
 FLAGS = flags.FLAGS
@@ -87,7 +86,7 @@ def make_strategy(cfg: TrainConfig):
     if cfg.distribute == 'default':
         return tf.distribute.get_strategy()
     if cfg.distribute == 'multi_worker':
-        from ssl_ema import cluster
+        from ssl_ema.core import cluster
         return cluster.strategy(cfg.collective_timeout_s)
     if tf.config.list_physical_devices('GPU'):
         return tf.distribute.MirroredStrategy()
@@ -105,9 +104,10 @@ def make_strategy(cfg: TrainConfig):
 def run(cfg: TrainConfig, algorithm, log=print) -> dict:
     """Validate everything, then train (or resume), export the EMA classifier to DIR/export and
     return the accuracy summary."""
-    from ssl_ema import backbones, data, export
-    from ssl_ema.files import check_writable_dir, lock_run_dir, write_atomically, write_json
-    from ssl_ema.trainer import Trainer
+    from ssl_ema.nn import backbones
+    from ssl_ema import data, export
+    from ssl_ema.base.files import check_writable_dir, lock_run_dir, write_atomically, write_json
+    from ssl_ema.core.loop import Trainer
 
     strategy = make_strategy(cfg)
     dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment, cfg.data_dir,
@@ -188,7 +188,7 @@ def main(argv):
     except tf.errors.OpError as e:   # a collective failed: another worker died or hung
         if FLAGS.distribute != 'multi_worker':
             raise
-        from ssl_ema import cluster
+        from ssl_ema.core import cluster
         print(f'error: {cluster.lost_worker(e, FLAGS.collective_timeout_s)}', file=sys.stderr)
         exit_now(1)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ def digits_data():
 
 def tiny_config(**overrides):
     """A TrainConfig for fast tests: small batches, few steps, every setting overridable."""
-    from ssl_ema.config import TrainConfig
+    from ssl_ema.base.config import TrainConfig
     settings = dict(batch=16, uratio=2, train_steps=40, eval_every_kimg=0.3125,
                     log_every_steps=10, arch='small_cnn')
     settings.update(overrides)
@@ -34,7 +34,7 @@ def straight_and_resumed(cfg, algorithm, data, tmp_path, stop_at):
     """Train `cfg` straight through in tmp_path/straight, and in tmp_path/resumed stopped at step
     `stop_at` (a KeyboardInterrupt from the log line, as Ctrl-C) then continued by a new Trainer
     from the checkpoint. Returns (straight Trainer, resumed Trainer, the resumed run's summary)."""
-    from ssl_ema.trainer import Trainer
+    from ssl_ema.core.loop import Trainer
     straight = Trainer(cfg, algorithm, data, str(tmp_path / 'straight'))
     straight.train(log=quiet)
 

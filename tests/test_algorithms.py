@@ -8,12 +8,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from ssl_ema import algorithms, backbones, losses
+from ssl_ema import algorithms
+from ssl_ema.nn import backbones, losses
 from ssl_ema.algorithms import Batch
-from ssl_ema.backbones import call_keeping_statistics
-from ssl_ema.ema import EMA
-from ssl_ema.config import ConfigError
-from ssl_ema.trainer import Trainer
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.core.ema import EMA
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.core.loop import Trainer
 
 NEW = ['pi_model', 'pseudo_label', 'ict', 'mixmatch', 'fixmatch', 'uda']
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ssl_ema import backbones
+from ssl_ema.nn import backbones
 
 
 @pytest.mark.parametrize('arch, shape, params', [

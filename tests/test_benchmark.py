@@ -14,9 +14,9 @@ import pytest
 
 from ssl_ema import benchmark
 from ssl_ema.algorithms import ALGORITHMS
-from ssl_ema.config import ConfigError, TrainConfig
-from ssl_ema.data.datasets import DataError
-from ssl_ema.evaluation import summarize
+from ssl_ema.base.errors import ConfigError, DataError
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.core.accuracy import summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(train_steps=10, batch=16, uratio=1, eval_every_kimg=0.078125, arch='small_cnn')

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from conftest import tiny_config
-from ssl_ema import algorithms, backbones
-from ssl_ema.config import ConfigError
-from ssl_ema.data.datasets import DataError
-from ssl_ema.files import write_json
+from ssl_ema import algorithms
+from ssl_ema.nn import backbones
+from ssl_ema.base.errors import ConfigError, DataError
+from ssl_ema.base.files import write_json
 from ssl_ema.train import check_compatible, run, run_record
 
 

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from ssl_ema.data.custom import carve_test
-from ssl_ema.data.datasets import DataError, load
+from ssl_ema.base.errors import DataError
+from ssl_ema.data.datasets import load
 
 
 def _save_npz(path, **arrays):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ssl_ema.data import official
-from ssl_ema.data.datasets import DataError, load
+from ssl_ema.base.errors import DataError
+from ssl_ema.data.datasets import load
 
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
 

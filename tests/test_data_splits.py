@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from ssl_ema.data import SSLData
-from ssl_ema.data.datasets import Arrays, DataError
+from ssl_ema.data.datasets import Arrays
+from ssl_ema.base.errors import DataError
 from ssl_ema.data.splits import make_split
 
 LABELS = np.repeat(np.arange(10), 100)[np.random.RandomState(0).permutation(1000)]
@@ -74,7 +75,7 @@ def test_export_split_defaults_are_the_training_defaults(tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
-    from ssl_ema.config import TrainConfig
+    from ssl_ema.base.config import TrainConfig
     from ssl_ema.data import build
     cfg = TrainConfig()
     trained = build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed).split.as_dict()

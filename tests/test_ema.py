@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from ssl_ema.ema import EMA
+from ssl_ema.core.ema import EMA
 
 
 def scalar_model():
@@ -115,7 +115,7 @@ def test_ema_bn_recompute_reestimates_statistics_for_evaluation_only():
 
 
 def test_polyak_is_the_uniform_average_from_its_start():
-    from ssl_ema.ema import Polyak
+    from ssl_ema.core.ema import Polyak
     student = scalar_model()
     set_all(student, 0.)
     polyak = Polyak(student, start_step=1)
@@ -129,7 +129,7 @@ def test_polyak_is_the_uniform_average_from_its_start():
 def test_power_ema_weighs_each_step_by_its_profile_mass():
     """Karras et al. 2024, Algorithm 2: after T updates with beta_t = (1 - 1/t)^(gamma + 1) the
     weights after step tau carry (tau^(gamma+1) - (tau-1)^(gamma+1)) / T^(gamma+1)."""
-    from ssl_ema.ema import PowerEMA
+    from ssl_ema.core.ema import PowerEMA
     student = scalar_model()
     power = PowerEMA(student, sigma_rel=0.1)
     g = power.gamma
@@ -147,8 +147,8 @@ def test_ema_scaling_rule(digits_data, tmp_path):
     """Busbridge et al. 2023: batch 64 = 4 x --ema_reference_batch=16 -> every decay d^4; logged."""
     from conftest import tiny_config
     from ssl_ema import algorithms
-    from ssl_ema.ema import scaled_decay
-    from ssl_ema.trainer import Trainer
+    from ssl_ema.core.ema import scaled_decay
+    from ssl_ema.core.loop import Trainer
     assert scaled_decay(0.999, 64, 32) == pytest.approx(0.998001)
     cfg = tiny_config(algorithm='supervised', batch=64, ema_reference_batch=16, ema_decay=0.99,
                       ema_decays='0.9', polyak_start_fraction=0.5)

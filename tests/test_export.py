@@ -10,8 +10,7 @@ import pytest
 
 from conftest import quiet, tiny_config
 from ssl_ema import algorithms, cli, export, predict
-from ssl_ema.config import ConfigError
-from ssl_ema.data.datasets import DataError
+from ssl_ema.base.errors import ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
@@ -32,7 +31,7 @@ def in_training(run_dir, digits_data):
     """The Trainer's own models at the end of the run, restored by the Trainer itself, and their
     class probabilities on the test set."""
     import tensorflow as tf
-    from ssl_ema.trainer import Trainer
+    from ssl_ema.core.loop import Trainer
     cfg = tiny_config(algorithm='supervised', train_steps=20, train_dir=run_dir)
     trainer = Trainer(cfg, algorithms.ALGORITHMS['supervised'](), digits_data, run_dir)
     assert trainer.restore() == 20
@@ -256,7 +255,7 @@ def test_a_recompute_run_exports_its_reestimated_statistics(digits_data, tmp_pat
     import tensorflow as tf
     from ssl_ema import evaluate
     from ssl_ema.train import run
-    from ssl_ema.trainer import Trainer
+    from ssl_ema.core.loop import Trainer
     train_dir = str(tmp_path / 'run')
     cfg = tiny_config(algorithm='supervised', train_steps=20, ema_bn='recompute',
                       ema_bn_batches=2, train_dir=train_dir)

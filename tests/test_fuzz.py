@@ -17,9 +17,9 @@ import pytest
 from absl import flags
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from ssl_ema import algorithms, config as config_lib
-from ssl_ema.config import TrainConfig
-from ssl_ema import train
+from ssl_ema import algorithms, train
+from ssl_ema.base import config as config_lib
+from ssl_ema.base.config import TrainConfig
 
 FLAGS = flags.FLAGS
 FUZZ = settings(max_examples=20, deadline=None, database=None, print_blob=True,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ssl_ema import losses
+from ssl_ema.nn import losses
 
 
 def test_cross_entropy():

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from ssl_ema import algorithms
-from ssl_ema.trainer import Trainer
+from ssl_ema.core.loop import Trainer
 
 FLAGS = ['--batch=16', '--uratio=2', '--arch=small_cnn', '--eval_every_kimg=0.0625',
          '--log_every_steps=4']   # evaluations and checkpoints every 4 steps
@@ -131,8 +131,8 @@ def test_each_replica_gets_its_rows_of_every_global_batch():
 
 
 def test_multi_worker_needs_a_cluster(monkeypatch):
-    from ssl_ema import cluster
-    from ssl_ema.config import ConfigError
+    from ssl_ema.core import cluster
+    from ssl_ema.base.errors import ConfigError
     for name in ('TF_CONFIG', 'SLURM_PROCID'):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=r'needs a cluster: \$TF_CONFIG .* or a SLURM job step'):

@@ -10,10 +10,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import straight_and_resumed, tiny_config, weights_of
-from ssl_ema import algorithms, backbones, losses
+from ssl_ema import algorithms
+from ssl_ema.nn import backbones, losses
 from ssl_ema.algorithms import Batch, base
-from ssl_ema.ema import EMA
-from ssl_ema.trainer import Trainer
+from ssl_ema.core.ema import EMA
+from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
 

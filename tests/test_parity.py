@@ -18,9 +18,9 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from ssl_ema import algorithms, data
-from ssl_ema.backbones import call_keeping_statistics
-from ssl_ema.config import TrainConfig
-from ssl_ema.trainer import Trainer
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.core.loop import Trainer
 
 RUNS = os.path.join(os.path.dirname(__file__), '..', 'runs')
 TOTAL, STEP = 100, 20        # ramp at step 20: linear 0.5 (the anchors), sigmoid 0.29
@@ -317,8 +317,8 @@ def test_input_norm_and_pixel_scale(digits_data, pm1_digits):
 
 
 def test_wrn_conv_bias_flag():
-    from ssl_ema import backbones
-    from ssl_ema.trainer import decayed_variables
+    from ssl_ema.nn import backbones
+    from ssl_ema.core.loop import decayed_variables
     plain, biased = (backbones.build('wrn10_1', (8, 8, 1), 10, conv_bias=b) for b in (False, True))
     conv_biases = [v for v in biased.trainable_variables if 'conv2d' in v.path and 'bias' in v.path]
     # wrn10_1: the stem, two per block (one block per scale), two 1x1 shortcuts: 9 convolutions.
@@ -340,6 +340,6 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         'remixmatch': 'linear'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
     assert algorithms.ALGORITHMS['remixmatch'](ramp_up='sigmoid').ramp_up == 'sigmoid'
-    from ssl_ema.config import ConfigError
+    from ssl_ema.base.errors import ConfigError
     with pytest.raises(ConfigError, match='--ramp_up=cosine is invalid for --algorithm=pi_model'):
         algorithms.ALGORITHMS['pi_model'](ramp_up='cosine')

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import tiny_config
 from ssl_ema import algorithms, posthoc
-from ssl_ema.config import ConfigError
-from ssl_ema.ema import PowerEMA, sigma_rel_to_gamma
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.core.ema import PowerEMA, sigma_rel_to_gamma
 from ssl_ema.train import run
 
 
@@ -115,7 +115,7 @@ def test_posthoc_keeps_the_students_statistics_with_ema_bn_student(tmp_path):
     averaging them, so a reconstruction takes them from the last snapshot; a least-squares mix of
     older statistics (sigma_rel 0.01 lies far outside the tracked 0.05 and 0.1: coefficients of
     both signs) could even turn a variance negative."""
-    from ssl_ema import backbones
+    from ssl_ema.nn import backbones
     train_dir = str(tmp_path / 'run')
     run(tiny_config(algorithm='supervised', train_steps=24, posthoc_snapshot_every_kimg=0.125,
                     ema_bn='student', train_dir=train_dir),

@@ -17,10 +17,9 @@ import tensorflow as tf
 
 from conftest import tiny_config, weights_of
 from ssl_ema import algorithms
-from ssl_ema.config import ConfigError
-from ssl_ema.files import RunError
+from ssl_ema.base.errors import ConfigError, RunError
 from ssl_ema.train import run
-from ssl_ema.trainer import Trainer
+from ssl_ema.core.loop import Trainer
 
 EVERY_10_STEPS = 10 * 16 / 1024   # --eval_every_kimg for checkpoints every 10 steps of 16 images
 
@@ -122,7 +121,7 @@ def _fail_writes_of(name, error, monkeypatch):
         if name in os.readlink(f'/proc/self/fd/{fd}'):
             raise OSError(error, os.strerror(error))
         return fsync(fd)
-    return lambda: monkeypatch.setattr('ssl_ema.files.os.fsync', failing_fsync)
+    return lambda: monkeypatch.setattr('ssl_ema.base.files.os.fsync', failing_fsync)
 
 
 def _file_size_limit(limit_bytes):
@@ -356,7 +355,8 @@ def test_folder_from_the_wild_converts_skips_and_names(tmp_path, capsys):
 
 
 def _message(name):
-    from ssl_ema.data.datasets import DataError, load
+    from ssl_ema.base.errors import DataError
+    from ssl_ema.data.datasets import load
     with pytest.raises(DataError) as err:
         load(name)
     assert '\n' not in str(err.value)

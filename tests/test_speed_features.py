@@ -6,9 +6,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import straight_and_resumed, tiny_config, weights_of
-from ssl_ema import algorithms, backbones
-from ssl_ema.batch_norm import BatchNorm
-from ssl_ema.trainer import Trainer
+from ssl_ema import algorithms
+from ssl_ema.nn import backbones
+from ssl_ema.nn.batch_norm import BatchNorm
+from ssl_ema.core.loop import Trainer
 
 
 

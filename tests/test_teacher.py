@@ -3,9 +3,10 @@ them from a prediction come from the EMA model (in inference mode), not from the
 import pytest
 import tensorflow as tf
 
-from ssl_ema import algorithms, backbones, losses
+from ssl_ema import algorithms
+from ssl_ema.nn import backbones, losses
 from ssl_ema.algorithms import base
-from ssl_ema.ema import EMA
+from ssl_ema.core.ema import EMA
 from test_new_algorithms import random_batch
 
 TEACHING = sorted(name for name, cls in algorithms.ALGORITHMS.items()

@@ -8,7 +8,7 @@ import pytest
 from conftest import quiet, straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms
 from ssl_ema.train import run
-from ssl_ema.trainer import Trainer
+from ssl_ema.core.loop import Trainer
 
 
 @pytest.mark.parametrize('name', ['supervised', 'mean_teacher', 'vat'])

@@ -11,7 +11,7 @@ one, and a resumed run starts from it. Cost per step: a few scalar ops (runs/nan
 import numpy as np
 import tensorflow as tf
 
-from ssl_ema.files import RunError
+from ssl_ema.base.errors import RunError
 
 
 class NonFiniteGuard:

@@ -17,8 +17,7 @@ import re
 
 import tensorflow as tf
 
-from ssl_ema.config import ConfigError
-from ssl_ema.data.datasets import one_line
+from ssl_ema.base.errors import ConfigError, one_line
 
 
 def strategy(collective_timeout_s: float = 0.):

@@ -12,9 +12,7 @@ from typing import Optional
 
 from absl import flags
 
-
-class ConfigError(ValueError):
-    """Bad flag value; the message is one line naming the flag and what would be valid."""
+from ssl_ema.base.errors import ConfigError
 
 
 def hparam(default, help: str, run_defining: bool = True):

@@ -22,14 +22,16 @@ import time
 import keras
 import tensorflow as tf
 
-from ssl_ema import backbones, cluster, evaluation, files, losses, posthoc
+from ssl_ema.nn import backbones, losses
+from ssl_ema.core import cluster, accuracy
+from ssl_ema.base import files
+from ssl_ema import posthoc
 from ssl_ema.algorithms import Batch, base
-from ssl_ema.config import ConfigError, TrainConfig, parse_floats
+from ssl_ema.base.errors import ConfigError, one_line, RunError
+from ssl_ema.base.config import TrainConfig, parse_floats
 from ssl_ema.data import pipeline
-from ssl_ema.data.datasets import one_line
-from ssl_ema.ema import EMA, Polyak, PowerEMA, scaled_decay
-from ssl_ema.files import RunError
-from ssl_ema.guard import NonFiniteGuard
+from ssl_ema.core.ema import EMA, Polyak, PowerEMA, scaled_decay
+from ssl_ema.core.guard import NonFiniteGuard
 
 HISTORY = 'evaluations.jsonl'
 
@@ -127,8 +129,8 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.checkpoint_dir if self.chief else
             os.path.join(self._scratch, 'checkpoints'), cfg.keep_checkpoints)
-        self.predict = {'raw': evaluation.make_predict(self.student, data.image_shape)}
-        self.predict.update({name: evaluation.make_predict(a.model, data.image_shape)
+        self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
+        self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
                              for name, a in self.averages.items()})
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
@@ -238,7 +240,7 @@ class Trainer:
 
     def _write_summary(self):
         files.write_json(os.path.join(self.train_dir, 'accuracy.json'),
-                         evaluation.summarize(self.history))
+                         accuracy.summarize(self.history))
 
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
@@ -310,7 +312,7 @@ class Trainer:
         result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
         for model, predict in self.predict.items():
             with self._evaluation_statistics(model):
-                result[model] = {split: evaluation.accuracy(predict, x, y)
+                result[model] = {split: accuracy.accuracy(predict, x, y)
                                  for split, (x, y) in self.eval_arrays.items()}
         return result
 
@@ -430,7 +432,7 @@ class Trainer:
         if self.history:   # also repairs a kill between the checkpoint and accuracy.json
             with self._writing():
                 self._write_summary()
-        return evaluation.summarize(self.history)
+        return accuracy.summarize(self.history)
 
     def _save(self):
         """Checkpoint the current step (interrupts, preemption): never a non-finite state."""

@@ -17,14 +17,9 @@ import sys
 import tempfile
 from typing import Callable, IO, Optional
 
-from ssl_ema.config import ConfigError
+from ssl_ema.base.errors import ConfigError
 
 LOCK = '.lock'
-
-
-class RunError(RuntimeError):
-    """A run cannot go on safely (a full disk, a non-finite loss): one line naming the file or
-    the step, said after everything on disk was left as it was before."""
 
 
 def write_atomically(path, write: Callable, mode: str = 'wb', newline=None) -> None:

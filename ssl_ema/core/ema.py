@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ssl_ema import backbones
+from ssl_ema.nn import backbones
 
 BN_MODES = ('average', 'student', 'recompute')
 

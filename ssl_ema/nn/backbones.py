@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from ssl_ema import batch_norm
-from ssl_ema.config import ConfigError
+from ssl_ema.nn import batch_norm
+from ssl_ema.base.errors import ConfigError
 
 LEAK = 0.1
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')

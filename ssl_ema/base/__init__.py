@@ -1,0 +1,1 @@
+"""Base utilities every layer may use: errors, configuration, atomic files, the machine."""

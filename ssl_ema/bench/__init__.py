@@ -1,0 +1,1 @@
+"""Developer benchmarks (speed of the step, the EMA, distribution), apart from what users run."""
