@@ -16,7 +16,7 @@ from absl import flags
 from ssl_ema.nn import losses
 from ssl_ema.nn.backbones import call_keeping_statistics
 from ssl_ema.base.errors import ConfigError  # noqa: F401
-from ssl_ema.base.config import define_flags, from_flags, hparam
+from ssl_ema.base.hparams import define_flags, from_flags, hparam
 
 ALGORITHMS: Dict[str, type] = {}
 

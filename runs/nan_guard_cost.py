@@ -43,9 +43,9 @@ def main(argv):
         from ssl_ema.core import loop
         loop.NonFiniteGuard = guard   # what Trainer builds
         trainer = Trainer(cfg, algorithms.create(cfg.algorithm), dataset, tempfile.mkdtemp())
-        iterator = trainer._dataset(0)
+        iterator = trainer.batches(0)
         for _ in range(5):   # trace and warm up
-            trainer._train_step(iterator)
+            trainer.train_step(iterator)
         trainers[label] = trainer, iterator
     times = {label: [] for label in trainers}
     cpu = {label: [] for label in trainers}   # steps per CPU-second: less sensitive to other load
@@ -53,7 +53,7 @@ def main(argv):
         for label, (trainer, iterator) in trainers.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(FLAGS.steps):
-                metrics = trainer._train_step(iterator)
+                metrics = trainer.train_step(iterator)
             float(metrics['loss/total'])   # wait for the last step
             times[label].append(FLAGS.steps / (time.perf_counter() - start))
             cpu[label].append(FLAGS.steps / (time.process_time() - start_cpu))

@@ -1,23 +1,23 @@
-"""What every `python -m ssl_ema.<verb>` command shares: its flags, its one-line errors, and
-finding a run directory, its checkpoints and the configuration that made it.
+"""The one wrapper every `python -m ssl_ema.<verb>` command runs in.
 
-A command declares its flags as a dataclass of `hparam` fields (as TrainConfig does), defines
-them with `define_flags`, reads them back with `config.from_flags`, and runs as
-`app.run(cli.main(command))`: a ConfigError or DataError becomes `error: <one line>` and exit
-status 1, Ctrl-C exit status 130, never a traceback.
+A command declares its flags as a dataclass of `hparam` fields (as TrainConfig does) and ends
+with `cli.run(main, ItsConfig)`: the flags are defined (listed by `--help`), parsed (a bad flag is
+one `error:` line), read back into the dataclass (whose checks raise ConfigError), and
+`main(config)` calls the library. Whatever goes wrong becomes one line `error: <message>` and
+exit status 1 (ConfigError, DataError, RunError; a lost worker under multi-worker training),
+Ctrl-C or SIGTERM exit status 130, never a traceback. The library itself never exits.
 """
 import dataclasses
-import json
 import os
+import signal
 import sys
 from typing import Callable, Optional
 
-from ssl_ema.base import config as config_lib
-from ssl_ema.base.errors import ConfigError, DataError, one_line
-from ssl_ema.base.config import TrainConfig
+from absl import app, flags
 
-# The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
-CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
+from ssl_ema.base import hparams
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import ConfigError, DataError, RunError
 
 
 def define_flags(cls, module_name: str) -> None:
@@ -27,22 +27,18 @@ def define_flags(cls, module_name: str) -> None:
     main = sys.modules.get('__main__')
     if module_name == '__main__' and getattr(main, '__file__', None):
         module_name = sys.argv[0]
-    config_lib.define_flags(cls, module_name)
+    hparams.define_flags(cls, module_name)
 
 
-def main(command: Callable[[], None]) -> Callable:
-    """An absl main running `command()` with the toolkit's error handling."""
-    def run(argv):
-        if len(argv) > 1:
-            sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
-        quiet_tensorflow()
-        try:
-            command()
-        except (ConfigError, DataError) as e:
-            sys.exit(f'error: {e}')
-        except KeyboardInterrupt:
-            sys.exit(130)
-    return run
+def define_train_flags() -> None:
+    """Every training flag (TrainConfig's, listed by --help) and every algorithm's own (listed
+    under its module by --helpfull): what ssl_ema.train and ssl_ema.benchmark take."""
+    from ssl_ema.base import config
+    hparams.define_flags(TrainConfig, config.__name__)
+    from ssl_ema import algorithms
+    algorithms.define_algorithm_flags()
+    for f in dataclasses.fields(TrainConfig):   # --help shows them, not just --helpfull
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[f.name])
 
 
 def quiet_tensorflow() -> None:
@@ -62,96 +58,60 @@ def require_matplotlib(command: str) -> None:
                           ) from None
 
 
-# ---- run directories ------------------------------------------------------------------------
-def recorded_total_steps(record: dict) -> int:
-    """The training length, in steps, of a run record (flags.json)."""
-    c = record['config']
-    return config_lib.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
-
-
-def read_run_record(train_dir: str) -> Optional[dict]:
-    """train_dir's flags.json, None if it has none; ConfigError naming the file if it is damaged
-    or too old to say how the run was made."""
-    path = os.path.join(train_dir, 'flags.json')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        if not isinstance(record['config'], dict) or not isinstance(record['algorithm'], dict):
-            raise TypeError('config and algorithm must be objects')
-        recorded_total_steps(record)
-    except (OSError, ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
-        raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
-                          f'{train_dir} away or use another --train_dir') from None
-    return record
-
-
-@dataclasses.dataclass
-class Run:
-    """A run directory that ssl_ema.train made (it has flags.json)."""
-    train_dir: str
-    record: dict
-
-    @property
-    def config(self) -> TrainConfig:
-        """The TrainConfig that made the run (fields this version does not know are ignored)."""
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in self.record['config'].items() if k in known})
-
-    def dataset(self, augment: Optional[str] = None):
-        """The run's SSLData as ssl_ema.train built it: the same labeled split, validation set
-        and input normalisation (its --augment unless `augment` is given)."""
-        from ssl_ema import data
-        c = self.config
-        return data.build(c.dataset, c.labels, c.valid, c.seed,
-                          c.augment if augment is None else augment, c.data_dir,
-                          input_norm=c.input_norm)
-
-    def statistics_batches(self, dataset=None) -> Optional[list]:
-        """For an --ema_bn=recompute run, the training batches over which the Trainer
-        re-estimates an average's batch-norm statistics before evaluating it (its checkpoints hold
-        the student's statistics in the averages); None for the other --ema_bn modes."""
-        c = self.config
-        if c.ema_bn != 'recompute':
-            return None
-        from ssl_ema import algorithms
-        from ssl_ema.core.loop import statistics_batches
-        return statistics_batches(dataset or self.dataset(), c,
-                                  bool(algorithms.ALGORITHMS[c.algorithm].views))
-
-    @property
-    def checkpoint_dir(self) -> str:
-        return os.path.join(self.train_dir, 'checkpoints')
-
-    def checkpoint(self, path: Optional[str] = None) -> str:
-        """The checkpoint to read: `path` (a prefix such as DIR/checkpoints/ckpt-400, or just
-        ckpt-400), else the latest one; ConfigError naming --checkpoint if there is none."""
+def main(command: Callable, config_cls=None) -> Callable:
+    """An absl main running `command(config)` (or `command()` without a config class) with the
+    toolkit's error handling."""
+    def run(argv):
+        if len(argv) > 1:
+            sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
+        quiet_tensorflow()
         import tensorflow as tf
-        if not path:
-            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-            if not latest:
-                raise ConfigError(f'--train_dir={self.train_dir} has no checkpoint yet (in '
-                                  f'{self.checkpoint_dir}); train it first')
-            return latest
-        for candidate in (path, os.path.join(self.checkpoint_dir, path)):
-            if os.path.exists(candidate + '.index'):
-                return candidate
-        have = tf.train.get_checkpoint_state(self.checkpoint_dir)
-        have = ', '.join(os.path.basename(p) for p in have.all_model_checkpoint_paths) if have \
-            else 'none'
-        raise ConfigError(f'--checkpoint={path} is not a checkpoint (no {path}.index); '
-                          f'{self.checkpoint_dir} has: {have}')
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)   # `kill` saves a checkpoint like Ctrl-C does
+        cfg = None
+        try:
+            if config_cls is None:
+                command()
+            else:
+                cfg = hparams.from_flags(config_cls)
+                command(cfg)
+            _exit(0, cfg)
+        except (ConfigError, DataError, RunError) as e:
+            _exit(f'error: {e}', cfg)
+        except tf.errors.OpError as e:   # a collective failed: another worker died or hung
+            if getattr(cfg, 'distribute', None) != 'multi_worker':
+                raise
+            from ssl_ema.core import cluster
+            _exit(f'error: {cluster.lost_worker(e, cfg.collective_timeout_s)}', cfg)
+        except KeyboardInterrupt:
+            _exit(130, cfg)
+    return run
 
 
-def open_run(train_dir: Optional[str]) -> Run:
-    """The run in --train_dir; ConfigError if the flag is missing or names no run."""
-    if not train_dir:
-        raise ConfigError('--train_dir=DIR is required: a run directory of ssl_ema.train')
-    if not os.path.isdir(train_dir):
-        raise ConfigError(f'--train_dir={train_dir}: no such directory')
-    record = read_run_record(train_dir)
-    if record is None:
-        raise ConfigError(f'--train_dir={train_dir} is not a run directory (no flags.json): '
-                          'give the directory ssl_ema.train wrote')
-    return Run(train_dir, record)
+def run(command: Callable, config_cls=None, module_name: Optional[str] = '__main__',
+        setup: Optional[Callable] = None) -> None:
+    """Define the command's flags (its dataclass's, then `setup()`'s), parse them and run
+    `command` under `main`'s error handling. Never returns."""
+    if config_cls is not None and config_cls is not TrainConfig:
+        define_flags(config_cls, module_name)
+    if setup:
+        setup()
+    app.run(main(command, config_cls), flags_parser=hparams.parse_flags)
+
+
+def _exit(code, cfg=None):
+    """sys.exit(code) (a message: printed to stderr, exit status 1); multi-worker, without
+    TensorFlow's shutdown, which waits for workers that are gone (~20 s after a lost worker; after
+    a finished run the preemption handler's clean-up can wait on the chief's coordination service
+    for minutes). Everything the run leaves is written and flushed by now, and no collective
+    follows the last step."""
+    if getattr(cfg, 'distribute', None) != 'multi_worker':
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

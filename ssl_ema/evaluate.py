@@ -20,15 +20,16 @@ import sys
 from typing import Optional
 
 import numpy as np
-from absl import app
 
-from ssl_ema import cli, export
-from ssl_ema.base import files, config as config_lib
-from ssl_ema.base.config import hparam
+from ssl_ema import cli
+from ssl_ema.base import files
 from ssl_ema.base.errors import DataError
+from ssl_ema.base.hparams import hparam
+from ssl_ema.core import classifier
+from ssl_ema.core.run_dir import open_run_dir
 
 MODELS = {'raw': 'raw student', 'ema': 'EMA'}
-BATCH = 1024   # images per forward pass, as the training loop's evaluation (evaluation.py)
+BATCH = 1024   # images per forward pass, as the training loop's evaluation (core/accuracy.py)
 
 
 @dataclasses.dataclass
@@ -92,8 +93,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     """Accuracy and confusion matrix of both models; writes OUT.json and OUT.png."""
     from ssl_ema import data
     cli.require_matplotlib('ssl_ema.evaluate')
-    run = cli.open_run(cfg.train_dir)
-    info = export.classifier_info(run)
+    run = open_run_dir(cfg.train_dir)
+    info = classifier.classifier_info(run)
     dataset = cfg.dataset or run.config.dataset
     arrays = data.load(dataset, cfg.data_dir if cfg.data_dir is not None else run.config.data_dir)
     shape, classes = tuple(info['image_shape']), info['num_classes']
@@ -101,7 +102,7 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
         raise DataError(f'--dataset={dataset} has {arrays.num_classes} classes of '
                         f'{arrays.image_shape} images; the run classifies {classes} classes of '
                         f'{shape}')
-    names = export.class_names(info)
+    names = classifier.class_names(info)
     if arrays.class_names and list(arrays.class_names) != names:
         print(f'warning: --dataset={dataset} names its classes {list(arrays.class_names)}, the '
               f'run {names}: compared by class id', file=sys.stderr)
@@ -115,9 +116,9 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     result = {'train_dir': cfg.train_dir, 'dataset': dataset, 'split': 'test',
               'checkpoint': path, 'images': len(arrays.y_test), 'class_names': names}
     for model in MODELS:
-        backbone, _, result['step'] = export.restore_backbone(run, info, model, path)
-        predicted = predicted_classes(export.classifier(backbone, info), arrays.x_test)
-        correct = int((predicted == arrays.y_test).sum())   # as evaluation.accuracy counts
+        backbone, _, result['step'] = classifier.restore_backbone(run, info, model, path)
+        predicted = predicted_classes(classifier.classifier(backbone, info), arrays.x_test)
+        correct = int((predicted == arrays.y_test).sum())   # as core/accuracy.accuracy counts
         result[model] = {'accuracy': 100. * correct / len(arrays.y_test),
                          'confusion': confusion_matrix(arrays.y_test, predicted,
                                                        info['num_classes']).tolist()}
@@ -129,10 +130,5 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     return result
 
 
-def main():
-    evaluate(config_lib.from_flags(EvaluateConfig))
-
-
 if __name__ == '__main__':
-    cli.define_flags(EvaluateConfig, __name__)
-    app.run(cli.main(main))
+    cli.run(evaluate, EvaluateConfig)

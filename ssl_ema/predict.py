@@ -24,19 +24,18 @@ import csv
 import dataclasses
 import glob
 import io
-import json
 import os
 import pathlib
 import sys
-from typing import Callable, List, Optional
+from typing import Optional
 
 import numpy as np
-from absl import app
 
-from ssl_ema import cli, export
-from ssl_ema.base import files, config as config_lib
+from ssl_ema import cli
+from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError, DataError, one_line
-from ssl_ema.base.config import hparam
+from ssl_ema.base.hparams import hparam
+from ssl_ema.core.classifier import load_classifier
 from ssl_ema.data.custom import IMAGE_SUFFIXES, _as_images, read_image
 
 NPZ_KEYS = ('x', 'x_test', 'x_train')   # the array of a .npz that is classified, first found
@@ -63,57 +62,6 @@ class PredictConfig:
         for name in ('top_k', 'batch'):
             if getattr(self, name) < 1:
                 raise ConfigError(f'--{name}={getattr(self, name)} must be a positive integer')
-
-
-# ---- the classifier -------------------------------------------------------------------------
-@dataclasses.dataclass
-class Classifier:
-    probabilities: Callable   # uint8 [N, H, W, C] -> float [N, K]
-    image_shape: tuple
-    class_names: List[str]
-
-
-def load_classifier(path: str) -> Classifier:
-    """An export directory, a .keras file or a SavedModel directory; ConfigError naming --model."""
-    import tensorflow as tf
-    p = pathlib.Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f'--model={path}: no such file or directory; give an export directory '
-                          '(e.g. TRAIN_DIR/export), a .keras file or a SavedModel directory')
-    if (p / export.KERAS_FILE).is_file():
-        p = p / export.KERAS_FILE
-    meta_path = p.parent / export.EXPORT_INFO   # beside model.keras and saved_model/
-    try:
-        if p.is_file() and p.suffix == '.keras':
-            import keras
-            model = keras.saving.load_model(p, compile=False)
-            shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
-            call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        elif (p / 'saved_model.pb').is_file():
-            signature = tf.saved_model.load(str(p)).signatures['serving_default']
-            (name, spec), = signature.structured_input_signature[1].items()
-            outputs = signature.structured_outputs
-            key = 'probabilities' if 'probabilities' in outputs else next(iter(outputs))
-            if spec.dtype != tf.uint8 or spec.shape.rank != 4:
-                raise ValueError(f'its signature takes {spec.dtype.name} {spec.shape}, not uint8 '
-                                 '[N, H, W, C] images')
-            shape, classes = tuple(spec.shape[1:]), outputs[key].shape[-1]
-            call = lambda x: signature(**{name: x})[key]   # noqa: E731
-        else:
-            raise ConfigError(f'--model={path} is not an export directory, a .keras file or a '
-                              'SavedModel directory (e.g. TRAIN_DIR/export)')
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f'--model={path} cannot be loaded ({one_line(e)})') from None
-    names = [str(c) for c in range(classes)]
-    if meta_path.is_file():
-        try:
-            with open(meta_path) as f:
-                names = export.class_names(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f'{meta_path} is damaged ({one_line(e)})') from None
-    return Classifier(lambda x: np.asarray(call(tf.constant(x))), shape, names)
 
 
 # ---- the images -----------------------------------------------------------------------------
@@ -219,10 +167,5 @@ def predict(cfg: PredictConfig, log=print) -> int:
     return len(names)
 
 
-def main():
-    predict(config_lib.from_flags(PredictConfig))
-
-
 if __name__ == '__main__':
-    cli.define_flags(PredictConfig, __name__)
-    app.run(cli.main(main))
+    cli.run(predict, PredictConfig)

@@ -48,3 +48,10 @@ def straight_and_resumed(cfg, algorithm, data, tmp_path, stop_at):
     summary = resumed.train(log=quiet)
     assert int(resumed.step.numpy()) == cfg.total_steps
     return straight, resumed, summary
+
+
+def run(cfg, algorithm, log=quiet, **kwargs):
+    """A whole training run as `python -m ssl_ema.train` makes it (core/fitting.fit): its
+    accuracy summary (accuracy.json)."""
+    from ssl_ema.core import fitting, run_dir
+    return run_dir.read_summary(fitting.fit(cfg, algorithm, log=log, **kwargs))

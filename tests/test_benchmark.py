@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 
 from ssl_ema import benchmark
+from ssl_ema.cli import define_train_flags
+from ssl_ema.core import grid, report
 from ssl_ema.algorithms import ALGORITHMS
 from ssl_ema.base.errors import ConfigError, DataError
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.core.accuracy import summarize
+
+define_train_flags()   # as ssl_ema.train and ssl_ema.benchmark do
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(train_steps=10, batch=16, uratio=1, eval_every_kimg=0.078125, arch='small_cnn')
@@ -68,10 +72,10 @@ def hand_made(tmp_path):
 
 
 def test_mean_and_sample_std():
-    mean, std = benchmark.mean_std([80., 82., 87.])
+    mean, std = report.mean_std([80., 82., 87.])
     assert mean == pytest.approx(83.)
     assert std == pytest.approx(np.sqrt((9 + 1 + 16) / 2))   # 3.606, not the population 2.944
-    assert benchmark.mean_std([70.])[1] is None
+    assert report.mean_std([70.])[1] is None
 
 
 def test_median_of_last_20_in_accuracy_json(hand_made):
@@ -90,7 +94,7 @@ def table_cells(markdown):
 
 
 def test_table_from_hand_made_runs(hand_made):
-    benchmark.write_results(hand_made, log=lambda *a: None)
+    report.write_results(hand_made, log=lambda *a: None)
     with open(os.path.join(hand_made, 'results.md')) as f:
         markdown = f.read()
     sample_std = np.sqrt((9 + 1 + 16) / 2)   # seeds at 74.5, 76.5, 81.5 (mean 77.5)
@@ -119,7 +123,7 @@ def test_table_from_hand_made_runs(hand_made):
     assert 'consistency_weight' in rows[0]   # differs: mean_teacher's, none for supervised
     assert 'batch' not in rows[0]            # the same for every run
     assert os.path.getsize(os.path.join(hand_made, 'curves.png')) > 10000
-    assert sorted(os.listdir(hand_made)) == sorted(benchmark.RESULT_FILES + ('runs',))  # no temps
+    assert sorted(os.listdir(hand_made)) == sorted(report.RESULT_FILES + ('runs',))  # no temps
 
 
 def test_every_tracked_average_reaches_the_csv_and_the_curves(tmp_path):
@@ -128,22 +132,22 @@ def test_every_tracked_average_reaches_the_csv_and_the_curves(tmp_path):
     for seed in (1, 2):
         make_run(out, 'mean_teacher', 50, seed, 60., averages=('ema_0.99', 'polyak'))
     make_run(out, 'supervised', 50, 1, 40.)   # without: its panel shows EMA and raw only
-    records = benchmark.load_runs(out)
-    assert benchmark.models_of(records) == ['raw', 'ema', 'ema_0.99', 'polyak']
-    columns, rows = benchmark.csv_rows(records)
+    records = report.load_runs(out)
+    assert report.models_of(records) == ['raw', 'ema', 'ema_0.99', 'polyak']
+    columns, rows = report.csv_rows(records)
     assert {'ema_0.99_test_median_last_20', 'polyak_valid_last'} <= set(columns)
     teacher = next(r for r in rows if r['algorithm'] == 'mean_teacher')
     assert teacher['ema_0.99_test_median_last_20'] == 75.5    # 60 + 1 + median(5..24)
     assert teacher['polyak_test_last'] == 86.                 # 60 + 2 + 24
     assert next(r for r in rows if r['algorithm'] == 'supervised')['polyak_test_last'] == ''
-    drawn = benchmark.plot_curves(records, str(tmp_path / 'curves.png'))
+    drawn = report.plot_curves(records, str(tmp_path / 'curves.png'))
     assert drawn == {'mean_teacher': ['50 labels, raw', '50 labels, EMA', '50 labels, ema_0.99',
                                       '50 labels, polyak'],
                      'supervised': ['50 labels, raw', '50 labels, EMA']}
 
 
 def test_collect_rebuilds_the_same_files(hand_made):
-    benchmark.write_results(hand_made, log=lambda *a: None)
+    report.write_results(hand_made, log=lambda *a: None)
     before = {}
     for name in ('results.csv', 'results.md'):
         with open(os.path.join(hand_made, name)) as f:
@@ -204,13 +208,13 @@ def test_bad_values_fail_before_anything_is_written(tmp_path):
     out = str(tmp_path / 'bench')
     with pytest.raises(ConfigError, match=r'--algorithms=supervised,nope: nope is unknown; '
                                           r'valid: .*mean_teacher'):
-        benchmark.plan(['supervised', 'nope'], [50], [1], out, settings=TINY)
+        grid.plan(['supervised', 'nope'], [50], [1], out, settings=TINY)
     with pytest.raises(ConfigError, match='--labels=50,5x must be comma-separated integers'):
         benchmark.parse_counts('labels', ['50', '5x'])
     with pytest.raises(DataError, match='--labels=55 must be a multiple'):
-        benchmark.plan(['supervised'], [50, 55], [1], out, settings=TINY)
+        grid.plan(['supervised'], [50, 55], [1], out, settings=TINY)
     with pytest.raises(ConfigError, match='--arch=resnet9000 is unknown'):
-        benchmark.plan(['supervised'], [50], [1], out, settings=dict(TINY, arch='resnet9000'))
+        grid.plan(['supervised'], [50], [1], out, settings=dict(TINY, arch='resnet9000'))
     assert not os.path.exists(out)
 
 
@@ -223,7 +227,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_algorithm_flags_are_layered_over_the_shared_ones(tmp_path):
-    runs = benchmark.plan(['mean_teacher', 'vat'], [50], [1, 2], str(tmp_path),
+    runs = grid.plan(['mean_teacher', 'vat'], [50], [1, 2], str(tmp_path),
                           settings=dict(TINY, uratio=2),
                           per_algorithm={'vat': {'uratio': 3, 'consistency_weight': 0.5}})
     assert [(r.cfg.algorithm, r.cfg.seed, r.cfg.uratio, r.algorithm.consistency_weight)
@@ -231,7 +235,7 @@ def test_algorithm_flags_are_layered_over_the_shared_ones(tmp_path):
                                ('vat', 1, 3, 0.5), ('vat', 2, 3, 0.5)]
     assert runs[2].name == 'digits.50@1/vat_small_cnn_batch16_consistency_weight0.5_uratio3'
     assert {r.status for r in runs} == {'new'}
-    command = benchmark.train_command(runs[2])
+    command = grid.train_command(runs[2])
     assert '--uratio=3' in command and '--consistency_weight=0.5' in command
     assert f'--train_dir={runs[2].cfg.train_dir}' in command and '--ema_warmup' in command
 
@@ -239,10 +243,10 @@ def test_algorithm_flags_are_layered_over_the_shared_ones(tmp_path):
 # ---- a tiny real grid ------------------------------------------------------------------------
 def test_tiny_grid_interrupted_resumed_and_not_retrained(tmp_path):
     out = str(tmp_path / 'bench')
-    grid = ['--algorithms=supervised,mean_teacher', '--labels=50', '--seeds=1,2', f'--out={out}',
+    grid_flags = ['--algorithms=supervised,mean_teacher', '--labels=50', '--seeds=1,2', f'--out={out}',
             '--dataset=digits'] + [f'--{k}={v}' for k, v in TINY.items()]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-    first = subprocess.Popen([sys.executable, '-m', 'ssl_ema.benchmark', *grid], cwd=REPO,
+    first = subprocess.Popen([sys.executable, '-m', 'ssl_ema.benchmark', *grid_flags], cwd=REPO,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     printed = []
     for line in first.stdout:   # kill the benchmark once its first run has finished
@@ -256,7 +260,7 @@ def test_tiny_grid_interrupted_resumed_and_not_retrained(tmp_path):
     first_run = os.path.join(out, 'runs', 'digits.50@1', 'supervised_small_cnn_batch16_uratio1')
     mtime = os.path.getmtime(os.path.join(first_run, 'accuracy.json'))
 
-    second = cli(*grid)
+    second = cli(*grid_flags)
     assert second.returncode == 0, second.stdout + second.stderr
     lines = second.stdout.splitlines()
     assert lines[0].startswith('4 runs in') and '1 done' in lines[0]
@@ -266,7 +270,7 @@ def test_tiny_grid_interrupted_resumed_and_not_retrained(tmp_path):
     with open(os.path.join(out, 'results.csv')) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(row['finished'] == 'True' for row in rows)
-    assert all(os.path.exists(os.path.join(out, name)) for name in benchmark.RESULT_FILES)
+    assert all(os.path.exists(os.path.join(out, name)) for name in report.RESULT_FILES)
 
-    again = benchmark.plan(['supervised', 'mean_teacher'], [50], [1, 2], out, settings=TINY)
+    again = grid.plan(['supervised', 'mean_teacher'], [50], [1, 2], out, settings=TINY)
     assert [r.status for r in again] == ['done'] * 4   # a third run would train nothing

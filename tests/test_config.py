@@ -10,7 +10,8 @@ from ssl_ema import algorithms
 from ssl_ema.nn import backbones
 from ssl_ema.base.errors import ConfigError, DataError
 from ssl_ema.base.files import write_json
-from ssl_ema.train import check_compatible, run, run_record
+from conftest import run
+from ssl_ema.core.run_dir import check_compatible, run_record
 
 
 def quiet(*args):

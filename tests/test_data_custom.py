@@ -91,7 +91,7 @@ def test_folder_with_train_and_test(tmp_path):
 def test_custom_data_trains_a_few_steps(tmp_path, kind):
     from conftest import tiny_config
     from ssl_ema import algorithms
-    from ssl_ema.train import run
+    from conftest import run
     if kind == 'npz':
         name = _save_npz(tmp_path / 'd.npz', x_train=_images(40), y_train=np.arange(40) % 2)
     else:

@@ -13,9 +13,9 @@ SCRIPT = '''
 import json, sys, tempfile
 import numpy as np, tensorflow as tf
 from ssl_ema import algorithms, data
-from ssl_ema.config import TrainConfig
-from ssl_ema.train import make_strategy
-from ssl_ema.trainer import Trainer
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.core.cluster import make_strategy
+from ssl_ema.core.loop import Trainer
 
 name = sys.argv[1]
 cfg = TrainConfig(algorithm=name, batch=16, uratio=2, train_steps=4, eval_every_kimg=0.0625,

@@ -174,7 +174,7 @@ def test_every_horizon_is_evaluated_and_recorded(tmp_path):
     import tensorflow as tf
     from conftest import tiny_config
     from ssl_ema import algorithms
-    from ssl_ema.train import run
+    from conftest import run
     cfg = tiny_config(algorithm='supervised', train_steps=20, ema_decays='0.9,0.999,0.99',
                       polyak_start_fraction=0.5, train_dir=str(tmp_path))
     summary = run(cfg, algorithms.ALGORITHMS['supervised'](), log=lambda *a: None)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import quiet, tiny_config
-from ssl_ema import algorithms, cli, export, predict
+from ssl_ema import algorithms, cli, predict
+from ssl_ema.core import classifier as export
 from ssl_ema.base.errors import ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,7 @@ SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     """A finished 20-step run (one evaluation, one checkpoint) and its automatic export."""
-    from ssl_ema.train import run
+    from conftest import run
     train_dir = str(tmp_path_factory.mktemp('export') / 'run')
     cfg = tiny_config(algorithm='supervised', train_steps=20, train_dir=train_dir)
     run(cfg, algorithms.ALGORITHMS['supervised'](), log=quiet)
@@ -51,7 +52,7 @@ def test_a_finished_run_exports_its_ema_classifier(run_dir):
     meta = json.load(open(os.path.join(out, 'export.json')))
     assert (meta['model'], meta['checkpoint'], meta['step']) == ('ema', 'ckpt-20', 20)
     assert meta['class_names'] == [str(i) for i in range(10)] and meta['image_shape'] == [8, 8, 1]
-    # no temporary left (.lock is the run directory's lock file, ssl_ema/files.py)
+    # no temporary left (.lock is the run directory's lock file, ssl_ema/base/files.py)
     assert not [f for f in os.listdir(run_dir) if f.startswith('.') and f != '.lock']
 
 
@@ -199,9 +200,9 @@ def test_predict_inputs(run_dir, in_training, digits_data, tmp_path):
     with pytest.raises(DataError, match='no such folder'):
         predict.image_sources(str(tmp_path / 'nothing*.png'))
     with pytest.raises(ConfigError, match='--model=.* is not an export directory'):
-        predict.load_classifier(str(tmp_path))
+        export.load_classifier(str(tmp_path))
     with pytest.raises(ConfigError, match='no such file or directory'):
-        predict.load_classifier(str(tmp_path / 'nowhere'))
+        export.load_classifier(str(tmp_path / 'nowhere'))
 
 
 def test_fit_converts_channels_and_resizes():
@@ -254,7 +255,7 @@ def test_a_recompute_run_exports_its_reestimated_statistics(digits_data, tmp_pat
     import keras
     import tensorflow as tf
     from ssl_ema import evaluate
-    from ssl_ema.train import run
+    from conftest import run
     from ssl_ema.core.loop import Trainer
     train_dir = str(tmp_path / 'run')
     cfg = tiny_config(algorithm='supervised', train_steps=20, ema_bn='recompute',

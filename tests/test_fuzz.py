@@ -17,9 +17,11 @@ import pytest
 from absl import flags
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from ssl_ema import algorithms, train
-from ssl_ema.base import config as config_lib
+from ssl_ema import algorithms, cli, train
+from ssl_ema.base import hparams
 from ssl_ema.base.config import TrainConfig
+
+cli.define_train_flags()   # as ssl_ema.train and ssl_ema.benchmark do
 
 FLAGS = flags.FLAGS
 FUZZ = settings(max_examples=20, deadline=None, database=None, print_blob=True,
@@ -30,7 +32,7 @@ def run_command(argv):
     """(exit: 0 or the SystemExit message, stdout+stderr) of `python -m ssl_ema.train argv`."""
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        train.main(config_lib.parse_flags(['ssl_ema.train'] + argv))
+        cli.main(train.main, TrainConfig)(hparams.parse_flags(['ssl_ema.train'] + argv))
         return 0
     except SystemExit as e:
         return e.code

@@ -226,9 +226,9 @@ MIRRORED = '''
 import json, sys, tempfile
 import numpy as np, tensorflow as tf
 from ssl_ema import algorithms, data
-from ssl_ema.config import TrainConfig
-from ssl_ema.train import make_strategy
-from ssl_ema.trainer import Trainer
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.core.cluster import make_strategy
+from ssl_ema.core.loop import Trainer
 
 cfg = TrainConfig(batch=16, uratio=2, train_steps=2,
                   arch='small_cnn', distribute='mirrored', cpu_devices=2)
@@ -240,9 +240,9 @@ for name in sys.argv[1:]:
         if label == 'one' and name == 'remixmatch':   # not compared (see test_two_replicas)
             continue
         trainer = Trainer(cfg, algorithms.ALGORITHMS[name](), dataset, tempfile.mkdtemp(), strategy)
-        iterator = trainer._dataset(0)
+        iterator = trainer.batches(0)
         for _ in range(2):   # two steps: the second uses the state the first one left
-            trainer._train_step(iterator)
+            trainer.train_step(iterator)
         replicas = {k: [np.asarray(t).tolist() for t in strategy.experimental_local_results(v)]
                     for k, v in trainer.state.items()}
         out[name + '/' + label] = {'state': replicas, 'student': [np.asarray(w).tolist()

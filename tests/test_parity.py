@@ -79,7 +79,7 @@ def one_step(trainer, batch):
     before = {'student': [w.numpy() for w in trainer.student.weights],
               'teacher': [w.numpy() for w in trainer.ema.model.weights],
               'rng': np.array(trainer.rng.state)}
-    trainer._train_step(iter(tf.data.Dataset.from_tensors(batch)))
+    trainer.train_step(iter(tf.data.Dataset.from_tensors(batch)))
     return before
 
 
@@ -298,7 +298,7 @@ def test_weight_decay_after_n_steps(decay_type, digits_data, tmp_path):
     batch = ((images, tf.constant([0, 1, 2, 3])), ())
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     for _ in range(20):
-        trainer._train_step(iterator)
+        trainer.train_step(iterator)
     factor = kernel_factor_after(20, .1, .01, decay_type)
     assert factor == pytest.approx({'l2': 0.8759, 'decoupled': 0.9802}[decay_type], abs=1e-4)
     for v in trainer.student.trainable_variables:

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from ssl_ema import algorithms, posthoc
+from ssl_ema import algorithms
+from ssl_ema.core import posthoc, snapshots
 from ssl_ema.base.errors import ConfigError
 from ssl_ema.core.ema import PowerEMA, sigma_rel_to_gamma
-from ssl_ema.train import run
+from conftest import run
 
 
 def test_profile_inner_product_by_hand():
@@ -57,8 +58,8 @@ def test_reconstruction_matches_a_profile_tracked_directly(tmp_path):
         for average in tracked + [direct]:
             average.update()
         if t % 20 == 0:
-            posthoc.save_snapshot(str(tmp_path), t, tracked)
-    snapshot_steps, sigma_rels, weights = posthoc.load_snapshots(str(tmp_path))
+            snapshots.save_snapshot(str(tmp_path), t, tracked)
+    snapshot_steps, sigma_rels, weights = snapshots.load_snapshots(str(tmp_path))
     assert len(snapshot_steps) == 40 and sorted(set(sigma_rels)) == [0.05, 0.1]
     x = posthoc.reconstruction_coefficients(
         snapshot_steps, [sigma_rel_to_gamma(s) for s in sigma_rels], steps, direct.gamma)
@@ -70,11 +71,11 @@ def test_reconstruction_matches_a_profile_tracked_directly(tmp_path):
 
 
 def test_resumed_run_drops_snapshots_newer_than_its_checkpoint(tmp_path):
-    (tmp_path / posthoc.SNAPSHOTS).mkdir()
+    (tmp_path / snapshots.SNAPSHOTS).mkdir()
     for step in (8, 16, 24):
-        (tmp_path / posthoc.SNAPSHOTS / f'snapshot-{step:08d}.npz').write_bytes(b'x')
-    posthoc.remove_snapshots_after(str(tmp_path), 16)
-    assert sorted(os.listdir(tmp_path / posthoc.SNAPSHOTS)) == ['snapshot-00000008.npz',
+        (tmp_path / snapshots.SNAPSHOTS / f'snapshot-{step:08d}.npz').write_bytes(b'x')
+    snapshots.remove_snapshots_after(str(tmp_path), 16)
+    assert sorted(os.listdir(tmp_path / snapshots.SNAPSHOTS)) == ['snapshot-00000008.npz',
                                                                  'snapshot-00000016.npz']
 
 
@@ -84,7 +85,7 @@ def test_posthoc_sweep_on_a_tiny_run(tmp_path):
                       input_norm='plus_minus_one',   # the sweep must normalise as the run did
                       train_dir=train_dir)   # a snapshot every 8 steps of 16 images
     run(cfg, algorithms.ALGORITHMS['supervised'](), log=lambda *a: None)
-    assert sorted(os.listdir(os.path.join(train_dir, posthoc.SNAPSHOTS))) == [
+    assert sorted(os.listdir(os.path.join(train_dir, snapshots.SNAPSHOTS))) == [
         f'snapshot-{s:08d}.npz' for s in (8, 16, 24, 32, 40)]
     summary = posthoc.sweep(train_dir, [0.05, 0.1, 0.2], log=lambda *a: None)
     saved = json.loads((tmp_path / 'run' / 'posthoc.json').read_text())
@@ -123,7 +124,7 @@ def test_posthoc_keeps_the_students_statistics_with_ema_bn_student(tmp_path):
     summary = posthoc.sweep(train_dir, [0.01], log=lambda *a: None)
     model = backbones.build('small_cnn', (8, 8, 1), 10, portable=True)
     model.load_weights(summary['best']['weights'])
-    steps, _, weights = posthoc.load_snapshots(train_dir)
+    steps, _, weights = snapshots.load_snapshots(train_dir)
     final, first = weights[int(np.argmax(steps))], weights[0]
     statistics = [k for k, v in enumerate(model.weights) if not v.trainable]
     assert statistics and any(not np.allclose(final[k], first[k]) for k in statistics)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from conftest import tiny_config, weights_of
 from ssl_ema import algorithms
 from ssl_ema.base.errors import ConfigError, RunError
-from ssl_ema.train import run
+from conftest import run
 from ssl_ema.core.loop import Trainer
 
 EVERY_10_STEPS = 10 * 16 / 1024   # --eval_every_kimg for checkpoints every 10 steps of 16 images
@@ -202,7 +202,7 @@ def test_failed_write_keeps_the_last_checkpoint_and_files(fault, digits_data, tm
 def _hold_lock(train_dir):
     """Another process holding train_dir's lock, as a training does, until it is killed."""
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, time; from ssl_ema.files import lock_run_dir; '
+        [sys.executable, '-c', 'import sys, time; from ssl_ema.base.files import lock_run_dir; '
          'lock = lock_run_dir(sys.argv[1]); print("locked", flush=True); time.sleep(600)',
          train_dir], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == 'locked\n'

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import quiet, straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms
-from ssl_ema.train import run
+from conftest import run
 from ssl_ema.core.loop import Trainer
 
 
@@ -27,8 +27,8 @@ def test_consistency_is_not_constant(digits_data, tmp_path):
     """USB's Mean Teacher shipped a consistency that was always zero: ours must move."""
     cfg = tiny_config(algorithm='mean_teacher', train_steps=20, log_every_steps=5)
     trainer = Trainer(cfg, algorithms.ALGORITHMS['mean_teacher'](), digits_data, str(tmp_path))
-    iterator = trainer._dataset(0)
-    values = [float(trainer._train_step(iterator)['algorithm/consistency']) for _ in range(20)]
+    iterator = trainer.batches(0)
+    values = [float(trainer.train_step(iterator)['algorithm/consistency']) for _ in range(20)]
     assert min(values) > 0 and len(set(values)) > 10
 
 

@@ -51,15 +51,15 @@ def time_horizons(arch: str, steps: int, rounds: int, dataset: str = 'digits') -
     for label, decays in (('1', ''), ('3', EXTRA)):
         cfg = dataclasses.replace(base, ema_decays=decays)
         trainer = Trainer(cfg, algorithms.create('mean_teacher'), dataset, tempfile.mkdtemp())
-        trainers[label], iterators[label] = trainer, trainer._dataset(0)
+        trainers[label], iterators[label] = trainer, trainer.batches(0)
         for _ in range(3):   # compile and warm up
-            trainer._train_step(iterators[label])
+            trainer.train_step(iterators[label])
     rates = {label: [] for label in trainers}
     for _ in range(rounds):
         for label, trainer in trainers.items():
             start, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
-                out = trainer._train_step(iterators[label])
+                out = trainer.train_step(iterators[label])
             float(out['loss/total'])   # wait for the last step
             rates[label].append((steps / (time.perf_counter() - start),
                                  (time.process_time() - cpu) / steps))

@@ -3,7 +3,7 @@
     python -m ssl_ema.bench_step --algorithms=mean_teacher,vat,fixmatch --arch=wrn28_2 \
         --batch=64 --uratio=1 --precisions=float32,mixed_bfloat16
 
-For each algorithm it times the toolkit's real training step (`Trainer._train_step`: the
+For each algorithm it times the toolkit's real training step (`Trainer.train_step`: the
 algorithm's loss, the optimizer step and the EMA update, compiled as in training) once per
 --precisions entry, and in the same run the same computation written as a plain Keras 3 float32
 step without the toolkit (stock layers, GradientTape, SGD, an EMA over every weight): the
@@ -74,8 +74,8 @@ def toolkit_step(algorithm_name, precision, jit_compile):
                       jit_compile=jit_compile)
     algorithm = algorithms.ALGORITHMS[algorithm_name]()
     trainer = Trainer(cfg, algorithm, FixedBatches(FLAGS.image_shape), tempfile.mkdtemp())
-    iterator = trainer._dataset(0)
-    return lambda: trainer._train_step(iterator)['loss/total'].numpy()
+    iterator = trainer.batches(0)
+    return lambda: trainer.train_step(iterator)['loss/total'].numpy()
 
 
 def plain_keras_step(algorithm_name):

@@ -47,3 +47,13 @@ def summarize(history: list) -> dict:
             out[model][split] = stats
     return out
 
+
+def format_table(summary: dict) -> str:
+    splits = list(summary['ema'])
+    lines = [f'{"accuracy (%)":<14}' + ''.join(f'{s:>8}' for s in splits)]
+    models = [m for m in summary if isinstance(summary[m], dict) and m not in ('raw', 'ema')]
+    labels = {'raw': 'raw student', 'ema': 'EMA'}
+    for model in ['raw', 'ema'] + models:   # extra averages (--ema_decays, Polyak) after the EMA
+        label = labels.get(model, model)
+        lines.append(f'{label:<14}' + ''.join(f'{summary[model][s]["last"]:8.2f}' for s in splits))
+    return '\n'.join(lines)

@@ -76,3 +76,22 @@ def preemption_handler(strategy, save, scratch_dir: str):
     return tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver, tf.train.Checkpoint(), os.path.join(scratch_dir, 'preemption'),
         config)
+
+
+def make_strategy(cfg):
+    """The tf.distribute strategy of --distribute (and --cpu_devices, --collective_timeout_s)."""
+    if cfg.distribute == 'default':
+        return tf.distribute.get_strategy()
+    if cfg.distribute == 'multi_worker':
+        return strategy(cfg.collective_timeout_s)
+    if tf.config.list_physical_devices('GPU'):
+        return tf.distribute.MirroredStrategy()
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) < cfg.cpu_devices:
+        try:   # possible only before TensorFlow initialises its devices, hence run() starts here
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.cpu_devices)
+        except RuntimeError:
+            raise ConfigError(f'--cpu_devices={cfg.cpu_devices} must be set before TensorFlow '
+                              'starts (as from the command line)') from None
+    return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(cfg.cpu_devices)])

@@ -3,16 +3,15 @@
 Per step: the algorithm's loss on a labeled batch and its unlabeled views (the student in
 training mode; whether targets come from the student or the EMA teacher is the algorithm's
 choice), one optimizer step on the student, one update of every average (the EMA teacher, extra
-horizons, Polyak, post-hoc EMA profiles; ssl_ema/ema.py). Every `eval_every_steps`: accuracy of
+horizons, Polyak, post-hoc EMA profiles; core/ema.py). Every `eval_every_steps`: accuracy of
 the raw student and of every average but the post-hoc profiles on validation and test, a
 checkpoint, TensorBoard scalars and accuracy.json; every `posthoc_snapshot_every_kimg` a
-snapshot of the post-hoc profiles (ssl_ema/posthoc.py). The data stream is a pure function of
+snapshot of the post-hoc profiles (core/snapshots.py). The data stream is a pure function of
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
 exactly where it stopped.
 """
 import contextlib
 import glob
-import json
 import os
 import re
 import shutil
@@ -23,18 +22,14 @@ import keras
 import tensorflow as tf
 
 from ssl_ema.nn import backbones, losses
-from ssl_ema.core import cluster, accuracy
-from ssl_ema.base import files
-from ssl_ema import posthoc
+from ssl_ema.core import accuracy, cluster, run_dir, snapshots
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.base.errors import ConfigError, one_line, RunError
-from ssl_ema.base.config import TrainConfig, parse_floats
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.hparams import parse_floats
 from ssl_ema.data import pipeline
 from ssl_ema.core.ema import EMA, Polyak, PowerEMA, scaled_decay
 from ssl_ema.core.guard import NonFiniteGuard
-
-HISTORY = 'evaluations.jsonl'
-
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant)."""
@@ -82,7 +77,8 @@ def statistics_batches(data, cfg: TrainConfig, unlabeled: bool) -> list:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None):
+    def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None,
+                 backbone=None):
         self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         replicas = self.strategy.num_replicas_in_sync
@@ -92,7 +88,8 @@ class Trainer:
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
-                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision)
+                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision,
+                                           model=backbone)
             self.averages = self._build_averages()   # name -> average; 'ema' is the teacher
             self.ema = self.averages['ema']
             self.profiles = [PowerEMA(self.student, s, cfg.ema_bn, f'power_{s:g}')
@@ -123,18 +120,18 @@ class Trainer:
         # worker still saves each checkpoint, as TensorFlow asks (saving may read variables
         # through collectives), the others into a scratch directory removed when training ends.
         self.chief = self.strategy.extended.should_checkpoint
-        self.checkpoint_dir = os.path.join(train_dir, 'checkpoints')
+        self.checkpoint_dir = os.path.join(train_dir, run_dir.CHECKPOINTS)
         self._scratch = (tempfile.mkdtemp(prefix='ssl_ema_worker_')
                          if cfg.distribute == 'multi_worker' else None)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self.checkpoint_dir if self.chief else
-            os.path.join(self._scratch, 'checkpoints'), cfg.keep_checkpoints)
+            os.path.join(self._scratch, run_dir.CHECKPOINTS), cfg.keep_checkpoints)
         self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
         self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
                              for name, a in self.averages.items()})
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
-        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, 'tensorboard'))
+        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, run_dir.TENSORBOARD))
                        if self.chief else tf.summary.create_noop_writer())
         self.history = []
         self._wall_time = 0.
@@ -193,7 +190,7 @@ class Trainer:
         if self.profiles:
             text += ('; post-hoc EMA profiles sigma_rel ' + ', '.join(
                 f'{p.sigma_rel:g}' for p in self.profiles) + ' snapshotted into '
-                + os.path.join(self.train_dir, posthoc.SNAPSHOTS))
+                + os.path.join(self.train_dir, run_dir.SNAPSHOTS))
         return text
 
     # ---- the algorithm's own state and heads ------------------------------------------------
@@ -220,27 +217,18 @@ class Trainer:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         step = int(self.step.numpy())
         if self.chief:
-            posthoc.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
-        path = os.path.join(self.train_dir, HISTORY)
-        if self.chief and os.path.exists(path):
-            with open(path) as f:
-                # Evaluations logged after the last checkpoint are redone by the resumed run.
-                self.history = [h for h in map(json.loads, f) if h['step'] <= step]
+            snapshots.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
+        if self.chief:
+            # Evaluations logged after the last checkpoint are redone by the resumed run.
+            self.history = run_dir.read_history(self.train_dir, up_to_step=step)
             with self._writing():
-                self._write_history()
+                run_dir.write_history(self.train_dir, self.history)
         if self.history:
             self._wall_time = self.history[-1]['wall_time_s']
         return step
 
-    def _write_history(self):
-        files.write_atomically(
-            os.path.join(self.train_dir, HISTORY),
-            lambda f: f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in self.history),
-            mode='w')
-
     def _write_summary(self):
-        files.write_json(os.path.join(self.train_dir, 'accuracy.json'),
-                         accuracy.summarize(self.history))
+        run_dir.write_summary(self.train_dir, accuracy.summarize(self.history))
 
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
@@ -274,7 +262,7 @@ class Trainer:
         return metrics
 
     @tf.function
-    def _train_step(self, iterator):
+    def train_step(self, iterator):
         (labeled_x, labels), unlabeled = next(iterator)
         per_replica = self.strategy.run(self._compiled_replica_step,
                                         args=(labeled_x, labels, unlabeled))
@@ -291,7 +279,7 @@ class Trainer:
         self.guard.observe(metrics, self.step)
         return metrics
 
-    def _dataset(self, start_step):
+    def batches(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
 
         def replica_batches(context):   # called once per worker
@@ -332,7 +320,7 @@ class Trainer:
                 what = f'{e.filename}: {e.strerror}' if e.filename else one_line(e)
             else:   # TensorFlow's message without its op and function names
                 what = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', one_line(e)).strip()
-            for partial in glob.glob(os.path.join(self.train_dir, 'checkpoints', '*_temp')):
+            for partial in glob.glob(os.path.join(self.checkpoint_dir, '*_temp')):
                 shutil.rmtree(partial, ignore_errors=True)   # a checkpoint that was never whole
             kept = self.manager.latest_checkpoint or 'none yet'
             raise RunError(f'cannot write in {self.train_dir} ({what}); the latest checkpoint '
@@ -345,7 +333,7 @@ class Trainer:
             return
         self.history.append(result)
         with self._writing():
-            self._write_history()   # before the checkpoint: a resumed run drops what is newer
+            run_dir.write_history(self.train_dir, self.history)   # before the checkpoint: a resumed run drops what is newer
             self.manager.save(checkpoint_number=result['step'])
             self._write_summary()
         with self.writer.as_default(step=result['step']):
@@ -387,7 +375,7 @@ class Trainer:
         if step:
             log(f'Resuming {self.train_dir} at step {step}/{total}')
         log(self._describe_averages())
-        iterator = self._dataset(step) if step < total else None
+        iterator = self.batches(step) if step < total else None
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
         preemption = None
@@ -404,10 +392,10 @@ class Trainer:
             while step < total:
                 if preemption:
                     preemption.save_checkpoint_if_preempted()
-                metrics = self._train_step(iterator)
+                metrics = self.train_step(iterator)
                 step += 1
                 if self.chief and self._snapshot_due(step):
-                    posthoc.save_snapshot(self.train_dir, step, self.profiles)
+                    snapshots.save_snapshot(self.train_dir, step, self.profiles)
                 if step % cfg.log_every_steps == 0 or step == total:
                     self._check_finite(saving=False)
                     self._log_progress(step, metrics, self._speed(log_mark, step), log)

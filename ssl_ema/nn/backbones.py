@@ -142,16 +142,23 @@ def _layers(model):
 ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K, parsed from the name
 
 
-def resolve(arch: str, input_shape) -> str:
+def resolve(arch: str, input_shape, model=None) -> str:
+    """The architecture's name: --arch with `auto` decided by the image size, or `model:<name>`
+    for a keras.Model given from Python."""
+    if model is not None:
+        return f'model:{model.name}'
     if arch == 'auto':
         return 'small_cnn' if min(input_shape[:2]) < 32 else 'wrn28_2'
     return arch
 
 
 def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False,
-          precision: str = 'float32', portable: bool = False) -> keras.Model:
+          precision: str = 'float32', portable: bool = False, model=None) -> keras.Model:
     """The backbone `arch` (see the module doc); `conv_bias` (--wrn_conv_bias) applies to wrnD_K
-    only; `portable`: stock Keras layers, float32."""
+    only; `portable`: stock Keras layers, float32. `model`: a keras.Model to use instead
+    (`from_model`), as it is: its own layers and dtype policy."""
+    if model is not None:
+        return from_model(model, input_shape, num_classes)
     arch = resolve(arch, input_shape)
     if precision not in PRECISIONS:
         raise ConfigError(f'--precision={precision} is unknown; valid: {", ".join(PRECISIONS)}')
@@ -185,3 +192,36 @@ def _building(precision, batch_norm_layer):
     finally:
         keras.config.set_dtype_policy(policy)
         _BATCH_NORM['layer'] = layer
+
+
+def from_model(model, input_shape, num_classes: int) -> keras.Model:
+    """A classifier on a user's keras.Model: images of `input_shape` -> the model -> global
+    average pooling if it returns a feature map -> a new Dense head of `num_classes` logits,
+    unless the model already returns `num_classes` values per image (then they are its logits).
+
+    The model must be callable on a symbolic keras.Input (functional and sequential models, and
+    subclassed models whose call() works on symbolic tensors) and clonable by
+    keras.models.clone_model (the EMA keeps a copy), which subclassed models need get_config for.
+    """
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f'backbone={type(model).__name__} is not a keras.Model; give a '
+                          'functional, sequential or subclassed keras.Model')
+    inputs = keras.Input(tuple(input_shape), name='images')
+    try:
+        x = model(inputs)
+    except Exception as e:   # any failure to trace the model on our images is the user's model
+        raise ConfigError(f'backbone {model.name} cannot take images of shape {tuple(input_shape)}'
+                          f' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+                          ) from None
+    if isinstance(x, (list, tuple, dict)):
+        raise ConfigError(f'backbone {model.name} returns {type(x).__name__}; it must return one '
+                          'tensor (features, a feature map or logits)')
+    if len(x.shape) == 4:
+        x = layers.GlobalAveragePooling2D(name='pool')(x)
+    elif len(x.shape) != 2:
+        raise ConfigError(f'backbone {model.name} returns shape {tuple(x.shape)}; expected '
+                          '[N, features] or a feature map [N, H, W, C]')
+    if x.shape[-1] != num_classes:
+        x = layers.Dense(num_classes, name='head')(x)
+    logits = layers.Activation('linear', dtype='float32', name='logits')(x)
+    return keras.Model(inputs, logits, name=f'{model.name}_classifier')

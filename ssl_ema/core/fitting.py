@@ -1,0 +1,60 @@
+"""One training run from a config: what `python -m ssl_ema.train` and `ssl_ema.fit` both call.
+
+Validate everything before touching the run directory, take its lock, write its records, train
+(or resume) with the shared loop (core/loop.py), print the accuracy table and export the EMA
+classifier (core/classifier.py).
+"""
+import dataclasses
+
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import RunError
+from ssl_ema.base.files import check_writable_dir, lock_run_dir
+from ssl_ema.core import accuracy, classifier, cluster, run_dir
+
+
+def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> str:
+    """Train (or resume) the run that `cfg` and `algorithm` define; returns its directory.
+
+    `backbone`: a keras.Model to train instead of building --arch (nn/backbones.build says which
+    models are supported); `dataset`: an SSLData already built (e.g. from in-memory arrays),
+    instead of the one cfg.dataset names."""
+    import tensorflow as tf
+    from ssl_ema import data
+    from ssl_ema.core.loop import Trainer
+    from ssl_ema.nn import backbones
+
+    strategy = cluster.make_strategy(cfg)
+    if dataset is None:
+        dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment,
+                             cfg.data_dir, input_norm=cfg.input_norm)
+    arch = backbones.resolve(cfg.arch, dataset.image_shape, backbone)
+    cfg = dataclasses.replace(cfg, arch=arch)
+    train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, algorithm, arch)
+    record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
+    run_dir.check_compatible(train_dir, record, log)   # refuse before touching the directory
+    check_writable_dir(train_dir, 'train_dir')
+    chief = strategy.extended.should_checkpoint   # multi-worker: only the chief writes train_dir
+    lock = lock_run_dir(train_dir) if chief else None   # one writer per run directory
+    try:
+        # Again under the lock: another process may have started this run in the meantime.
+        resuming = run_dir.check_compatible(train_dir, record, lambda *a: None)
+        if cfg.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy, backbone=backbone)
+        if chief:
+            try:
+                classifier.write_classifier_info(train_dir, dataset)   # what an export needs
+                if not resuming:
+                    run_dir.write_new_run(train_dir, record, dataset.split.as_dict())
+            except OSError as e:
+                raise RunError(f'cannot write {e.filename}: {e.strerror}') from None
+        log(f'{cfg.algorithm} on {cfg.dataset} ({cfg.labels} labels, seed {cfg.seed}), {arch}, '
+            f'{cfg.total_steps} steps of {cfg.batch}+{cfg.batch * cfg.uratio} images -> {train_dir}')
+        summary = trainer.train(log)
+        if chief:
+            log(accuracy.format_table(summary))
+            classifier.export_run(train_dir, log=log, skip_if_current=True, backbone=backbone)
+    finally:
+        if lock:
+            lock.close()
+    return train_dir

@@ -1,0 +1,169 @@
+"""A benchmark's grid: every (algorithm, label count, seed) run planned and checked before
+anything trains, then trained one process each (`python -m ssl_ema.train`), `jobs` at a time,
+resuming what was started and leaving alone what is done. The results: core/report.py."""
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from ssl_ema.algorithms import ALGORITHMS, create
+from ssl_ema.base import hparams
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.core import run_dir
+
+
+@dataclasses.dataclass
+class GridRun:
+    cfg: TrainConfig      # arch resolved, train_dir set
+    algorithm: object
+    name: str             # <dataset>.<labels>@<seed>/<run directory>, relative to OUT/runs
+    status: str           # 'new', 'resume' or 'done'
+    step: int = 0         # step of the last evaluation on disk
+
+
+
+def run_status(train_dir: str, total_steps: int):
+    """('done', step) if the run in train_dir reached total_steps, ('resume', step) if it started,
+    ('new', 0) otherwise; step is that of its last evaluation."""
+    step = (run_dir.read_summary(train_dir) or {}).get('step', 0)
+    if step >= total_steps:
+        return 'done', step
+    if os.path.exists(os.path.join(train_dir, run_dir.RECORD)):
+        return 'resume', step
+    return 'new', 0
+
+
+def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = None,
+         per_algorithm: Optional[Dict[str, dict]] = None) -> List[GridRun]:
+    """Every run of the grid, checked before anything is trained or written.
+
+    Values come from the parsed flags (when they are), then `settings` (flag name -> value),
+    then `per_algorithm[name]`. A bad value raises ConfigError or DataError with one line.
+    """
+    from ssl_ema.nn import backbones
+    from ssl_ema import data
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not algorithms:
+        raise ConfigError(f'--algorithms={",".join(algorithms)}: {", ".join(unknown) or "empty"} '
+                          f'is unknown; valid: {", ".join(sorted(ALGORITHMS))}')
+    config_fields = TrainConfig.__dataclass_fields__
+    checked = {}   # (dataset, labels, ...) -> image shape; (arch, shape) -> True
+    runs = []
+    for name in dict.fromkeys(algorithms):
+        values = dict(settings or {}, **(per_algorithm or {}).get(name, {}))
+        own = ALGORITHMS[name].__dataclass_fields__
+        algorithm = create(name, **{k: v for k, v in values.items() if k in own})
+        for labels in label_counts:
+            for seed in seeds:
+                cfg = hparams.from_flags(
+                    TrainConfig, **{k: v for k, v in values.items() if k in config_fields},
+                    algorithm=name, labels=labels, seed=seed, train_dir=None)
+                key = (cfg.dataset, cfg.labels, cfg.valid, cfg.augment, cfg.data_dir)
+                if key not in checked:   # the split's errors do not depend on the seed
+                    dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed,
+                                         cfg.augment, cfg.data_dir)
+                    checked[key] = (dataset.image_shape, dataset.num_classes)
+                shape, num_classes = checked[key]
+                arch = backbones.resolve(cfg.arch, shape)
+                if (arch, shape) not in checked:
+                    backbones.build(arch, shape, num_classes)   # unknown --arch fails here
+                    checked[arch, shape] = True
+                cfg = dataclasses.replace(cfg, arch=arch)
+                run_name = os.path.relpath(run_dir.default_train_dir(cfg, algorithm, arch),
+                                           run_dir.ROOT)
+                cfg = dataclasses.replace(cfg, train_dir=os.path.join(out, 'runs', run_name))
+                run_dir.check_compatible(cfg.train_dir, run_dir.run_record(cfg, algorithm))
+                runs.append(GridRun(cfg, algorithm, run_name,
+                                *run_status(cfg.train_dir, cfg.total_steps)))
+    return runs
+
+
+def train_command(run: GridRun) -> List[str]:
+    """The `python -m ssl_ema.train` command of one run, every flag explicit."""
+    args = []
+    values = {**dataclasses.asdict(run.cfg), **dataclasses.asdict(run.algorithm)}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            args.append(f'--{name}' if value else f'--no{name}')
+        elif value is not None:
+            args.append(f'--{name}={value}')
+    return [sys.executable, '-m', 'ssl_ema.train'] + args
+
+
+def _ema_test(train_dir: str) -> str:
+    summary = run_dir.read_summary(train_dir) or {}
+    try:
+        return (f'EMA test {summary["ema"]["test"]["median_last_20"]:.2f}% (median of last 20), '
+                f'raw {summary["raw"]["test"]["median_last_20"]:.2f}%')
+    except KeyError:
+        return 'no evaluation yet'
+
+
+def _last_line(path: str) -> str:
+    with open(path, errors='replace') as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else '(no output)'
+
+
+def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float = 0.5) -> List[GridRun]:
+    """Train every run that is not done, `jobs` processes at a time; return the runs that failed.
+
+    Each run's output goes to <train_dir>/train.log. Ctrl-C or SIGTERM (KeyboardInterrupt here)
+    sends SIGTERM to the running trainings, which save a checkpoint, and is re-raised.
+    """
+    count = len(runs)
+    pending = []
+    for i, run in enumerate(runs, 1):
+        if run.status == 'done':
+            log(f'[{i}/{count}] done      {run.name}: finished earlier, not retrained; '
+                f'{_ema_test(run.cfg.train_dir)}')
+        else:
+            pending.append((i, run))
+    running, failed = {}, []
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, run = pending.pop(0)
+                os.makedirs(run.cfg.train_dir, exist_ok=True)
+                log_path = os.path.join(run.cfg.train_dir, 'train.log')
+                with open(log_path, 'a') as log_file:
+                    command = train_command(run)
+                    log_file.write(' '.join(command) + '\n')
+                    log_file.flush()
+                    # Own session: a Ctrl-C reaches only this process, which forwards one SIGTERM.
+                    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                               env=env, start_new_session=True)
+                running[process] = (i, run, time.time(), log_path)
+                what = (f'resume    {run.name} from step {run.step}/{run.cfg.total_steps}'
+                        if run.status == 'resume' else
+                        f'train     {run.name} ({run.cfg.total_steps} steps)')
+                log(f'[{i}/{count}] {what}; log: {log_path}')
+            time.sleep(poll_seconds)
+            for process in list(running):
+                if process.poll() is None:
+                    continue
+                i, run, start, log_path = running.pop(process)
+                status, _ = run_status(run.cfg.train_dir, run.cfg.total_steps)
+                if process.returncode == 0 and status == 'done':
+                    log(f'[{i}/{count}] finished  {run.name} in {time.time() - start:.0f} s: '
+                        f'{_ema_test(run.cfg.train_dir)}')
+                else:
+                    failed.append(run)
+                    log(f'[{i}/{count}] FAILED    {run.name} (exit {process.returncode}): '
+                        f'{_last_line(log_path)}; log: {log_path}')
+    except KeyboardInterrupt:
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log(f'Interrupted: {len(running)} running training(s) saved a checkpoint; run the same '
+            'command again to resume the grid.')
+        raise
+    return failed

@@ -1,0 +1,228 @@
+"""The run directory, one concept in one module: its file names, how each record is written
+(atomically) and read back, and what makes two runs the same run.
+
+    <train_dir>/flags.json         the TrainConfig and algorithm hyperparameters that made the run
+                flagfile           the same as flags (`--flagfile=<dir>/flagfile` reproduces it)
+                split.json         the labeled and validation indices
+                classifier.json    image shape, classes, normalisation (what an export needs)
+                checkpoints/       tf.train.CheckpointManager's
+                tensorboard/       TensorBoard scalars
+                evaluations.jsonl  every evaluation, one JSON object per line
+                accuracy.json      the summary of the evaluations (core/accuracy.summarize)
+                export/            the EMA classifier, once the run has finished (core/classifier)
+                posthoc/           post-hoc EMA snapshots (core/snapshots), posthoc.json its sweep
+                .lock              one writer at a time (base/files.lock_run_dir)
+
+Other modules ask this one for paths and records; none spells a file name.
+"""
+import dataclasses
+import json
+import os
+import re
+from typing import Optional
+
+from ssl_ema.base import files, hparams
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import ConfigError, one_line
+
+RECORD, FLAGFILE, SPLIT = 'flags.json', 'flagfile', 'split.json'
+CLASSIFIER, HISTORY, SUMMARY = 'classifier.json', 'evaluations.jsonl', 'accuracy.json'
+CHECKPOINTS, TENSORBOARD, SNAPSHOTS, POSTHOC = 'checkpoints', 'tensorboard', 'posthoc', 'posthoc.json'
+ROOT = 'experiments'   # where default run directories go, relative to the working directory
+_NAMED = ('algorithm', 'dataset', 'labels', 'seed', 'arch')   # already in the directory name
+# The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
+CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
+
+
+def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
+    """experiments/<dataset>.<labels>@<seed>/<algorithm>_<arch>[_<non-default hyperparameters>]:
+    the hyperparameters name the directory, so running the same command again resumes."""
+    changed = [(k, v) for k, v in hparams.run_defining(cfg).items()
+               if k not in _NAMED and v != TrainConfig.__dataclass_fields__[k].default]
+    fields = type(algorithm).__dataclass_fields__
+    changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items() if v != fields[k].default]
+    dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
+    name = '_'.join([f'{cfg.algorithm}', arch] + [f'{k}{v}' for k, v in sorted(changed)])
+    return os.path.join(ROOT, f'{dataset}.{cfg.labels}@{cfg.seed}', name)
+
+
+def run_record(cfg: TrainConfig, algorithm) -> dict:
+    """What flags.json holds: the whole config and the algorithm's hyperparameters."""
+    return {'config': dataclasses.asdict(cfg), 'algorithm': dataclasses.asdict(algorithm)}
+
+
+def recorded_total_steps(record: dict) -> int:
+    """The training length, in steps, of a run record (flags.json)."""
+    c = record['config']
+    return hparams.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
+
+
+def read_run_record(train_dir: str) -> Optional[dict]:
+    """train_dir's flags.json, None if it has none; ConfigError naming the file if it is damaged
+    or too old to say how the run was made."""
+    path = os.path.join(train_dir, RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record['config'], dict) or not isinstance(record['algorithm'], dict):
+            raise TypeError('config and algorithm must be objects')
+        recorded_total_steps(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # JSONDecodeError is a ValueError
+        raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
+                          f'{train_dir} away or use another --train_dir') from None
+    return record
+
+
+def check_compatible(train_dir: str, record: dict, log=print) -> bool:
+    """True if train_dir holds a run to resume; ConfigError if it was made with other flags or
+    for another length. A change of devices only gets a warning."""
+    saved = read_run_record(train_dir)
+    if saved is None:
+        return False
+    defining = set(hparams.run_defining(TrainConfig()))
+
+    def hyperparameters(r):   # a key that only one side has shows up as a difference
+        return dict({k: v for k, v in r['config'].items() if k in defining}, **r['algorithm'])
+    current, before = hyperparameters(record), hyperparameters(saved)
+    for key in sorted(set(current) | set(before)):
+        if current.get(key) != before.get(key):
+            raise ConfigError(f'--train_dir={train_dir} holds a run made with --{key}='
+                              f'{before.get(key)}, not --{key}={current.get(key)}; use another '
+                              f'--train_dir or the same flags')
+    # The length is not in the directory name, but the cosine learning rate, the ramp-ups and
+    # UDA's TSA schedule are functions of step / total steps: another length is another run.
+    old_steps, new_steps = recorded_total_steps(saved), recorded_total_steps(record)
+    if old_steps != new_steps:
+        flag = ('train_steps' if saved['config']['train_steps'] or record['config']['train_steps']
+                else 'train_kimg')
+        raise ConfigError(f'--train_dir={train_dir} holds a run of {old_steps} steps (--{flag}='
+                          f'{saved["config"][flag]}), not {new_steps} (--{flag}='
+                          f'{record["config"][flag]}); resume it with --{flag}='
+                          f'{saved["config"][flag]} or use another --train_dir')
+
+    # Another device layout splits the batch (and the per-replica random streams) differently:
+    # the run goes on, but is no longer bit-identical to an uninterrupted one.
+    def devices(c):
+        c = {k: c.get(k, TrainConfig.__dataclass_fields__[k].default)
+             for k in ('distribute', 'cpu_devices')}
+        return f'--distribute={c["distribute"]}' + (
+            f' --cpu_devices={c["cpu_devices"]}' if c['distribute'] == 'mirrored' else '')
+    if devices(saved['config']) != devices(record['config']):
+        log(f'warning: {train_dir} was trained with {devices(saved["config"])} and resumes with '
+            f'{devices(record["config"])}: the run will not be bit-identical to an uninterrupted '
+            'one')
+    return True
+
+
+def write_new_run(train_dir: str, record: dict, split: dict) -> None:
+    """split.json, flagfile, then flags.json: last, because a directory with flags.json is a run
+    to resume, so everything else is there."""
+    files.write_json(os.path.join(train_dir, SPLIT), split)
+    values = {**record['config'], **record['algorithm']}
+    flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
+    files.write_atomically(os.path.join(train_dir, FLAGFILE), lambda f: f.write(flagfile), 'w')
+    files.write_json(os.path.join(train_dir, RECORD), record)
+
+
+def read_history(train_dir: str, up_to_step: Optional[int] = None) -> list:
+    """evaluations.jsonl as a list of dicts ([] if none), those after `up_to_step` left out."""
+    path = os.path.join(train_dir, HISTORY)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    return [h for h in history if up_to_step is None or h['step'] <= up_to_step]
+
+
+def write_history(train_dir: str, history: list) -> None:
+    files.write_atomically(
+        os.path.join(train_dir, HISTORY),
+        lambda f: f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in history), mode='w')
+
+
+def read_summary(train_dir: str) -> Optional[dict]:
+    """accuracy.json, None if it is missing or being replaced."""
+    try:
+        with open(os.path.join(train_dir, SUMMARY)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(train_dir: str, summary: dict) -> None:
+    files.write_json(os.path.join(train_dir, SUMMARY), summary)
+
+
+@dataclasses.dataclass
+class RunDir:
+    """A run directory that training made (it has flags.json)."""
+    train_dir: str
+    record: dict
+
+    @property
+    def config(self) -> TrainConfig:
+        """The TrainConfig that made the run (fields this version does not know are ignored)."""
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in self.record['config'].items() if k in known})
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.train_dir, name)
+
+    def dataset(self, augment: Optional[str] = None):
+        """The run's SSLData as training built it: the same labeled split, validation set and
+        input normalisation (its --augment unless `augment` is given)."""
+        from ssl_ema import data
+        c = self.config
+        return data.build(c.dataset, c.labels, c.valid, c.seed,
+                          c.augment if augment is None else augment, c.data_dir,
+                          input_norm=c.input_norm)
+
+    def statistics_batches(self, dataset=None) -> Optional[list]:
+        """For an --ema_bn=recompute run, the training batches over which the Trainer
+        re-estimates an average's batch-norm statistics before evaluating it (its checkpoints hold
+        the student's statistics in the averages); None for the other --ema_bn modes."""
+        c = self.config
+        if c.ema_bn != 'recompute':
+            return None
+        from ssl_ema import algorithms
+        from ssl_ema.core.loop import statistics_batches
+        return statistics_batches(dataset or self.dataset(), c,
+                                  bool(algorithms.ALGORITHMS[c.algorithm].views))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.path(CHECKPOINTS)
+
+    def checkpoint(self, path: Optional[str] = None) -> str:
+        """The checkpoint to read: `path` (a prefix such as DIR/checkpoints/ckpt-400, or just
+        ckpt-400), else the latest one; ConfigError naming --checkpoint if there is none."""
+        import tensorflow as tf
+        if not path:
+            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+            if not latest:
+                raise ConfigError(f'--train_dir={self.train_dir} has no checkpoint yet (in '
+                                  f'{self.checkpoint_dir}); train it first')
+            return latest
+        for candidate in (path, os.path.join(self.checkpoint_dir, path)):
+            if os.path.exists(candidate + '.index'):
+                return candidate
+        have = tf.train.get_checkpoint_state(self.checkpoint_dir)
+        have = ', '.join(os.path.basename(p) for p in have.all_model_checkpoint_paths) if have \
+            else 'none'
+        raise ConfigError(f'--checkpoint={path} is not a checkpoint (no {path}.index); '
+                          f'{self.checkpoint_dir} has: {have}')
+
+
+def open_run_dir(train_dir: Optional[str]) -> RunDir:
+    """The run in --train_dir; ConfigError if the flag is missing or names no run."""
+    if not train_dir:
+        raise ConfigError('--train_dir=DIR is required: a run directory of ssl_ema.train')
+    if not os.path.isdir(train_dir):
+        raise ConfigError(f'--train_dir={train_dir}: no such directory')
+    record = read_run_record(train_dir)
+    if record is None:
+        raise ConfigError(f'--train_dir={train_dir} is not a run directory (no {RECORD}): '
+                          'give the directory ssl_ema.train wrote')
+    return RunDir(train_dir, record)
