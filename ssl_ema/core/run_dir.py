@@ -187,7 +187,7 @@ class RunDir:
         if c.ema_bn != 'recompute':
             return None
         from ssl_ema import algorithms
-        from ssl_ema.core.loop import statistics_batches
+        from ssl_ema.core.ema import statistics_batches
         return statistics_batches(dataset or self.dataset(), c,
                                   bool(algorithms.ALGORITHMS[c.algorithm].views))
 
