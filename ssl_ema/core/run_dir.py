@@ -177,7 +177,7 @@ class RunDir:
         c = self.config
         return data.build(c.dataset, c.labels, c.valid, c.seed,
                           c.augment if augment is None else augment, c.data_dir,
-                          input_norm=c.input_norm)
+                          input_norm=c.input_norm, image_size=c.image_size)
 
     def statistics_batches(self, dataset=None) -> Optional[list]:
         """For an --ema_bn=recompute run, the training batches over which the Trainer
