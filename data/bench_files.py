@@ -161,8 +161,9 @@ def main(argv):
     for what in ('first indexing (listing + headers)', 'cached index (listing only)'):
         start = time.perf_counter()
         arrays = data.load(name, image_size=parse_size(FLAGS.image_size))
-        log(f'{what}: {time.perf_counter() - start:.1f} s for {len(arrays.y_train) + len(arrays.y_test)} '
-            f'images ({type(arrays.x_train).__name__})')
+        count = len(arrays.y_train) + len(arrays.y_test)
+        log(f'{what}: {time.perf_counter() - start:.1f} s for {count} images '
+            f'({type(arrays.x_train).__name__})')
     dataset = build(name)
     one = pipeline_rate(dataset, Share())
     log(f'pipeline, 1 process, whole batches ({FLAGS.batch} + {FLAGS.uratio}x{FLAGS.batch} '

@@ -165,11 +165,12 @@ def folder(path: str, image_size: Optional[Tuple[int, int]] = None) -> Arrays:
                             np.asarray(listing.parts))
     readable = shapes[:, 0] > 0
     listing.skipped.paths['damaged'] += [root / f for f in files[~readable]]
-    files, labels, parts, shapes = files[readable], labels[readable], parts[readable], shapes[readable]
+    files, labels, parts, shapes = (a[readable] for a in (files, labels, parts, shapes))
     channels = 3 if (shapes[:, 2] == 3).any() else 1   # grey among colour: widened to RGB
     size = _size(shapes, parts == 0, image_size, source) if len(files) else (1, 1)
     images = FileImages(root, files, size, channels, source)
-    if len(files) <= IN_MEMORY_MAX_IMAGES and len(files) * size[0] * size[1] * channels <= IN_MEMORY_MAX_BYTES:
+    decoded_bytes = len(files) * size[0] * size[1] * channels
+    if len(files) <= IN_MEMORY_MAX_IMAGES and decoded_bytes <= IN_MEMORY_MAX_BYTES:
         pixels, ok = images.decode(with_ok=True, warn=False)
         listing.skipped.paths['damaged'] += [root / f for f in files[~ok]]
         images, files, labels, parts = pixels[ok], files[ok], labels[ok], parts[ok]

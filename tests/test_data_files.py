@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import quiet, straight_and_resumed, tiny_config
 from ssl_ema import algorithms, data
-from ssl_ema.base.errors import DataError
+from ssl_ema.base.errors import ConfigError, DataError
 from ssl_ema.data import folder as folder_lib
 from ssl_ema.data.files import FileImages
 from ssl_ema.data.pipeline import Share
@@ -230,3 +230,16 @@ def test_two_replicas_on_files_train_like_one_device(tmp_path):
     assert (out['one']['replicas'], out['two']['replicas']) == (1, 2)
     for one, two in zip(out['one']['weights'], out['two']['weights']):
         np.testing.assert_allclose(two, one, rtol=2e-4, atol=2e-5)
+
+
+def test_a_run_recorded_before_image_size_existed_still_resumes(tmp_path):
+    from ssl_ema.base.files import write_json
+    from ssl_ema.core.run_dir import check_compatible, run_record
+    old = run_record(tiny_config(), algorithms.create('mean_teacher'))
+    del old['config']['image_size']
+    write_json(str(tmp_path / 'flags.json'), old)
+    new = run_record(tiny_config(), algorithms.create('mean_teacher'))
+    assert check_compatible(str(tmp_path), new, quiet)
+    with pytest.raises(ConfigError, match='made with --image_size=, not --image_size=16'):
+        check_compatible(str(tmp_path), run_record(tiny_config(image_size='16'),
+                                                   algorithms.create('mean_teacher')), quiet)
