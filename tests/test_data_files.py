@@ -201,14 +201,16 @@ from ssl_ema.data import folder
 from ssl_ema.core.cluster import make_strategy
 
 folder.IN_MEMORY_MAX_IMAGES = 0   # read from disk batch by batch
-cfg = TrainConfig(algorithm='mean_teacher', batch=8, uratio=2, train_steps=4, eval_every_kimg=0.03125,
+# FixMatch: no random noise of its own, so its steps do not depend on the device layout (Mean
+# Teacher's input noise is drawn per replica).
+cfg = TrainConfig(algorithm='fixmatch', batch=8, uratio=2, train_steps=4, eval_every_kimg=0.03125,
                   log_every_steps=4, arch='small_cnn', distribute='mirrored', cpu_devices=2)
 mirrored = make_strategy(cfg)
 dataset = data.build(sys.argv[1], labels=12, valid=9, seed=1, image_size='12')
 assert type(dataset.arrays.x_train).__name__ == 'FileImages'
 out = {}
 for label, strategy in (('one', tf.distribute.get_strategy()), ('two', mirrored)):
-    trainer = Trainer(cfg, algorithms.ALGORITHMS['mean_teacher'](), dataset, tempfile.mkdtemp(),
+    trainer = Trainer(cfg, algorithms.ALGORITHMS['fixmatch'](), dataset, tempfile.mkdtemp(),
                       strategy)
     trainer.train(log=lambda line: None)
     out[label] = {'replicas': strategy.num_replicas_in_sync,
