@@ -66,13 +66,13 @@ def bench_source(arrays, log):
     return step_rate
 
 
-def train_step_rate(arch: str, batch: int, steps: int) -> float:
-    """Images/s of one forward+backward+SGD update of `arch` at 32x32x3, 10 classes."""
+def train_step_rate(arch: str, batch: int, steps: int, shape=(32, 32, 3)) -> float:
+    """Images/s of one forward+backward+SGD update of `arch` at `shape`, 10 classes."""
     import tensorflow as tf
     from ssl_ema.nn import backbones
-    model = backbones.build(arch, (32, 32, 3), 10)
+    model = backbones.build(arch, tuple(shape), 10)
     optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
-    x = tf.random.normal([batch, 32, 32, 3])
+    x = tf.random.normal([batch, *shape])
     y = tf.random.uniform([batch], 0, 10, tf.int32)
 
     @tf.function(jit_compile=False)

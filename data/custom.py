@@ -11,26 +11,28 @@ folder:PATH  one sub-folder per class holding image files (PNG, JPEG, BMP, GIF, 
              converted  grey, grey+alpha, RGBA, palette and 16-bit images (alpha dropped, 16 bits
                         scaled to 8; grey widened to RGB when others are in colour)
              ignored    hidden files and folders (.DS_Store, ._x.jpg, .ipynb_checkpoints)
+             resized    images of mixed sizes, to --image_size or, by default, their median size
+                        (scaled to cover it, centre-cropped: images.py)
              skipped, with one warning per reason naming the files and their count:
                         files that do not decode (truncated, corrupt), other files and
-                        sub-folders, broken or looping symbolic links
+                        sub-folders, broken or looping symbolic links; a damaged file of a folder
+                        too large to decode at start (folder.py) is met while training instead:
+                        a warning names it and a grey image takes its place in the batch
              refused    (one-line error naming it) a file or folder that cannot be read
-                        (permissions), images of another size, a class folder left without a
-                        readable image, a test/ folder without one.
+                        (permissions), a class folder left without a readable image, a test/
+                        folder without one.
 
 Without a test part, 10% of each class (at least one image of any class with two or more,
 chosen with the fixed seed 0, the same for every run and --seed) is carved out of the training
 images as the test part, so that test accuracies of runs on the same data are comparable.
 Horizontal flips are assumed label-preserving. `read_image` is how every command reads an image
-file.
+file. folder.py indexes and reads folders; this module holds what npz: and folder: share.
 """
-import dataclasses
 import os
 import pathlib
 import sys
 import zipfile
 import zlib
-from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -40,6 +42,7 @@ from ssl_ema.base.errors import DataError, one_line
 TEST_FRACTION = 0.1
 TEST_SEED = 0
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'}
+HEAD_BYTES = 1 << 16   # enough for the header of every format but JPEGs with large EXIF blocks
 UNLABELED_FOLDER = 'unlabeled'
 
 
@@ -218,111 +221,15 @@ class _Skipped:
                       f'{", ".join(names[:5])}{more}', file=sys.stderr)
 
 
-def _entries(folder: pathlib.Path, source: str) -> List[pathlib.Path]:
-    """A folder's entries, hidden ones (.DS_Store, ._x.jpg, .ipynb_checkpoints) left out."""
+def read_head(path, source: str, size: int = HEAD_BYTES) -> bytes:
+    """A file's first bytes (its header, for folder.py's index); DataError naming it if it cannot
+    be read (permissions, a vanished file)."""
     try:
-        return sorted(p for p in folder.iterdir() if not p.name.startswith('.'))
+        with open(path, 'rb') as f:
+            head = f.read(size)
+            if head[:3] == b'\xff\xd8\xff' and len(head) == size:
+                head += f.read()   # a JPEG's size may follow a large EXIF block: read it all
+            return head
     except OSError as e:
-        raise DataError(f'--dataset={source}: cannot list {folder}: {e.strerror}') from None
-
-
-def _image_files(folder: pathlib.Path, source: str, skipped: _Skipped) -> List[pathlib.Path]:
-    files = []
-    for p in _entries(folder, source):
-        if p.is_symlink() and not p.exists():   # exists() is False for a dangling link or a loop
-            skipped.paths['link'].append(p)
-        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            files.append(p)
-        else:
-            skipped.paths['other'].append(p)
-    return files
-
-
-def _read_images(files: List[pathlib.Path], source: str, skipped: _Skipped):
-    """(uint8 [N, H, W, C], the files read): damaged files are skipped, unreadable ones refused."""
-    images, read, first = [], [], None
-    for path in files:
-        try:
-            image = read_image(path)
-        except DamagedImage:
-            skipped.paths['damaged'].append(path)
-            continue
-        except DataError as e:
-            raise DataError(f'--dataset={source}: {e}; fix its permissions or move it away'
-                            ) from None
-        if first is None:
-            first = path, image.shape
-        elif image.shape[:2] != first[1][:2]:
-            raise DataError(f'--dataset={source}: images of mixed sizes: {first[0]} is '
-                            f'{first[1][1]}x{first[1][0]} but {path} is {image.shape[1]}x'
-                            f'{image.shape[0]}; resize them to one size')
-        images.append(image)
-        read.append(path)
-    if not images:
-        return np.zeros((0, 1, 1, 1), np.uint8), read
-    if len({im.shape[-1] for im in images}) > 1:   # grey among colour: widened to RGB
-        images = [np.repeat(im, 3, -1) if im.shape[-1] == 1 else im for im in images]
-    return np.stack(images).astype(np.uint8), read
-
-
-def _class_folders(root: pathlib.Path, source: str, skipped: _Skipped,
-                   class_names: Optional[List[str]] = None) -> Tuple[List[str], List[pathlib.Path]]:
-    """(class names, image files in class order)."""
-    folders = []
-    for p in _entries(root, source):
-        if p.name == UNLABELED_FOLDER:
-            continue
-        if p.is_dir():
-            folders.append(p.name)
-        elif p.is_symlink() and not p.exists():
-            skipped.paths['link'].append(p)
-    if class_names is None:
-        if len(folders) < 2:
-            raise DataError(f'--dataset={source}: {root} has {len(folders)} class folder(s) '
-                            f'{folders}; need one sub-folder per class, at least 2')
-        class_names = folders
-    elif set(folders) - set(class_names):
-        raise DataError(f'--dataset={source}: {root} has classes {sorted(set(folders) - set(class_names))} '
-                        f'that train/ lacks')
-    files = [_image_files(root / name, source, skipped) if (root / name).is_dir() else []
-             for name in class_names]
-    return class_names, files
-
-
-@register('folder:')
-def folder(path: str) -> Arrays:
-    """--dataset=folder:PATH (see the module docstring for the layout)."""
-    source = f'folder:{path}'
-    root = pathlib.Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f'--dataset={source}: no such directory')
-    skipped = _Skipped()
-    split_layout = (root / 'train').is_dir() and (root / 'test').is_dir()
-    train_root = root / 'train' if split_layout else root
-    names, train_files = _class_folders(train_root, source, skipped)
-    test_files = _class_folders(root / 'test', source, skipped, names)[1] if split_layout else []
-    unlabeled_files = []
-    for candidate in (train_root / UNLABELED_FOLDER, root / UNLABELED_FOLDER):
-        if candidate.is_dir() and not unlabeled_files:
-            unlabeled_files = _image_files(candidate, source, skipped)
-    # Read all parts together so that the size check and grey->RGB widening see every image.
-    parts = train_files + test_files + [unlabeled_files]
-    everything, read = _read_images([f for files in parts for f in files], source, skipped)
-    skipped.warn(source, root)
-    read = set(read)
-    labels = [np.asarray([c for c, files in enumerate(class_files) for f in files if f in read],
-                         np.int64) for class_files in (train_files, test_files)]
-    empty = [n for n, files in zip(names, train_files) if not read.intersection(files)]
-    if empty:
-        raise DataError(f'--dataset={source}: class folder(s) {empty} in {train_root} hold no '
-                        f'readable image ({", ".join(sorted(IMAGE_SUFFIXES))})')
-    n_train, n_test = len(labels[0]), len(labels[1])
-    if split_layout and not n_test:
-        raise DataError(f'--dataset={source}: {root / "test"} holds no readable image; add some or '
-                        f'remove it (10% of train/ is then the test part)')
-    x_train = everything[:n_train]
-    x_test = everything[n_train:n_train + n_test] if split_layout else None
-    x_unlabeled = everything[n_train + n_test:]
-    arrays = _assemble(source, x_train, labels[0], x_test, labels[1] if split_layout else None,
-                       x_unlabeled)
-    return dataclasses.replace(arrays, class_names=tuple(names))   # the class folders' names
+        raise DataError(f'--dataset={source}: cannot read {path}: {e.strerror}; fix its '
+                        'permissions or move it away') from None

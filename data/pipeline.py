@@ -14,6 +14,8 @@ import tensorflow as tf
 
 from ssl_ema.data import augment as augment_lib
 from ssl_ema.data.datasets import Arrays, load
+from ssl_ema.data.files import FileImages, Normalized
+from ssl_ema.data.images import parse_size
 from ssl_ema.base.errors import DataError
 from ssl_ema.data.splits import Split, make_split
 
@@ -34,13 +36,64 @@ def _index_batches(n: int, batch: int, seed: int, stream: int, start_step: int):
     return epochs.flat_map(permutation).skip(offset).batch(batch, drop_remainder=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """The part of every global batch one input pipeline builds: the rows of replicas
+    first..first+count-1 of `replicas`, replica r holding rows [r B/R, (r+1) B/R) of a batch of B
+    (as experimental_distribute_dataset splits a batch on one machine)."""
+    first: int = 0
+    count: int = 1
+    replicas: int = 1
+
+    @classmethod
+    def of(cls, context: tf.distribute.InputContext) -> 'Share':
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        return cls(context.input_pipeline_id * local, local, context.num_replicas_in_sync)
+
+    def rows(self, batch: int):
+        """(first row, rows) of a global batch of `batch`."""
+        if batch % self.replicas:
+            raise DataError(f'a batch of {batch} does not split over {self.replicas} replicas')
+        per = batch // self.replicas
+        return self.first * per, self.count * per
+
+    def per_replica(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """This pipeline's batches -> one element per local replica, in replica order (what
+        distribute_datasets_from_function hands to the replicas of one worker in turn)."""
+        if self.count == 1:
+            return ds
+        count = self.count
+
+        def split(*batch):
+            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
+                lambda t: tf.reshape(t, [count, -1, *t.shape[1:]]), batch))
+        return ds.flat_map(split)
+
+
+ONE_DEVICE = Share()
+
+
 @dataclasses.dataclass
 class SSLData:
+    """The run's data: batches as a pure function of (seed, step), and the evaluation sets.
+
+    Pixels come from either of two sources, chosen by the dataset (datasets.py, folder.py):
+    in-memory uint8 arrays, held as tensors (every dataset small enough: the digits, the public
+    benchmarks, npz files, small folders), whose batches are a gather; or files.FileImages, whose
+    batches decode their own images in parallel in the tf.data pipeline (large folders). Either
+    way a batch is indices first (_index_batches), and an input pipeline builds only its Share
+    of each global batch: the images of its rows, their augmentation drawn as the whole batch's
+    (augment.py), so N workers read and decode what one would and train on one device's batches.
+    """
     arrays: Arrays
     split: Split
     seed: int
     augment: str = 'weak'
     input_norm: str = 'standardize'
+
+    # Images the 'standardize' statistics are measured on when the images are files (a fixed
+    # sample, seed 0: the same for every run on the same folder).
+    STATISTICS_SAMPLE = 2000
 
     def __post_init__(self):
         if self.augment not in augment_lib.AUGMENTATIONS:
@@ -53,6 +106,9 @@ class SSLData:
             self.std = np.full(channels, 127.5, np.float32)
         elif self.input_norm == 'standardize':
             # Per-channel statistics of the training part, in 0..255 units.
+            if isinstance(x, FileImages):
+                sample = np.random.RandomState(0).permutation(len(x))[:self.STATISTICS_SAMPLE]
+                x = np.asarray(x[np.sort(sample)])
             self.mean = x.reshape(-1, channels).mean(0).astype(np.float32)
             self.std = np.maximum(x.reshape(-1, channels).std(0), 1e-3).astype(np.float32)
         else:
@@ -61,12 +117,18 @@ class SSLData:
         # Model-input units per unit of the anchors' [-1, 1] pixel scale (127.5 grey levels):
         # input noise and VAT's epsilon are defined in those units whatever the normalisation.
         self.pixel_scale = (127.5 / self.std).astype(np.float32)
-        self._labeled_x = tf.constant(x[self.split.labeled])
+        x = self.arrays.x_train
         self._labels = tf.constant(self.arrays.y_train[self.split.labeled])
+        self._labeled_x = x[self.split.labeled]
         pool = x[self.split.unlabeled]
-        if self.arrays.x_extra is not None:
-            pool = np.concatenate([pool, self.arrays.x_extra])
-        self._unlabeled_x = tf.constant(pool)
+        extra = self.arrays.x_extra
+        if extra is not None:
+            pool = pool.concatenate(extra) if isinstance(pool, FileImages) else np.concatenate(
+                [pool, np.asarray(extra)])
+        self._unlabeled_x = pool
+        if not isinstance(x, FileImages):   # the in-memory source: tensors, gathered per batch
+            self._labeled_x = tf.constant(self._labeled_x)
+            self._unlabeled_x = tf.constant(self._unlabeled_x)
 
     @property
     def num_classes(self):
@@ -80,94 +142,103 @@ class SSLData:
         """uint8 images, or floats in 0..255 units -> per-channel standardised float32."""
         return (tf.cast(images, tf.float32) - self.mean) / self.std
 
-    def _augment(self, name, images, seed):
+    def _augment(self, name, images, seed, rows=None):
         """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
         unit = tf.cast(images, tf.float32) / 255.0
-        unit = augment_lib.AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip)
+        unit = augment_lib.AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows)
         return self.normalize(unit * 255.0)
 
-    def _stream(self, images, batch, stream, start_step):
+    def _batches(self, images, batch, stream, start_step, share):
+        """(step, indices, uint8 images) of this share's rows of each global batch, and the
+        stream's base seed and the rows' position in the global batch."""
+        first, rows = share.rows(batch)
         indices = _index_batches(int(images.shape[0]), batch, self.seed, stream, start_step)
-        base = tf.constant([self.seed, stream], tf.int64)
-        return indices.enumerate(start_step), base
+        if rows != batch:
+            indices = indices.map(lambda idx: idx[first:first + rows])
+        steps = indices.enumerate(start_step)
+        if isinstance(images, FileImages):
+            out = images.batches(steps, rows)
+        else:
+            out = steps.map(lambda step, idx: (step, idx, tf.gather(images, idx)),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return out, tf.constant([self.seed, stream], tf.int64), (None if rows == batch else
+                                                                 (batch, first))
 
-    def labeled(self, batch: int, start_step: int = 0) -> tf.data.Dataset:
-        """(images, labels) per step, with the run's --augment."""
-        steps, base = self._stream(self._labeled_x, batch, _LABELED, start_step)
+    def labeled(self, batch: int, start_step: int = 0, share: Share = ONE_DEVICE
+                ) -> tf.data.Dataset:
+        """(images, labels) per step, with the run's --augment: this share's rows of each batch."""
+        steps, base, rows = self._batches(self._labeled_x, batch, _LABELED, start_step, share)
 
-        def make(step, idx):
+        def make(step, idx, x):
             seed = tf.random.experimental.stateless_fold_in(base, step)
-            x = tf.gather(self._labeled_x, idx)
-            return self._augment(self.augment, x, seed), tf.gather(self._labels, idx)
+            return self._augment(self.augment, x, seed, rows), tf.gather(self._labels, idx)
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     @property
     def unlabeled_size(self) -> int:
         """Images in the unlabeled pool (the range of the indices `unlabeled` can yield)."""
-        return int(self._unlabeled_x.shape[0])
+        return int(len(self._unlabeled_x))
 
     def unlabeled(self, batch: int, views: Sequence[str], start_step: int = 0,
-                  indices: bool = False) -> tf.data.Dataset:
+                  indices: bool = False, share: Share = ONE_DEVICE) -> tf.data.Dataset:
         """A tuple of augmented views of the same unlabeled images per step.
 
         A view named 'weak' gets the run's --augment; other names ('strong', 'none') are taken
         literally, so an algorithm asks for exactly the views its paper uses. With `indices`, the
         tuple ends with the images' indices in the pool (FlexMatch's per-image state).
         """
-        steps, base = self._stream(self._unlabeled_x, batch, _UNLABELED, start_step)
+        steps, base, rows = self._batches(self._unlabeled_x, batch, _UNLABELED, start_step, share)
 
-        def make(step, idx):
-            x = tf.gather(self._unlabeled_x, idx)
+        def make(step, idx, x):
             seeds = tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base, step), len(views))
-            out = tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i])
+            out = tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i], rows)
                         for i, v in enumerate(views))
             return out + (idx,) if indices else out
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0,
-              indices: bool = False):
-        """((labeled images, labels), unlabeled views [+ indices]) per step, prefetched."""
-        return tf.data.Dataset.zip((self.labeled(batch, start_step),
-                                    self.unlabeled(batch * uratio, views, start_step, indices))
-                                   ).prefetch(tf.data.AUTOTUNE)
+              indices: bool = False, share: Share = ONE_DEVICE):
+        """((labeled images, labels), unlabeled views [+ indices]) per step, prefetched: this
+        share's rows of each global batch."""
+        return tf.data.Dataset.zip((self.labeled(batch, start_step, share),
+                                    self.unlabeled(batch * uratio, views, start_step, indices,
+                                                   share))).prefetch(tf.data.AUTOTUNE)
 
     def eval_arrays(self) -> dict:
-        """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented."""
+        """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented. File-backed images are
+        decoded a slice at a time when read (files.Normalized), in-memory ones at once."""
         a, s = self.arrays, self.split
         out = {'valid': (a.x_train[s.valid], a.y_train[s.valid]), 'test': (a.x_test, a.y_test)}
-        return {k: (self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
+        return {k: (Normalized(x, self.normalize) if isinstance(x, FileImages)
+                    else self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
 
 
 def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> tf.data.Dataset:
-    """What tf.distribute's input function for `context` yields: of each global batch of `ds`,
-    the share of every replica this input pipeline (one per worker) feeds, in replica order.
-
-    Replica r of R gets rows [r B/R, (r+1) B/R) of each global batch of B rows, as
-    `experimental_distribute_dataset` splits a batch on one machine, so any number of workers
-    trains on exactly the batches of one device. Every worker builds the whole global batch and
-    keeps its share: the augmentations draw their randomness batch-wide, and this is what keeps
-    every batch a pure function of (seed, step) whatever the cluster. (The cost: each worker's
-    input pipeline does the work of a one-machine run's.)"""
-    replicas = context.num_replicas_in_sync
-    if replicas == 1:
+    """Of each global batch of `ds`, the share of every replica this input pipeline feeds, one
+    element per replica in replica order. For datasets that build whole global batches (SSLData
+    builds only its share: pass `share=Share.of(context)` and use Share.per_replica instead)."""
+    share = Share.of(context)
+    if share.replicas == 1:
         return ds
-    local = replicas // context.num_input_pipelines
-    first = context.input_pipeline_id * local
 
     def split(*batch):
         return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
-            lambda t: tf.reshape(t, [replicas, -1, *t.shape[1:]])[first:first + local], batch))
+            lambda t: tf.reshape(t, [share.replicas, -1, *t.shape[1:]])[
+                share.first:share.first + share.count], batch))
     return ds.flat_map(split)
 
 
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
-          data_dir: str = None, download: bool = True, input_norm: str = 'standardize') -> SSLData:
-    """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm -> SSLData.
+          data_dir: str = None, download: bool = True, input_norm: str = 'standardize',
+          image_size: str = '') -> SSLData:
+    """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm, --image_size
+    -> SSLData.
 
     `dataset` is a name (--dataset) or Arrays already loaded (data.from_arrays).
     `download=False` forbids tfds from fetching from the internet (see official.py for where the
     files are looked for first)."""
-    arrays = dataset if isinstance(dataset, Arrays) else load(dataset, data_dir, download=download)
+    arrays = dataset if isinstance(dataset, Arrays) else load(
+        dataset, data_dir, download=download, image_size=parse_size(image_size))
     split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
     return SSLData(arrays, split, seed, augment, input_norm)

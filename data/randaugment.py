@@ -34,6 +34,18 @@ def _per_image(v):
     return v[:, None, None, None]
 
 
+def per_image_uniform(seed, images, rows=None, minval=0., maxval=None, dtype=tf.float32):
+    """One uniform draw per image of the batch. With `rows` = (global batch size, first row), the
+    draws are the whole global batch's, cut to this batch's rows: an input pipeline that builds
+    only its share of each global batch (pipeline.Share) gets exactly the values one device
+    draws for the same images."""
+    b = tf.shape(images)[0]
+    if rows is None:
+        return tf.random.stateless_uniform([b], seed, minval, maxval, dtype)
+    total, first = rows
+    return tf.random.stateless_uniform([total], seed, minval, maxval, dtype)[first:first + b]
+
+
 def _blend(degenerate, images, factor):
     """PIL's ImageEnhance: degenerate + factor * (image - degenerate), clipped."""
     return tf.clip_by_value(degenerate + _per_image(factor) * (images - degenerate), 0.0, 1.0)
@@ -173,15 +185,16 @@ def apply_op(images, op, magnitude):
     return out
 
 
-def cutout(images, seed, max_fraction=CUTOUT_MAX):
+def cutout(images, seed, max_fraction=CUTOUT_MAX, rows=None):
     """Grey out one square per image, side uniform in [0, max_fraction] x min(H, W), centre uniform
     over the image (the square is clipped at the borders)."""
     shape = tf.shape(images)
-    b, h, w = shape[0], shape[1], shape[2]
+    h, w = shape[1], shape[2]
     s = tf.random.experimental.stateless_split(seed, 3)
-    side = tf.random.stateless_uniform([b], s[0], 0.0, max_fraction) * tf.cast(tf.minimum(h, w), tf.float32)
-    cy = tf.random.stateless_uniform([b], s[1], 0.0, tf.cast(h, tf.float32))
-    cx = tf.random.stateless_uniform([b], s[2], 0.0, tf.cast(w, tf.float32))
+    side = per_image_uniform(s[0], images, rows, 0.0, max_fraction) * tf.cast(tf.minimum(h, w),
+                                                                              tf.float32)
+    cy = per_image_uniform(s[1], images, rows, 0.0, tf.cast(h, tf.float32))
+    cx = per_image_uniform(s[2], images, rows, 0.0, tf.cast(w, tf.float32))
     rows = tf.cast(tf.range(h), tf.float32)[None, :] + 0.5
     cols = tf.cast(tf.range(w), tf.float32)[None, :] + 0.5
     in_rows = tf.abs(rows - cy[:, None]) < side[:, None] / 2          # [B, H]
@@ -190,12 +203,11 @@ def cutout(images, seed, max_fraction=CUTOUT_MAX):
     return tf.where(mask, tf.cast(FILL, images.dtype), images)
 
 
-def rand_augment(images, seed, num_ops=NUM_OPS):
+def rand_augment(images, seed, num_ops=NUM_OPS, rows=None):
     """`num_ops` random ops per image with magnitudes drawn per image and op."""
     s = tf.random.experimental.stateless_split(seed, 2 * num_ops)
-    b = tf.shape(images)[0]
     for k in range(num_ops):
-        op = tf.random.stateless_uniform([b], s[2 * k], 0, len(OPS), dtype=tf.int32)
-        magnitude = tf.random.stateless_uniform([b], s[2 * k + 1])
+        op = per_image_uniform(s[2 * k], images, rows, 0, len(OPS), dtype=tf.int32)
+        magnitude = per_image_uniform(s[2 * k + 1], images, rows)
         images = apply_op(images, op, magnitude)
     return images

@@ -24,6 +24,7 @@ import numpy as np
 from ssl_ema import cli
 from ssl_ema.base import files
 from ssl_ema.base.errors import DataError
+from ssl_ema.data.images import parse_size
 from ssl_ema.base.hparams import hparam
 from ssl_ema.core import classifier
 from ssl_ema.core.run_dir import open_run_dir
@@ -50,7 +51,7 @@ def predicted_classes(model, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf
     call = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1),
                        reduce_retracing=True)
-    return np.concatenate([call(tf.constant(images[i:i + BATCH])).numpy()
+    return np.concatenate([call(tf.constant(np.asarray(images[i:i + BATCH]))).numpy()   # files too
                            for i in range(0, len(images), BATCH)])
 
 
@@ -96,7 +97,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     run = open_run_dir(cfg.train_dir)
     info = classifier.classifier_info(run)
     dataset = cfg.dataset or run.config.dataset
-    arrays = data.load(dataset, cfg.data_dir if cfg.data_dir is not None else run.config.data_dir)
+    arrays = data.load(dataset, cfg.data_dir if cfg.data_dir is not None else run.config.data_dir,
+                       image_size=parse_size(run.config.image_size))   # as the run read images
     shape, classes = tuple(info['image_shape']), info['num_classes']
     if arrays.image_shape != shape or arrays.num_classes != classes:
         raise DataError(f'--dataset={dataset} has {arrays.num_classes} classes of '

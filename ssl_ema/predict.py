@@ -11,7 +11,8 @@
           or its only array), [N, H, W] or [N, H, W, C], uint8 0..255 or float 0..1. GLOB: the
           image files matching a pattern (quote it); one image file works too.
 Images of another size than the model's are refused, naming the file and both sizes, unless
---resize (then resized to the model's size, bilinear with antialiasing, aspect ratio not kept).
+--resize (then scaled to cover the model's size, bilinear with antialiasing, and centre-cropped:
+the aspect ratio is kept, as training reads images at --image_size, data/images.py).
 Channels are converted: grey images are repeated to RGB for a colour model, colour images turned
 grey (ITU-R 601 luma) for a grey one; alpha is dropped. A file that cannot be decoded is a
 one-line error naming it. In every error case nothing is written.
@@ -37,6 +38,7 @@ from ssl_ema.base.errors import ConfigError, DataError, one_line
 from ssl_ema.base.hparams import hparam
 from ssl_ema.core.classifier import load_classifier
 from ssl_ema.data.custom import IMAGE_SUFFIXES, _as_images, read_image
+from ssl_ema.data.images import resize_array
 
 NPZ_KEYS = ('x', 'x_test', 'x_train')   # the array of a .npz that is classified, first found
 
@@ -116,7 +118,7 @@ def fit(image: np.ndarray, shape, resize: bool, name: str) -> np.ndarray:
             raise DataError(f'{name} is {image.shape[1]}x{image.shape[0]} pixels but the model '
                             f'takes {w}x{h}: resize it, or pass --resize to let predict resize '
                             'every such image')
-        image = tf.image.resize(image.astype(np.float32), (h, w), antialias=True).numpy()
+        image = resize_array(np.clip(np.round(image), 0, 255).astype(np.uint8), (h, w))
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 

@@ -117,11 +117,13 @@ def test_folder_with_a_single_class(tmp_path):
     assert 'has 1 class folder' in msg and 'at least 2' in msg and str(tmp_path / 'one') in msg
 
 
-def test_folder_with_mixed_sizes(tmp_path):
+def test_folder_with_mixed_sizes_reads_them_at_the_median_size(tmp_path, capsys):
     name = _folder(tmp_path / 'mixed')
     _write_png(tmp_path / 'mixed' / 'dog' / 'big.png', np.zeros((10, 12, 3), np.uint8))
-    msg = _message(name)
-    assert 'mixed sizes' in msg and 'big.png' in msg and '12x10' in msg
+    arrays = load(name)   # (issue 20: it used to be refused, with no way to resize)
+    assert arrays.image_shape == (8, 8, 3) and len(arrays.y_train) + len(arrays.y_test) == 13
+    assert 'mixed sizes' in capsys.readouterr().err
+    assert load(name, image_size=(6, 4)).image_shape == (6, 4, 3)
 
 
 def test_folder_missing(tmp_path):

@@ -2,6 +2,7 @@
 also the flag of the same name (base/hparams.py). Algorithms declare their own hyperparameters the
 same way (algorithms/base.py)."""
 import dataclasses
+import re
 from typing import Optional
 
 from ssl_ema.base.errors import ConfigError
@@ -21,6 +22,11 @@ class TrainConfig:
     seed: int = hparam(1, 'Seed of the label split, the initialisation and the data order.')
     augment: str = hparam('weak', 'Augmentation of labeled images and of unlabeled views that '
                           'the algorithm does not ask to be strong: weak, strong or none.')
+    image_size: str = hparam('', 'H or H,W pixels: every image is scaled to cover that size '
+                             '(bilinear, antialiased) and centre-cropped, before --augment; '
+                             'evaluation, the exported classifier and predict --resize use the '
+                             'same size. Default: the data\'s own size (a folder of mixed sizes: '
+                             'the median height and width of its training images).')
     arch: str = hparam('auto', 'Backbone: small_cnn, cnn13, wrnD_K (e.g. wrn28_2), or auto '
                        '(small_cnn below 32 pixels, wrn28_2 from 32 up).')
     batch: int = hparam(32, 'Labeled images per step (global, over all replicas).')
@@ -143,6 +149,9 @@ class TrainConfig:
         self._check_averages()
         if not 0. <= self.warmup_fraction <= 1.:
             raise ConfigError(f'--warmup_fraction={self.warmup_fraction} must be in [0, 1]')
+        if self.image_size and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)?', str(self.image_size)):
+            raise ConfigError(f'--image_size={self.image_size} must be H or H,W in pixels, e.g. '
+                              '32 or 224,224')
         if (self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0
                 or self.collective_timeout_s < 0):
             raise ConfigError('--valid, --train_steps, --weight_decay and --collective_timeout_s '

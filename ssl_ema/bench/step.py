@@ -52,12 +52,16 @@ class FixedBatches:
 
     unlabeled_size = 50_000   # the pool size algorithms with per-image state are built for
 
-    def train(self, batch, uratio, views, start_step=0, indices=False):
+    def train(self, batch, uratio, views, start_step=0, indices=False, share=None):
         import tensorflow as tf
         labeled = (self.images(batch), np.arange(batch) % NUM_CLASSES)
         unlabeled = tuple(self.images(batch * uratio) for _ in views)
         if indices:   # e.g. flexmatch: the images' places in the unlabeled pool
             unlabeled += (np.arange(batch * uratio, dtype=np.int64),)
+        if share is not None:   # this input pipeline's rows, as SSLData.train(share=...)
+            (first, rows), (u_first, u_rows) = share.rows(batch), share.rows(batch * uratio)
+            labeled = tuple(t[first:first + rows] for t in labeled)
+            unlabeled = tuple(t[u_first:u_first + u_rows] for t in unlabeled)
         return tf.data.Dataset.from_tensors((labeled, unlabeled)).repeat()
 
     def eval_arrays(self):

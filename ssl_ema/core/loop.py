@@ -186,13 +186,14 @@ class Trainer:
     def batches(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
 
-        def replica_batches(context):   # called once per worker
+        def replica_batches(context):   # called once per worker: it builds only its share
+            share = pipeline.Share.of(context)
             if views:
                 ds = self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                     self.algorithm.needs_indices)
+                                     self.algorithm.needs_indices, share=share)
             else:   # supervised: never touch the unlabeled pool
-                ds = self.data.labeled(cfg.batch, start_step)
-            ds = pipeline.replica_shares(ds, context)
+                ds = self.data.labeled(cfg.batch, start_step, share=share)
+            ds = share.per_replica(ds)
             if not views:
                 ds = ds.map(lambda x, y: ((x, y), ()))
             return ds.prefetch(tf.data.AUTOTUNE)

@@ -82,9 +82,11 @@ def check_compatible(train_dir: str, record: dict, log=print) -> bool:
     if saved is None:
         return False
     defining = set(hparams.run_defining(TrainConfig()))
+    defaults = dataclasses.asdict(TrainConfig())
 
-    def hyperparameters(r):   # a key that only one side has shows up as a difference
-        return dict({k: v for k, v in r['config'].items() if k in defining}, **r['algorithm'])
+    def hyperparameters(r):   # an algorithm key only one side has shows up as a difference; a
+        # flag newer than the run (e.g. --image_size) counts as its default, as the run was made
+        return dict({k: r['config'].get(k, defaults[k]) for k in defining}, **r['algorithm'])
     current, before = hyperparameters(record), hyperparameters(saved)
     for key in sorted(set(current) | set(before)):
         if current.get(key) != before.get(key):
@@ -177,7 +179,7 @@ class RunDir:
         c = self.config
         return data.build(c.dataset, c.labels, c.valid, c.seed,
                           c.augment if augment is None else augment, c.data_dir,
-                          input_norm=c.input_norm)
+                          input_norm=c.input_norm, image_size=c.image_size)
 
     def statistics_batches(self, dataset=None) -> Optional[list]:
         """For an --ema_bn=recompute run, the training batches over which the Trainer
