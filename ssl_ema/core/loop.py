@@ -21,7 +21,7 @@ import time
 import keras
 import tensorflow as tf
 
-from ssl_ema.nn import backbones, losses
+from ssl_ema.nn import backbones, custom_backbones, losses
 from ssl_ema.core import accuracy, cluster, run_dir, snapshots
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.base.errors import ConfigError, one_line, RunError
@@ -32,26 +32,47 @@ from ssl_ema.core.ema import EMA, Polyak, PowerEMA, scaled_decay
 from ssl_ema.core.guard import NonFiniteGuard
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant)."""
+    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant). With
+    `warmup_steps` (--lr_warmup_kimg), first lr * t / warmup_steps, then the decay over the
+    remaining steps, as USB's get_cosine_schedule_with_warmup."""
 
-    def __init__(self, lr, total_steps, decay='cosine'):
+    def __init__(self, lr, total_steps, decay='cosine', warmup_steps=0):
         self.lr, self.total_steps, self.decay = lr, total_steps, decay
+        self.warmup_steps = min(warmup_steps, total_steps)
 
     def __call__(self, step):
+        step = tf.cast(step, tf.float32)
         if self.decay == 'constant':
-            return tf.constant(self.lr, tf.float32)
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.total_steps, 1.)
-        return self.lr * losses.fixmatch_cosine(progress)
+            lr = tf.constant(self.lr, tf.float32)
+        else:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            lr = self.lr * losses.fixmatch_cosine(tf.clip_by_value(progress, 0., 1.))
+        if not self.warmup_steps:
+            return lr
+        return tf.where(step < self.warmup_steps, self.lr * step / self.warmup_steps, lr)
 
 
 def make_optimizer(cfg: TrainConfig, schedule=None):
     """SGD with Nesterov momentum or Adam, as the anchors' tf.compat.v1 MomentumOptimizer
     (use_nesterov) and AdamOptimizer (epsilon 1e-8). Weight decay is not the optimizer's: the
     Trainer applies it (`--weight_decay_type`)."""
-    lr = schedule or LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+    lr = schedule or learning_rate(cfg)
+    # --layer_decay and --head_lr: one learning rate per variable (custom_backbones).
+    scaled = cfg.layer_decay != 1. or cfg.head_lr
     if cfg.optimizer == 'sgd':
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True)
-    return keras.optimizers.Adam(lr, beta_1=cfg.momentum, epsilon=1e-8)
+        kind = custom_backbones.with_multipliers(keras.optimizers.SGD) if scaled else \
+            keras.optimizers.SGD
+        return kind(lr, momentum=cfg.momentum, nesterov=True)
+    # adamw: Adam, and the Trainer's decoupled weight decay (--weight_decay_type=decoupled,
+    # kernel *= 1 - weight_decay * lr after each step) makes it AdamW.
+    kind = custom_backbones.with_multipliers(keras.optimizers.Adam) if scaled else \
+        keras.optimizers.Adam
+    return kind(lr, beta_1=cfg.momentum, epsilon=1e-8)
+
+
+def learning_rate(cfg: TrainConfig) -> LearningRate:
+    warmup = round(cfg.lr_warmup_kimg * 1024 / cfg.batch)
+    return LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay, warmup)
 
 
 def decayed_variables(model):
@@ -87,17 +108,22 @@ class Trainer:
                               f'of --distribute={cfg.distribute}')
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
-            self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
-                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision,
-                                           model=backbone)
+            self.student = backbones.for_run(cfg, data.image_shape, data.num_classes,
+                                             (data.mean, data.std), model=backbone)
             self.averages = self._build_averages()   # name -> average; 'ema' is the teacher
             self.ema = self.averages['ema']
             self.profiles = [PowerEMA(self.student, s, cfg.ema_bn, f'power_{s:g}')
                              for s in parse_floats(cfg.posthoc_sigma_rels)
                              ] if cfg.posthoc_snapshot_every_kimg else []
             self._build_algorithm_state(data)
-            self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+            self.learning_rate = learning_rate(cfg)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
+            # Per-variable learning-rate multipliers (1 unless --layer_decay or --head_lr).
+            self.lr_multipliers = custom_backbones.lr_multipliers(
+                self.student, self.trainable, cfg.layer_decay,
+                cfg.head_lr / cfg.lr if cfg.head_lr else 1.)
+            if hasattr(self.optimizer, 'set_multipliers'):
+                self.optimizer.set_multipliers(self.lr_multipliers)
             if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.trainable)
@@ -268,9 +294,12 @@ class Trainer:
                                         args=(labeled_x, labels, unlabeled))
         if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
             # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
-            shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)
+            # Each variable's own lr (--layer_decay, --head_lr), as USB's AdamW parameter groups.
+            rate = self.cfg.weight_decay * self.learning_rate(self.step)
+            multiplier = {id(v): m for v, m in zip(self.trainable, self.lr_multipliers)}
             for v in self.decayed:
-                v.assign(v * shrink)
+                m = multiplier.get(id(v), 1.)
+                v.assign(v * (1. - (rate if m == 1. else rate * m)))
         for average in self._all_averages():
             average.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)

@@ -42,6 +42,10 @@ def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
     fields = type(algorithm).__dataclass_fields__
     changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items() if v != fields[k].default]
     dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
+    if ':' in arch:   # keras:PATH, keras_hub:HANDLE, model:NAME -> keras-<file stem>, ...
+        kind, source = arch.split(':', 1)
+        stem = os.path.splitext(os.path.basename(source.rstrip('/')))[0] or source
+        arch = kind + '-' + re.sub(r'[^\w.-]+', '-', stem)
     name = '_'.join([f'{cfg.algorithm}', arch] + [f'{k}{v}' for k, v in sorted(changed)])
     return os.path.join(ROOT, f'{dataset}.{cfg.labels}@{cfg.seed}', name)
 
@@ -84,7 +88,9 @@ def check_compatible(train_dir: str, record: dict, log=print) -> bool:
     defining = set(hparams.run_defining(TrainConfig()))
 
     def hyperparameters(r):   # a key that only one side has shows up as a difference
-        return dict({k: v for k, v in r['config'].items() if k in defining}, **r['algorithm'])
+        fields = TrainConfig.__dataclass_fields__   # (a flag added since: its default)
+        config = {k: r['config'].get(k, fields[k].default) for k in defining}
+        return dict(config, **r['algorithm'])
     current, before = hyperparameters(record), hyperparameters(saved)
     for key in sorted(set(current) | set(before)):
         if current.get(key) != before.get(key):
