@@ -51,13 +51,13 @@ class TrainConfig:
                             'decoupled weight decay, Loshchilov & Hutter 2019: needs '
                             '--weight_decay_type=decoupled; USB\'s usb_cv optimizer).')
     layer_decay: float = hparam(1., 'Layer-wise learning-rate decay in (0, 1] (BEiT, Bao et al. '
-                                '2022, Sec. 2.6; USB\'s layer_decay, its usb_cv configs use '
+                                '2022, fine-tuning; USB\'s layer_decay, its usb_cv configs use '
                                 '0.5-1.0): block i of B gets lr * layer_decay^(B-1-i), the stem '
                                 'lr * layer_decay^B, the head lr. 1: off.')
     head_lr: float = hparam(0., 'Learning rate of the new classification head of a backbone you '
-                            'bring (and of no other layer); 0: --lr. A randomly initialised head '
-                            'on a pretrained body is often trained faster (e.g. Kumar et al. '
-                            '2022, LP-FT).')
+                            'bring (and of no other layer); 0: --lr, one rate for all, as USB. '
+                            'A new, randomly initialised head on a pretrained body may want a '
+                            'larger one than the body.')
     lr_warmup_kimg: float = hparam(0., 'Learning-rate warm-up: linear from 0 to --lr over this '
                                    'many kimg, then --lr_decay over the rest (USB\'s '
                                    'get_cosine_schedule_with_warmup; its usb_cv configs warm up '

@@ -78,7 +78,6 @@ def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
     """(backbone with the checkpoint's `model` weights, checkpoint path, its step). `backbone`:
     the keras.Model a run from Python was given (its architecture; the weights come from the
     checkpoint)."""
-    import keras
     import tensorflow as tf
     from ssl_ema.nn import backbones
     path = run.checkpoint(checkpoint)

@@ -30,12 +30,12 @@ subclassed models whose get_config()/from_config() rebuild them (the EMA clones 
 export and evaluation rebuild it). Each must have one image input [N, H, W, C] (channels last) and
 one output. Anything else is refused with one line naming what is missing.
 """
-import math
 import os
 import re
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from ssl_ema.base.errors import ConfigError, one_line
@@ -68,17 +68,20 @@ def build(arch: str, input_shape, num_classes: int, model=None, normalization=No
     keras.Model given from Python, copied: the caller's model is never trained in place).
     `scale`/`offset` (--backbone_scale/--backbone_offset, lists of floats; empty or None: 1 and
     0, or a keras-hub preset's own)."""
+    # Under a multi-replica tf.distribute strategy batch norm uses the global batch's statistics,
+    # as the toolkit's own backbones (backbones._bn_act): every replica's copy moves alike.
+    synchronized = tf.distribute.get_strategy().num_replicas_in_sync > 1
     if model is not None:
         what, preprocessing = f'backbone {getattr(model, "name", "")}'.strip(), None
         check_supported(model, what)
-        backbone, weights = _copy(model, precision, what)
+        backbone, weights = _copy(model, precision, synchronized, what)
     else:
         what = f'--arch={arch}'
         backbone, preprocessing = load(arch)
         check_supported(backbone, what)
         weights = None
-        if precision != 'float32':
-            backbone, weights = _copy(backbone, precision, what)
+        if precision != 'float32' or synchronized:
+            backbone, weights = _copy(backbone, precision, synchronized, what)
     if scale or offset:   # the flags win over a preset's converter
         preprocessing = (scale or 1., offset or 0.)
     return classifier(backbone, input_shape, num_classes, normalization, preprocessing,
@@ -146,18 +149,22 @@ def check_supported(model, what: str) -> None:
         raise ConfigError(f'{what}: the model needs exactly one output')
 
 
-def _copy(model, precision, what):
+def _copy(model, precision, synchronized, what):
     """(a new `model` of the same config, maybe unbuilt, with every float32 layer computing in
-    `precision` (a mixed policy: weights stay float32), `model`'s weights): `classifier` builds
-    the copy and sets them. The serialised config is edited, so this works for every supported
-    kind, and fails, naming what is missing, for a model that cannot be rebuilt from its config
-    (which the EMA's copy and export's rebuilding need too)."""
+    `precision` (a mixed policy: weights stay float32) and, if `synchronized`, every batch norm
+    synchronised across replicas; `model`'s weights): `classifier` builds the copy and sets
+    them. The serialised config is edited, so this works for every supported kind, and fails,
+    naming what is missing, for a model that cannot be rebuilt from its config (which the EMA's
+    copy and export's rebuilding need too)."""
     def edit(node):
         if isinstance(node, dict):
             if node.get('class_name') == 'DTypePolicy' and \
                     node.get('config', {}).get('name') == 'float32':
                 return {**node, 'config': {**node['config'], 'name': precision}}
-            return {k: edit(v) for k, v in node.items()}
+            node = {k: edit(v) for k, v in node.items()}
+            if synchronized and node.get('class_name') == 'BatchNormalization':
+                node['config'] = {**node['config'], 'synchronized': True}
+            return node
         if isinstance(node, list):
             return [edit(v) for v in node]
         return node
@@ -209,11 +216,9 @@ def classifier(backbone, input_shape, num_classes: int, normalization=None, prep
         x = layers.Resizing(*wants[:2], interpolation='bilinear', name='resize')(x)
     scale, offset = preprocessing or (None, None)
     if scale is not None or offset is not None:
-        x = layers.Rescaling(
-            scale=_vector(1. if scale is None else scale, channels, 'the backbone\'s scale').tolist(),
-            offset=_vector(0. if offset is None else offset, channels,
-                           'the backbone\'s offset').tolist(),
-            name='backbone_preprocessing')(x)
+        scale = _vector(1. if scale is None else scale, channels, 'the backbone\'s scale')
+        offset = _vector(0. if offset is None else offset, channels, 'the backbone\'s offset')
+        x = layers.Rescaling(scale.tolist(), offset.tolist(), name='backbone_preprocessing')(x)
     try:
         y = backbone(x)
     except Exception as e:   # noqa: BLE001 (any failure to trace the user's model on our images)
@@ -256,7 +261,7 @@ _BLOCK = re.compile(r'^(.*?block_?\d+)')
 def lr_multipliers(model, variables, layer_decay: float = 1., head_lr_scale: float = 1.):
     """One learning-rate multiplier per variable of `variables` (the model's trainable ones).
 
-    Layer-wise decay (--layer_decay; BEiT, Bao et al. 2022, Sec. 2.6, and USB's
+    Layer-wise decay (--layer_decay; BEiT, Bao et al. 2022, fine-tuning, and USB's
     param_groups_layer_decay with timm's ViT grouping): with B blocks (variables whose path names
     `...block<i>`, e.g. keras-hub's transformer_block_<i> or stack<s>_block<b>, counted in order),
     the variables before the first block (stem, embeddings) get layer_decay^B, block i
