@@ -224,3 +224,36 @@ def test_an_unreachable_preset_is_one_line():
     with pytest.raises(ConfigError, match='cannot download the preset|not a keras-hub preset'):
         backbones.build('keras_hub:kaggle://keras/no_such_model/keras/none', (8, 8, 1),
                         10)
+
+
+def test_a_model_with_its_own_head_keeps_it_and_features_are_pooled():
+    import keras
+    own = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(10)], name='own')
+    model = backbones.build('auto', (8, 8, 1), 10, model=own)
+    assert [l.name for l in model.layers] == ['images', 'own']   # no pixels: no normalisation
+    tokens = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Reshape((16, 4))],
+                              name='tokens')
+    model = backbones.build('auto', (8, 8, 1), 10, model=tokens, normalization=([0.], [1.]))
+    assert [l.name for l in model.layers][-2:] == ['features', 'head']
+    assert model.get_layer('features').output.shape == (None, 4)
+
+
+def test_per_variable_learning_rates_and_warm_up():
+    import keras
+    import tensorflow as tf
+    from ssl_ema.core.loop import LearningRate
+    variables = [tf.Variable(1.), tf.Variable(1.), tf.Variable(1.)]
+    optimizer = custom_backbones.with_multipliers(keras.optimizers.SGD)(0.1)
+    optimizer.set_multipliers([0., 1., 2.])
+    optimizer.build(variables)
+    optimizer.apply([tf.constant(1.)] * 3, variables)
+    np.testing.assert_allclose([v.numpy() for v in variables], [1., 0.9, 0.8], rtol=1e-6)
+    # USB's get_cosine_schedule_with_warmup: linear to the peak, then cos(7 pi t / 16 T) over
+    # the remaining steps; without warm-up, the anchors' schedule as before.
+    lr = LearningRate(1., 110, 'cosine', warmup_steps=10)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110)],
+                               [0., 0.5, 1., np.cos(7 * np.pi / 32), np.cos(7 * np.pi / 16)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(LearningRate(1., 100)(50)), np.cos(7 * np.pi / 32), rtol=1e-6)
+    assert float(LearningRate(2., 100, 'constant', 10)(5)) == 1.
