@@ -166,6 +166,27 @@ def test_every_algorithm_runs_on_a_custom_backbone(name, keras_file, digits_data
     assert trainer.student.output.dtype == 'float32'
 
 
+def test_a_keras_hub_vit_trains_with_layer_norm(hub_preset, digits_data, tmp_path):
+    """A ViT (layer norm, token sequence out, a fixed 16x16 input: the 8x8 digits are resized
+    inside), with Mean Teacher's noisy teacher, the student's statistics for the EMA, USB's
+    fine-tuning flags."""
+    import keras_hub
+    from ssl_ema.core.loop import Trainer
+    path = str(tmp_path / 'vit')
+    keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2,
+                                 hidden_dim=8, mlp_dim=16).save_to_preset(path)
+    cfg = tiny_config(algorithm='mean_teacher', arch=f'keras_hub:{path}', train_steps=3,
+                      ema_bn='student', optimizer='adamw', layer_decay=0.65, lr=5e-4,
+                      lr_warmup_kimg=0.03125, backbone_scale='0.0039')
+    trainer = Trainer(cfg, algorithms.ALGORITHMS['mean_teacher'](), digits_data, str(tmp_path))
+    assert [l.name for l in trainer.student.layers] == [
+        'images', 'pixels', 'to_rgb', 'resize', 'backbone_preprocessing', 'vi_t_backbone',
+        'features', 'head']
+    before = weights_of(trainer.ema.model)
+    assert all(np.isfinite(list(m.values())).all() for m in losses_along(trainer, 3))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, weights_of(trainer.ema.model)))
+
+
 def test_layer_decay_follows_usb(hub_preset):
     """A ViT of 2 blocks: the embeddings get decay^2, block 0 decay^1, block 1, the final norm
     and the head 1 (USB's param_groups_layer_decay); the head gets --head_lr on top."""
