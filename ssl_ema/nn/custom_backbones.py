@@ -29,6 +29,13 @@ Supported backbones: functional and Sequential models, keras-hub backbones (func
 subclassed models whose get_config()/from_config() rebuild them (the EMA clones the model, and
 export and evaluation rebuild it). Each must have one image input [N, H, W, C] (channels last) and
 one output. Anything else is refused with one line naming what is missing.
+
+Limits: a backbone that keeps its own head has no separate `features` layer, so an algorithm's
+extra heads (ReMixMatch's rotation head, algorithms/base.with_heads) sit on its logits; a
+[N, C] output with C equal to the number of classes is taken for logits. Under a multi-replica
+strategy batch norm is synchronised (as the toolkit's own backbones), which is not tested with a
+custom backbone here. --precision edits the layers' dtype policies in the serialised config, so a
+custom layer that hard-codes float32 computes in float32.
 """
 import os
 import re
