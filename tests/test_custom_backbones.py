@@ -278,3 +278,13 @@ def test_per_variable_learning_rates_and_warm_up():
                                rtol=1e-6)
     np.testing.assert_allclose(float(LearningRate(1., 100)(50)), np.cos(7 * np.pi / 32), rtol=1e-6)
     assert float(LearningRate(2., 100, 'constant', 10)(5)) == 1.
+
+
+def test_run_directory_names_of_custom_backbones():
+    from ssl_ema.core import run_dir
+    cfg, algorithm = TrainConfig(algorithm='fixmatch'), algorithms.ALGORITHMS['fixmatch']()
+    byol, dino = (run_dir.default_train_dir(cfg, algorithm, f'keras:/runs/{m}/backbone.keras')
+                  for m in ('byol', 'dino'))
+    assert os.path.basename(byol).startswith('fixmatch_keras-backbone-') and byol != dino
+    assert '/' not in os.path.basename(byol)
+    assert backbones.resolve('keras:x.keras', (8, 8, 1)) == f'keras:{os.path.abspath("x.keras")}'
