@@ -86,9 +86,10 @@ def fit(data: Union[str, object] = 'digits', algorithm: str = 'mean_teacher', ba
     data: a dataset name as --dataset takes it ('digits', 'cifar10', 'npz:PATH', ...), a path to
         an .npz file or an image folder, or arrays from `ssl_ema.data.from_arrays`.
     algorithm: as --algorithm.
-    backbone: an architecture name as --arch, or a keras.Model (functional, sequential, or
-        subclassed and clonable; a feature extractor gets pooling and a head, a model that
-        already returns the dataset's classes is used as it is: nn/backbones.from_model).
+    backbone: an architecture name as --arch (also keras:PATH.keras, keras_hub:PRESET), or a
+        keras.Model (functional, Sequential, or subclassed with get_config; a copy is trained: a
+        feature extractor gets pooling and a new head, a model that already returns the dataset's
+        classes keeps its own; nn/custom_backbones.py).
     settings: any training flag (labels=250, train_kimg=64, train_dir=..., ...) or hyperparameter
         of the algorithm (consistency_weight=..., ...), by its flag's name.
     """

@@ -28,7 +28,20 @@ class TrainConfig:
                              'same size. Default: the data\'s own size (a folder of mixed sizes: '
                              'the median height and width of its training images).')
     arch: str = hparam('auto', 'Backbone: small_cnn, cnn13, wrnD_K (e.g. wrn28_2), or auto '
-                       '(small_cnn below 32 pixels, wrn28_2 from 32 up).')
+                       '(small_cnn below 32 pixels, wrn28_2 from 32 up); or one you bring, '
+                       'pretrained or not: keras:PATH.keras (a Keras 3 model file) or '
+                       'keras_hub:HANDLE_OR_DIR (a keras-hub preset, needs keras-hub), with '
+                       'pooling and a new head added (ssl_ema/nn/custom_backbones.py).')
+    backbone_scale: str = hparam('', 'keras: backbones (and keras.Model ones): their input is '
+                                 '0..255 pixels * this (one number or one per channel; e.g. '
+                                 '0.00392 for [0, 1]); empty: 1, or a keras_hub preset\'s own '
+                                 'image converter\'s.')
+    backbone_offset: str = hparam('', 'Added after --backbone_scale (one number or one per '
+                                  'channel); empty: 0, or a keras_hub preset\'s own.')
+    freeze_bn: bool = hparam(False, 'Every batch-norm layer keeps its (pretrained) statistics, '
+                             'scale and offset and runs in inference mode (Keras 3\'s '
+                             'BatchNormalization.trainable=False, as the Keras transfer-learning '
+                             'guide fine-tunes).')
     batch: int = hparam(32, 'Labeled images per step (global, over all replicas).')
     uratio: int = hparam(4, 'Unlabeled images per step = uratio * batch.')
     train_kimg: float = hparam(64., 'Training length in thousands (1024) of labeled images, as the '
@@ -40,7 +53,21 @@ class TrainConfig:
                                     'many thousand labeled images.', run_defining=False)
     log_every_steps: int = hparam(100, 'Print a progress line every this many steps.',
                                   run_defining=False)
-    optimizer: str = hparam('sgd', 'sgd (Nesterov momentum) or adam.')
+    optimizer: str = hparam('sgd', 'sgd (Nesterov momentum), adam, or adamw (Adam with '
+                            'decoupled weight decay, Loshchilov & Hutter 2019: needs '
+                            '--weight_decay_type=decoupled; USB\'s usb_cv optimizer).')
+    layer_decay: float = hparam(1., 'Layer-wise learning-rate decay in (0, 1] (BEiT, Bao et al. '
+                                '2022, fine-tuning; USB\'s layer_decay, its usb_cv configs use '
+                                '0.5-1.0): block i of B gets lr * layer_decay^(B-1-i), the stem '
+                                'lr * layer_decay^B, the head lr. 1: off.')
+    head_lr: float = hparam(0., 'Learning rate of the new classification head of a backbone you '
+                            'bring (and of no other layer); 0: --lr, one rate for all, as USB. '
+                            'A new, randomly initialised head on a pretrained body may want a '
+                            'larger one than the body.')
+    lr_warmup_kimg: float = hparam(0., 'Learning-rate warm-up: linear from 0 to --lr over this '
+                                   'many kimg, then --lr_decay over the rest (USB\'s '
+                                   'get_cosine_schedule_with_warmup; its usb_cv configs warm up '
+                                   '5120 of 204800 steps). 0: none.')
     lr: float = hparam(0.03, 'Peak learning rate.')
     lr_decay: str = hparam('cosine', 'cosine (the anchors\' cos(7 pi t / 16 T)) or constant.')
     momentum: float = hparam(0.9, 'SGD momentum (Nesterov) or Adam beta_1 (Adam\'s epsilon is '
@@ -127,7 +154,7 @@ class TrainConfig:
                                  'runs; slower on GPU).', run_defining=False)
 
     def __post_init__(self):
-        choices = {'optimizer': ('sgd', 'adam'), 'lr_decay': ('cosine', 'constant'),
+        choices = {'optimizer': ('sgd', 'adam', 'adamw'), 'lr_decay': ('cosine', 'constant'),
                    'distribute': ('default', 'mirrored', 'multi_worker'),
                    'augment': ('weak', 'strong', 'none'),
                    'weight_decay_type': ('decoupled', 'l2'),
@@ -144,6 +171,7 @@ class TrainConfig:
         for name in ('train_kimg', 'eval_every_kimg', 'lr'):
             if getattr(self, name) <= 0:
                 raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+        self._check_fine_tuning()
         if not 0. <= self.ema_decay < 1.:
             raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
         self._check_averages()
@@ -156,6 +184,21 @@ class TrainConfig:
                 or self.collective_timeout_s < 0):
             raise ConfigError('--valid, --train_steps, --weight_decay and --collective_timeout_s '
                               'must be >= 0')
+
+    def _check_fine_tuning(self):
+        if self.optimizer == 'adamw' and self.weight_decay_type != 'decoupled':
+            raise ConfigError('--optimizer=adamw decays the weights decoupled: it needs '
+                              '--weight_decay_type=decoupled (or use --optimizer=adam)')
+        if not 0. < self.layer_decay <= 1.:
+            raise ConfigError(f'--layer_decay={self.layer_decay} must be in (0, 1]')
+        if self.head_lr < 0 or self.lr_warmup_kimg < 0:
+            raise ConfigError('--head_lr and --lr_warmup_kimg must be >= 0')
+        for name in ('backbone_scale', 'backbone_offset'):
+            try:
+                parse_floats(getattr(self, name))
+            except ValueError:
+                raise ConfigError(f'--{name}={getattr(self, name)} must be a number or '
+                                  'comma-separated numbers (one per channel)') from None
 
     def _check_averages(self):
         if self.ema_bn not in ('average', 'student', 'recompute'):

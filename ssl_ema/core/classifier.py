@@ -78,7 +78,6 @@ def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
     """(backbone with the checkpoint's `model` weights, checkpoint path, its step). `backbone`:
     the keras.Model a run from Python was given (its architecture; the weights come from the
     checkpoint)."""
-    import keras
     import tensorflow as tf
     from ssl_ema.nn import backbones
     path = run.checkpoint(checkpoint)
@@ -90,9 +89,8 @@ def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
                           'ssl_ema.open_run(DIR, backbone=model)')
     # The Trainer's architecture flags (as core/loop.py builds the student), but stock float32
     # Keras layers whatever precision the run trained with: the file loads without ssl_ema.
-    net = backbones.build(arch, tuple(info['image_shape']), info['num_classes'],
-                          conv_bias=c.wrn_conv_bias, portable=True,
-                          model=None if backbone is None else keras.models.clone_model(backbone))
+    net = backbones.for_run(c, tuple(info['image_shape']), info['num_classes'],
+                            (info['mean'], info['std']), portable=True, model=backbone)
     key = CHECKPOINT_KEYS[model]
     try:   # the Trainer checkpoints each model as the list of its variables
         status = tf.train.Checkpoint(**{key: list(net.variables)}).restore(path)

@@ -23,10 +23,10 @@ from ssl_ema.base.errors import ConfigError
 from ssl_ema.core import accuracy, cluster, run_dir, snapshots
 from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
 from ssl_ema.core.guard import NonFiniteGuard
-from ssl_ema.core.optimization import LearningRate, decayed_variables, l2_penalty, make_optimizer
+from ssl_ema.core.optimization import decayed_variables, l2_penalty, learning_rate, make_optimizer
 from ssl_ema.core.records import RunRecords
 from ssl_ema.data import pipeline
-from ssl_ema.nn import backbones, losses
+from ssl_ema.nn import backbones, custom_backbones, losses
 
 
 class Trainer:
@@ -40,15 +40,20 @@ class Trainer:
                               f'of --distribute={cfg.distribute}')
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
-            self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
-                                           conv_bias=cfg.wrn_conv_bias, precision=cfg.precision,
-                                           model=backbone)
+            self.student = backbones.for_run(cfg, data.image_shape, data.num_classes,
+                                             (data.mean, data.std), model=backbone)
             self.averages = averages_of(self.student, cfg)   # name -> average; 'ema': the teacher
             self.ema = self.averages['ema']
             self.profiles = posthoc_profiles(self.student, cfg)
             self._build_algorithm_state(data)
-            self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+            self.learning_rate = learning_rate(cfg)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
+            # Per-variable learning-rate multipliers (1 unless --layer_decay or --head_lr).
+            self.lr_multipliers = custom_backbones.lr_multipliers(
+                self.student, self.trainable, cfg.layer_decay,
+                cfg.head_lr / cfg.lr if cfg.head_lr else 1.)
+            if hasattr(self.optimizer, 'set_multipliers'):
+                self.optimizer.set_multipliers(self.lr_multipliers)
             if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.trainable)
@@ -172,9 +177,12 @@ class Trainer:
                                         args=(labeled_x, labels, unlabeled))
         if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
             # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
-            shrink = 1. - self.cfg.weight_decay * self.learning_rate(self.step)
+            # Each variable's own lr (--layer_decay, --head_lr), as USB's AdamW parameter groups.
+            rate = self.cfg.weight_decay * self.learning_rate(self.step)
+            multiplier = {id(v): m for v, m in zip(self.trainable, self.lr_multipliers)}
             for v in self.decayed:
-                v.assign(v * shrink)
+                m = multiplier.get(id(v), 1.)
+                v.assign(v * (1. - (rate if m == 1. else rate * m)))
         for average in self._all_averages():
             average.update()   # cross-replica context: every replica's copy gets the same average
         self.step.assign_add(1)

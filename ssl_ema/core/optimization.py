@@ -4,30 +4,51 @@ import keras
 import tensorflow as tf
 
 from ssl_ema.base.config import TrainConfig
-from ssl_ema.nn import losses
+from ssl_ema.nn import custom_backbones, losses
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant)."""
+    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant). With
+    `warmup_steps` (--lr_warmup_kimg), first lr * t / warmup_steps, then the decay over the
+    remaining steps, as USB's get_cosine_schedule_with_warmup."""
 
-    def __init__(self, lr, total_steps, decay='cosine'):
+    def __init__(self, lr, total_steps, decay='cosine', warmup_steps=0):
         self.lr, self.total_steps, self.decay = lr, total_steps, decay
+        self.warmup_steps = min(warmup_steps, total_steps)
 
     def __call__(self, step):
+        step = tf.cast(step, tf.float32)
         if self.decay == 'constant':
-            return tf.constant(self.lr, tf.float32)
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.total_steps, 1.)
-        return self.lr * losses.fixmatch_cosine(progress)
+            lr = tf.constant(self.lr, tf.float32)
+        else:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            lr = self.lr * losses.fixmatch_cosine(tf.clip_by_value(progress, 0., 1.))
+        if not self.warmup_steps:
+            return lr
+        return tf.where(step < self.warmup_steps, self.lr * step / self.warmup_steps, lr)
 
 
 def make_optimizer(cfg: TrainConfig, schedule=None):
     """SGD with Nesterov momentum or Adam, as the anchors' tf.compat.v1 MomentumOptimizer
     (use_nesterov) and AdamOptimizer (epsilon 1e-8). Weight decay is not the optimizer's: the
     Trainer applies it (`--weight_decay_type`)."""
-    lr = schedule or LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
+    lr = schedule or learning_rate(cfg)
+    # --layer_decay and --head_lr: one learning rate per variable (custom_backbones).
+    scaled = cfg.layer_decay != 1. or cfg.head_lr
     if cfg.optimizer == 'sgd':
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True)
-    return keras.optimizers.Adam(lr, beta_1=cfg.momentum, epsilon=1e-8)
+        kind = custom_backbones.with_multipliers(keras.optimizers.SGD) if scaled else \
+            keras.optimizers.SGD
+        return kind(lr, momentum=cfg.momentum, nesterov=True)
+    # adamw: Adam, and the Trainer's decoupled weight decay (--weight_decay_type=decoupled,
+    # kernel *= 1 - weight_decay * lr after each step) makes it AdamW.
+    kind = custom_backbones.with_multipliers(keras.optimizers.Adam) if scaled else \
+        keras.optimizers.Adam
+    return kind(lr, beta_1=cfg.momentum, epsilon=1e-8)
+
+
+def learning_rate(cfg: TrainConfig) -> LearningRate:
+    warmup = round(cfg.lr_warmup_kimg * 1024 / cfg.batch)
+    return LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay, warmup)
 
 
 def decayed_variables(model):

@@ -77,8 +77,8 @@ def sweep(train_dir: str, sigma_rels, log=print) -> dict:
             'the EMA at its last snapshot')
     dataset = run.dataset()   # the run's normalisation and architecture flags, as trained
     # Stock float32 Keras layers (as core/classifier.py): the chosen model is exported from it.
-    model = backbones.build(cfg.arch, dataset.image_shape, dataset.num_classes,
-                            conv_bias=cfg.wrn_conv_bias, portable=True)
+    model = backbones.for_run(cfg, dataset.image_shape, dataset.num_classes,
+                              (dataset.mean, dataset.std), portable=True)
     predict = accuracy.make_predict(model, dataset.image_shape)
     eval_arrays = dataset.eval_arrays()
     batches = run.statistics_batches(dataset)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import zlib
 from typing import Optional
 
 from ssl_ema.base import files, hparams
@@ -42,6 +43,12 @@ def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
     fields = type(algorithm).__dataclass_fields__
     changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items() if v != fields[k].default]
     dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
+    if ':' in arch:   # keras:PATH, keras_hub:HANDLE, model:NAME -> keras-<stem>-<crc32>, ...
+        kind, source = arch.split(':', 1)
+        stem = os.path.splitext(os.path.basename(source.rstrip('/')))[0] or source
+        arch = kind + '-' + re.sub(r'[^\w.-]+', '-', stem)
+        if kind != 'model':   # two files named backbone.keras in two directories: two runs
+            arch += f'-{zlib.crc32(source.encode()):08x}'
     name = '_'.join([f'{cfg.algorithm}', arch] + [f'{k}{v}' for k, v in sorted(changed)])
     return os.path.join(ROOT, f'{dataset}.{cfg.labels}@{cfg.seed}', name)
 

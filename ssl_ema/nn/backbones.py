@@ -5,6 +5,8 @@
 - `cnn13`: the 13-layer "conv-large" of Laine & Aila 2017, used by Mean Teacher and VAT.
 - `small_cnn`: a few-thousand-image CNN for tiny inputs such as the 8x8 digits.
 - `auto`: `small_cnn` below 32 pixels, `wrn28_2` from 32 pixels up.
+- `keras:PATH.keras`, `keras_hub:HANDLE_OR_DIR`, or a keras.Model given from Python: a backbone
+  the user brings, pretrained or not, with what a classifier needs added (nn/custom_backbones.py).
 
 Batch norm is `ssl_ema.batch_norm.BatchNorm` (TensorFlow's fused kernel, same weights as the stock
 layer); `build(..., portable=True)` uses stock Keras layers only, in float32, for models that
@@ -20,8 +22,9 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from ssl_ema.nn import batch_norm
+from ssl_ema.nn import batch_norm, custom_backbones
 from ssl_ema.base.errors import ConfigError
+from ssl_ema.base.hparams import parse_floats
 
 LEAK = 0.1
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
@@ -143,31 +146,58 @@ ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K, parsed from th
 
 
 def resolve(arch: str, input_shape, model=None) -> str:
-    """The architecture's name: --arch with `auto` decided by the image size, or `model:<name>`
-    for a keras.Model given from Python."""
+    """The architecture's name as the run records it: --arch with `auto` decided by the image
+    size, a keras:/keras_hub: path made absolute, or `model:<name>` for a keras.Model given from
+    Python."""
     if model is not None:
+        custom_backbones.check_supported(model, 'backbone')
         return f'model:{model.name}'
     if arch == 'auto':
         return 'small_cnn' if min(input_shape[:2]) < 32 else 'wrn28_2'
+    if custom_backbones.is_custom(arch):
+        return custom_backbones.resolve(arch)
     return arch
 
 
 def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False,
-          precision: str = 'float32', portable: bool = False, model=None) -> keras.Model:
+          precision: str = 'float32', portable: bool = False, model=None, normalization=None,
+          freeze_bn: bool = False, scale=None, offset=None) -> keras.Model:
     """The backbone `arch` (see the module doc); `conv_bias` (--wrn_conv_bias) applies to wrnD_K
-    only; `portable`: stock Keras layers, float32. `model`: a keras.Model to use instead
-    (`from_model`), as it is: its own layers and dtype policy."""
-    if model is not None:
-        return from_model(model, input_shape, num_classes)
-    arch = resolve(arch, input_shape)
+    only; `portable`: stock Keras layers, float32. A backbone the user brings: `model` (a
+    keras.Model from Python) or --arch=keras:PATH / keras_hub:HANDLE_OR_DIR, built by
+    nn/custom_backbones.py with `normalization` (the run's (mean, std)) and --backbone_scale,
+    --backbone_offset (`scale`, `offset`). `freeze_bn` (--freeze_bn): every batch-norm layer
+    keeps its statistics, scale and offset (custom_backbones.freeze_batch_norm)."""
     if precision not in PRECISIONS:
         raise ConfigError(f'--precision={precision} is unknown; valid: {", ".join(PRECISIONS)}')
+    if model is not None or custom_backbones.is_custom(arch):
+        return custom_backbones.build(arch, input_shape, num_classes, model, normalization,
+                                      'float32' if portable else precision, freeze_bn, scale,
+                                      offset)
+    model = _build(arch, input_shape, num_classes, conv_bias, precision, portable)
+    if freeze_bn:
+        custom_backbones.freeze_batch_norm(model)
+    return model
+
+
+def for_run(cfg, input_shape, num_classes: int, normalization, portable: bool = False,
+            model=None) -> keras.Model:
+    """`build` with a run's TrainConfig flags (--arch, --wrn_conv_bias, --precision, --freeze_bn,
+    --backbone_scale, --backbone_offset); `normalization`: the run's (mean, std)."""
+    return build(cfg.arch, input_shape, num_classes, conv_bias=cfg.wrn_conv_bias,
+                 precision=cfg.precision, portable=portable, model=model,
+                 normalization=normalization, freeze_bn=cfg.freeze_bn,
+                 scale=parse_floats(cfg.backbone_scale), offset=parse_floats(cfg.backbone_offset))
+
+
+def _build(arch, input_shape, num_classes, conv_bias, precision, portable):
+    arch = resolve(arch, input_shape)
     if portable:
         precision = 'float32'
     wrn = re.fullmatch(r'wrn(\d+)_(\d+)', arch)
     if not wrn and arch not in ARCHS:
         raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, cnn13, '
-                          f'wrnD_K (e.g. wrn28_2)')
+                          'wrnD_K (e.g. wrn28_2), keras:PATH.keras, keras_hub:HANDLE_OR_DIR')
     with _building(precision, layers.BatchNormalization if portable else batch_norm.BatchNorm):
         if wrn:
             model = wide_resnet(input_shape, num_classes, int(wrn[1]), int(wrn[2]),
@@ -192,36 +222,3 @@ def _building(precision, batch_norm_layer):
     finally:
         keras.config.set_dtype_policy(policy)
         _BATCH_NORM['layer'] = layer
-
-
-def from_model(model, input_shape, num_classes: int) -> keras.Model:
-    """A classifier on a user's keras.Model: images of `input_shape` -> the model -> global
-    average pooling if it returns a feature map -> a new Dense head of `num_classes` logits,
-    unless the model already returns `num_classes` values per image (then they are its logits).
-
-    The model must be callable on a symbolic keras.Input (functional and sequential models, and
-    subclassed models whose call() works on symbolic tensors) and clonable by
-    keras.models.clone_model (the EMA keeps a copy), which subclassed models need get_config for.
-    """
-    if not isinstance(model, keras.Model):
-        raise ConfigError(f'backbone={type(model).__name__} is not a keras.Model; give a '
-                          'functional, sequential or subclassed keras.Model')
-    inputs = keras.Input(tuple(input_shape), name='images')
-    try:
-        x = model(inputs)
-    except Exception as e:   # any failure to trace the model on our images is the user's model
-        raise ConfigError(f'backbone {model.name} cannot take images of shape {tuple(input_shape)}'
-                          f' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
-                          ) from None
-    if isinstance(x, (list, tuple, dict)):
-        raise ConfigError(f'backbone {model.name} returns {type(x).__name__}; it must return one '
-                          'tensor (features, a feature map or logits)')
-    if len(x.shape) == 4:
-        x = layers.GlobalAveragePooling2D(name='pool')(x)
-    elif len(x.shape) != 2:
-        raise ConfigError(f'backbone {model.name} returns shape {tuple(x.shape)}; expected '
-                          '[N, features] or a feature map [N, H, W, C]')
-    if x.shape[-1] != num_classes:
-        x = layers.Dense(num_classes, name='head')(x)
-    logits = layers.Activation('linear', dtype='float32', name='logits')(x)
-    return keras.Model(inputs, logits, name=f'{model.name}_classifier')
