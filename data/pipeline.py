@@ -13,11 +13,14 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.data import augment as augment_lib
+from ssl_ema.data import views as views_lib
 from ssl_ema.data.datasets import Arrays, load
 from ssl_ema.base.errors import DataError
 from ssl_ema.data.splits import Split, make_split
 
-_LABELED, _UNLABELED = 1, 2   # stream ids folded into the seed so streams are independent
+_LABELED, _UNLABELED = 1, 2
+# Augmentations by name: the SSL algorithms' and the self-supervised methods' views.
+_AUGMENTATIONS = {**augment_lib.AUGMENTATIONS, **views_lib.VIEWS}   # stream ids folded into the seed so streams are independent
 
 
 def _index_batches(n: int, batch: int, seed: int, stream: int, start_step: int):
@@ -83,7 +86,7 @@ class SSLData:
     def _augment(self, name, images, seed):
         """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
         unit = tf.cast(images, tf.float32) / 255.0
-        unit = augment_lib.AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip)
+        unit = _AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip)
         return self.normalize(unit * 255.0)
 
     def _stream(self, images, batch, stream, start_step):
