@@ -11,9 +11,7 @@ snapshot of the post-hoc profiles (core/snapshots.py). The data stream is a pure
 exactly where it stopped.
 """
 import contextlib
-import glob
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,7 +22,7 @@ import tensorflow as tf
 from ssl_ema.nn import backbones, losses
 from ssl_ema.core import accuracy, cluster, run_dir, snapshots
 from ssl_ema.algorithms import Batch, base
-from ssl_ema.base.errors import ConfigError, one_line, RunError
+from ssl_ema.base.errors import ConfigError, one_line
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.hparams import parse_floats
 from ssl_ema.data import pipeline
@@ -309,23 +307,9 @@ class Trainer:
         models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
         self.guard.check(int(self.step.numpy()), models, self.manager.latest_checkpoint)
 
-    @contextlib.contextmanager
     def _writing(self):
-        """A failed write (full disk, read-only or vanished directory) becomes a one-line
-        RunError; the files it was replacing and the checkpoints before it are left intact."""
-        try:
-            yield
-        except (OSError, tf.errors.OpError) as e:
-            if isinstance(e, OSError):
-                what = f'{e.filename}: {e.strerror}' if e.filename else one_line(e)
-            else:   # TensorFlow's message without its op and function names
-                what = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', one_line(e)).strip()
-            for partial in glob.glob(os.path.join(self.checkpoint_dir, '*_temp')):
-                shutil.rmtree(partial, ignore_errors=True)   # a checkpoint that was never whole
-            kept = self.manager.latest_checkpoint or 'none yet'
-            raise RunError(f'cannot write in {self.train_dir} ({what}); the latest checkpoint '
-                           f'({kept}) and the files before it are intact: make room, then run '
-                           'the same command again to resume') from None
+        """A failed write becomes a one-line RunError (run_dir.writing)."""
+        return run_dir.writing(self.train_dir, self.manager)
 
     def _record(self, result):
         if not self.chief:
