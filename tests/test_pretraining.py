@@ -43,6 +43,15 @@ def test_cosine_teacher_momentum_hand():
     np.testing.assert_allclose(decays, [0.99, 0.991464, 0.995, 0.998536, 1.], atol=1e-6)
 
 
+def test_learning_rate_warmup_then_cosine_hand():
+    # lr 1 over 10 steps, 20% warm-up (2 steps): step 1 -> 1/2; step 2 -> 1; step 6, halfway
+    # through the 8 cosine steps -> (1 + cos(pi/2)) / 2 = 1/2; step 10 -> 0.
+    from ssl_ema.core.pretraining import WarmupCosine
+    schedule = WarmupCosine(1., 10, .2)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 1, 2, 6, 10)],
+                               [0., .5, 1., .5, 0.], atol=1e-6)
+
+
 def test_dino_loss_hand():
     # tau_t = tau_s = 0.5, centre (1, 1). Teacher: t0 = (1 + ln3/2, 1) -> (t0 - c) / 0.5 = (ln 3, 0)
     # -> softmax (3/4, 1/4); t1 = (1, 1) -> (1/2, 1/2). Student / 0.5: s0 = (7, 7) -> (1/2, 1/2);
