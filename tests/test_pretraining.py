@@ -213,3 +213,26 @@ def test_written_backbone_loads_without_ssl_ema(digits_data, tmp_path):
     labels = digits_data.arrays.y_train[digits_data.split.labeled]
     got = knn.accuracy(loaded, memory, labels, pixels, digits_data.arrays.y_test, 10)
     assert got == pytest.approx(trainer.history[-1]['raw']['test'])
+
+
+def test_written_backbone_fine_tunes_with_fixmatch(digits_data, tmp_path):
+    """--arch=keras:DIR/backbone.keras (nn/custom_backbones.py, issue 21) starts from the
+    pretrained weights (same pooled features) and fixmatch trains it."""
+    custom_backbones = pytest.importorskip('ssl_ema.nn.custom_backbones')
+    from conftest import tiny_config
+    from ssl_ema import algorithms
+    from ssl_ema.core.loop import Trainer
+    from ssl_ema.core.pretraining import Pretrainer
+    cfg, method = tiny_pretraining('byol', train_steps=2)
+    pretrained = Pretrainer(cfg, method, digits_data, str(tmp_path / 'pretrain'))
+    pretrained.train(log=quiet)
+    path = pretrained.export_backbone()
+    fine_tuning = tiny_config(algorithm='fixmatch', arch=f'keras:{path}', train_steps=30)
+    trainer = Trainer(fine_tuning, algorithms.create('fixmatch'), digits_data,
+                      str(tmp_path / 'fixmatch'))
+    features = keras.Model(trainer.student.input,
+                           trainer.student.get_layer(custom_backbones.HEAD).input)
+    x = digits_data.eval_arrays()['test'][0]
+    np.testing.assert_allclose(features(x), pretrained.backbone(x), rtol=1e-3, atol=1e-3)
+    summary = trainer.train(log=quiet)
+    assert summary['raw']['test']['last'] > 30   # chance: 10
