@@ -226,20 +226,24 @@ def register(name: str):
     return wrap
 
 
-def define_algorithm_flags():
-    """One flag per hyperparameter name across all registered algorithms."""
+def define_algorithm_flags(registry=None, shared_help=None, module_name=__name__):
+    """One flag per hyperparameter name across all registered algorithms (or the classes of
+    `registry`, e.g. the pretraining methods; a shared flag's help from `shared_help`, listed
+    under `module_name`)."""
+    registry = ALGORITHMS if registry is None else registry
+    shared_help = SHARED_HELP if shared_help is None else shared_help
     owners: Dict[str, list] = {}
-    for name, cls in sorted(ALGORITHMS.items()):
+    for name, cls in sorted(registry.items()):
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append((name, f))
     define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
     for field, owned in owners.items():
         if len(owned) > 1 and field not in flags.FLAGS:
-            help_text = SHARED_HELP.get(field, owned[0][1].metadata['help'])
+            help_text = shared_help.get(field, owned[0][1].metadata['help'])
             defaults = ', '.join(f'{name} {f.default}' for name, f in owned)
             define[type(owned[0][1].default)](field, None, f'{help_text} Default: {defaults}.',
-                                              module_name=__name__)
-    for cls in ALGORITHMS.values():
+                                              module_name=module_name)
+    for cls in registry.values():
         define_flags(cls, cls.__module__)   # skips the shared flags defined above
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.data import augment as augment_lib
+from ssl_ema.data import views as views_lib
 from ssl_ema.data.datasets import Arrays, load
 from ssl_ema.data.files import FileImages, Normalized
 from ssl_ema.data.images import parse_size
@@ -20,6 +21,8 @@ from ssl_ema.base.errors import DataError
 from ssl_ema.data.splits import Split, make_split
 
 _LABELED, _UNLABELED = 1, 2   # stream ids folded into the seed so streams are independent
+# Augmentations by name: the SSL algorithms' and the self-supervised methods' views.
+_AUGMENTATIONS = {**augment_lib.AUGMENTATIONS, **views_lib.VIEWS}
 
 
 def _index_batches(n: int, batch: int, seed: int, stream: int, start_step: int):
@@ -145,7 +148,11 @@ class SSLData:
     def _augment(self, name, images, seed, rows=None):
         """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
         unit = tf.cast(images, tf.float32) / 255.0
-        unit = augment_lib.AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows)
+        augment = _AUGMENTATIONS[name]
+        # Shares of a global batch (rows) are the SSL augmentations' business; the
+        # self-supervised views (data/views.py) always see whole batches (core/pretraining.py).
+        unit = (augment(unit, seed, flip=self.arrays.flip) if rows is None else
+                augment(unit, seed, flip=self.arrays.flip, rows=rows))
         return self.normalize(unit * 255.0)
 
     def _batches(self, images, batch, stream, start_step, share):

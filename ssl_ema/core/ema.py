@@ -169,6 +169,21 @@ def recompute_statistics(model: keras.Model, batches) -> None:
             layer.momentum = momentum
 
 
+class CosineEMA(EMA):
+    """The teacher of BYOL (Grill et al. 2020, Sec. 3.2) and DINO (Caron et al. 2021, main_dino.py
+    cosine_scheduler): beta_k = 1 - (1 - decay)(cos(pi k / K) + 1) / 2, rising from `decay` at
+    the first update to 1 at update K = `total_steps`."""
+
+    def __init__(self, model, decay: float, total_steps: int, bn: str = 'average',
+                 name: str = 'ema'):
+        self.total_steps = total_steps
+        super().__init__(model, decay, warmup=False, bn=bn, name=name)
+
+    def current_decay(self):
+        progress = tf.minimum(tf.cast(self.updates, tf.float32) / self.total_steps, 1.)
+        return 1. - (1. - self.decay) * (tf.cos(np.pi * progress) + 1.) / 2.
+
+
 # ---- the averages a run tracks, from its config -----------------------------------------------
 def _scaled(decay: float, cfg) -> float:
     """The EMA scaling rule, if on (--ema_reference_batch)."""

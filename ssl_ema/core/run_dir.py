@@ -11,6 +11,8 @@
                 accuracy.json      the summary of the evaluations (core/accuracy.summarize)
                 export/            the EMA classifier, once the run has finished (core/classifier)
                 posthoc/           post-hoc EMA snapshots (core/snapshots), posthoc.json its sweep
+                backbone.keras     a pretraining run's backbone (core/pretraining.py), whose
+                                   flags.json holds a PretrainConfig and the method's
                 .lock              one writer at a time (base/files.lock_run_dir)
 
 Other modules ask this one for paths and records; none spells a file name.
@@ -29,17 +31,20 @@ from ssl_ema.base.errors import ConfigError, one_line
 RECORD, FLAGFILE, SPLIT = 'flags.json', 'flagfile', 'split.json'
 CLASSIFIER, HISTORY, SUMMARY = 'classifier.json', 'evaluations.jsonl', 'accuracy.json'
 CHECKPOINTS, TENSORBOARD, SNAPSHOTS, POSTHOC = 'checkpoints', 'tensorboard', 'posthoc', 'posthoc.json'
+BACKBONE = 'backbone.keras'   # what a pretraining run leaves (core/pretraining.py)
 ROOT = 'experiments'   # where default run directories go, relative to the working directory
-_NAMED = ('algorithm', 'dataset', 'labels', 'seed', 'arch')   # already in the directory name
+_NAMED = ('algorithm', 'method', 'dataset', 'labels', 'seed', 'arch')   # in the directory name
 # The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
 CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
 
 
-def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
+def default_train_dir(cfg, algorithm, arch: str, prefix: str = '') -> str:
     """experiments/<dataset>.<labels>@<seed>/<algorithm>_<arch>[_<non-default hyperparameters>]:
-    the hyperparameters name the directory, so running the same command again resumes."""
+    the hyperparameters name the directory, so running the same command again resumes. `cfg` is
+    a TrainConfig (or a PretrainConfig, with `prefix` 'pretrain_' and the method as algorithm)."""
+    defaults = type(cfg).__dataclass_fields__
     changed = [(k, v) for k, v in hparams.run_defining(cfg).items()
-               if k not in _NAMED and v != TrainConfig.__dataclass_fields__[k].default]
+               if k not in _NAMED and v != defaults[k].default]
     fields = type(algorithm).__dataclass_fields__
     changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items() if v != fields[k].default]
     dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
@@ -49,7 +54,7 @@ def default_train_dir(cfg: TrainConfig, algorithm, arch: str) -> str:
         arch = kind + '-' + re.sub(r'[^\w.-]+', '-', stem)
         if kind != 'model':   # two files named backbone.keras in two directories: two runs
             arch += f'-{zlib.crc32(source.encode()):08x}'
-    name = '_'.join([f'{cfg.algorithm}', arch] + [f'{k}{v}' for k, v in sorted(changed)])
+    name = '_'.join([f'{prefix}{algorithm.name}', arch] + [f'{k}{v}' for k, v in sorted(changed)])
     return os.path.join(ROOT, f'{dataset}.{cfg.labels}@{cfg.seed}', name)
 
 
@@ -82,14 +87,15 @@ def read_run_record(train_dir: str) -> Optional[dict]:
     return record
 
 
-def check_compatible(train_dir: str, record: dict, log=print) -> bool:
+def check_compatible(train_dir: str, record: dict, log=print, config_cls=TrainConfig) -> bool:
     """True if train_dir holds a run to resume; ConfigError if it was made with other flags or
-    for another length. A change of devices only gets a warning."""
+    for another length. A change of devices only gets a warning. `config_cls`: the config
+    dataclass of the record (PretrainConfig for a pretraining run)."""
     saved = read_run_record(train_dir)
     if saved is None:
         return False
-    defining = set(hparams.run_defining(TrainConfig()))
-    defaults = dataclasses.asdict(TrainConfig())
+    defining = set(hparams.run_defining(config_cls()))
+    defaults = dataclasses.asdict(config_cls())
 
     def hyperparameters(r):   # an algorithm key only one side has shows up as a difference; a
         # flag newer than the run (e.g. --image_size) counts as its default, as the run was made
@@ -114,7 +120,7 @@ def check_compatible(train_dir: str, record: dict, log=print) -> bool:
     # Another device layout splits the batch (and the per-replica random streams) differently:
     # the run goes on, but is no longer bit-identical to an uninterrupted one.
     def devices(c):
-        c = {k: c.get(k, TrainConfig.__dataclass_fields__[k].default)
+        c = {k: c.get(k, config_cls.__dataclass_fields__[k].default)
              for k in ('distribute', 'cpu_devices')}
         return f'--distribute={c["distribute"]}' + (
             f' --cpu_devices={c["cpu_devices"]}' if c['distribute'] == 'mirrored' else '')

@@ -1,0 +1,304 @@
+"""Self-supervised pretraining with an EMA teacher (BYOL, DINO): the loop, its evaluation and the
+backbone it leaves.
+
+Per step: the method's loss (ssl_ema/algorithms/pretraining) on its augmented views of a batch of
+unlabeled images (every training image outside validation, and the dataset's extra pool), one
+optimizer step on the student (backbone + the method's head, and its online-only heads), one
+update of the teacher, the EMA of the student with the cosine schedule BYOL and DINO share
+(ssl_ema/core/ema.py CosineEMA). Every `eval_every_steps` and before the first step (so the first
+record is the random initialisation): the weighted k-NN accuracy (ssl_ema/core/knn.py) of the
+student's and the teacher's backbones, with the labeled split as the memory and the validation
+and test images as queries, then a checkpoint, evaluations.jsonl, accuracy.json and TensorBoard
+scalars. The views are a pure function of (seed, step), so restoring step, weights, optimizer and
+method state resumes exactly. At the end, DIR/backbone.keras: the method's chosen backbone as a
+model of stock Keras layers, pixels -> pooled features (see `export_backbone`).
+"""
+import dataclasses
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from ssl_ema.algorithms.pretraining import base as methods
+from ssl_ema.base import files
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.base.pretraining_config import PretrainConfig
+from ssl_ema.core import accuracy, cluster, knn, run_dir
+from ssl_ema.core.ema import CosineEMA
+from ssl_ema.core.guard import NonFiniteGuard
+from ssl_ema.core.records import RunRecords
+from ssl_ema.data import pipeline
+from ssl_ema.nn import backbones
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """lr * t / warm-up during the warm-up, then lr (1 + cos(pi progress)) / 2 over the rest:
+    BYOL's learning_schedule (byol/utils/schedules.py) and DINO's cosine_scheduler (to 0)."""
+
+    def __init__(self, lr, total_steps, warmup_fraction):
+        self.lr, self.total_steps = lr, total_steps
+        self.warmup_steps = int(warmup_fraction * total_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.lr * step / max(self.warmup_steps, 1)
+        rest = max(self.total_steps - self.warmup_steps, 1)
+        progress = tf.minimum((step - self.warmup_steps) / rest, 1.)
+        cosine = self.lr * (1. + tf.cos(math.pi * progress)) / 2.
+        return tf.where(step < self.warmup_steps, warm, cosine)
+
+
+def pooled_features(classifier: keras.Model) -> keras.Model:
+    """The part of a backbone classifier (ssl_ema.nn.backbones) up to its global pooling: images
+    -> pooled features, sharing the classifier's layers."""
+    pooling = [l for l in classifier.layers if isinstance(l, keras.layers.GlobalAveragePooling2D)]
+    return keras.Model(classifier.input, pooling[-1].output, name=f'{classifier.name}_features')
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, method, data, train_dir: str, strategy=None):
+        self.cfg, self.method, self.data, self.train_dir = cfg, method, data, train_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch % replicas:
+            raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
+                              f'of --distribute={cfg.distribute}')
+        keras.utils.set_random_seed(cfg.seed)
+        with self.strategy.scope():
+            self.backbone = pooled_features(backbones.build(
+                cfg.arch, data.image_shape, data.num_classes, precision=cfg.precision))
+            head = method.head(self.backbone.output.shape[-1])   # float32 (the global policy)
+            inputs = keras.Input(data.image_shape)
+            self.student = keras.Model(inputs, head(self.backbone(inputs)), name='student')
+            self.online = method.online_heads(head.output.shape[-1])
+            # The teacher: the EMA of backbone + head, its decay rising from teacher_momentum to 1.
+            self.teacher = CosineEMA(self.student, method.teacher_momentum, cfg.total_steps)
+            self.teacher_backbone = self.teacher.model.get_layer(self.backbone.name)
+            initial = methods.initial_state(method, data.num_classes, data.unlabeled_size)
+            self.state = {name: tf.Variable(value, trainable=False, name=f'method_state_{name}',
+                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                          for name, value in initial.items()}
+            self.trainable = list(self.student.trainable_variables) + [
+                v for m in self.online.values() for v in m.trainable_variables]
+            self.optimizer = self._optimizer()
+            self.optimizer.build(self.trainable)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+            self.guard = NonFiniteGuard()
+        self.checkpoint = tf.train.Checkpoint(
+            step=self.step, student=list(self.student.variables),
+            teacher=list(self.teacher.model.variables), teacher_updates=self.teacher.updates,
+            online={name: list(m.variables) for name, m in self.online.items()},
+            optimizer=self.optimizer, method_state=self.state)
+        # Multi-worker: only the chief writes train_dir (core/records.py, as the Trainer's).
+        self.chief = self.strategy.extended.should_checkpoint
+        self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
+                                  cfg.distribute == 'multi_worker', accuracy.summarize)
+        self.images_per_step = cfg.batch * len(method.views)
+
+    def _optimizer(self):
+        cfg = self.cfg
+        lr = WarmupCosine(cfg.lr, cfg.total_steps, cfg.warmup_fraction)
+        if cfg.optimizer == 'adamw':
+            optimizer = keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = keras.optimizers.SGD(lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        # DINO's get_params_groups: no decay on biases and normalisation (1-d) parameters.
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in self.trainable if len(v.shape) <= 1])
+        if cfg.precision == 'mixed_float16':
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return optimizer
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _replica_step(self, views):
+        progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
+        state = {k: tf.identity(v) for k, v in self.state.items()}
+        with tf.GradientTape() as tape:
+            out = self.method(self.student, self.teacher, self.online, list(views), progress,
+                              state)
+            scaled = self.optimizer.scale_loss(out.loss / self.strategy.num_replicas_in_sync)
+        self.optimizer.apply(tape.gradient(scaled, self.trainable), self.trainable)
+        for name, value in out.state.items():
+            self.state[name].assign(value)
+        return {'loss/total': out.loss, **{f'method/{k}': v for k, v in out.metrics.items()}}
+
+    @tf.function
+    def _train_step(self, iterator):
+        per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
+        self.teacher.update()   # cross-replica context: every replica's copy moves the same way
+        self.step.assign_add(1)
+        metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                   for k, v in per_replica.items()}
+        metrics['teacher_momentum'] = self.teacher.current_decay()
+        self.guard.observe(metrics, self.step)
+        return metrics
+
+    def _dataset(self, start_step):
+        def replica_batches(context):
+            ds = self.data.unlabeled(self.cfg.batch, self.method.views, start_step)
+            return pipeline.replica_shares(ds, context).prefetch(tf.data.AUTOTUNE)
+        return iter(self.strategy.distribute_datasets_from_function(replica_batches))
+
+    # ---- evaluation and records -------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """k-NN accuracy (%) of the student's ('raw') and the teacher's ('ema') backbone."""
+        cfg, data = self.cfg, self.data
+        step = int(self.step.numpy())
+        memory = data.normalize(data.arrays.x_train[data.split.labeled]).numpy()
+        memory_labels = data.arrays.y_train[data.split.labeled]
+        result = {'step': step, 'kimg': step * cfg.batch / 1024}
+        for name, model in (('raw', self.backbone), ('ema', self.teacher_backbone)):
+            result[name] = {split: knn.accuracy(model, memory, memory_labels, x, y,
+                                                data.num_classes, cfg.knn_k, cfg.knn_temperature)
+                            for split, (x, y) in data.eval_arrays().items()}
+        return result
+
+    def restore(self) -> int:
+        """Restore the latest checkpoint (the chief's) if any; returns the step to continue from."""
+        self.records.restore(self.checkpoint)
+        step = int(self.step.numpy())
+        self.records.keep_history_up_to(step)   # later evaluations: redone by the resumed run
+        return step
+
+    @property
+    def history(self) -> list:
+        return self.records.history
+
+    def _record(self, result):
+        self.records.record(result, {f'knn_accuracy/{model}/{split}': value
+                                     for model in ('raw', 'ema') if model in result
+                                     for split, value in result[model].items()})
+
+    def _evaluate_and_record(self, start, log):
+        self.guard.check(int(self.step.numpy()), {'student': self.student,
+                                                  'teacher': self.teacher.model},
+                         self.records.manager.latest_checkpoint)
+        if not self.chief:
+            return self._record({'step': int(self.step.numpy())})
+        result = self.evaluate()
+        result['wall_time_s'] = self.records.elapsed(start)
+        self._record(result)
+        log(f'kimg {result["kimg"]:.1f} k-NN accuracy student/teacher: ' + ', '.join(
+            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
+
+    def _log_progress(self, step, metrics, speed, log):
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics['lr'] = float(self.optimizer.learning_rate)
+        metrics['images_per_sec'] = speed
+        self.records.scalars(step, metrics)
+        log(f'step {step}/{self.cfg.total_steps} loss={metrics["loss/total"]:.4g} '
+            f'tau={metrics["teacher_momentum"]:.5f} | {speed:.0f} img/s')
+
+    def train(self, log=print) -> dict:
+        """Pretrain to cfg.total_steps, resuming from the last checkpoint; returns the summary."""
+        cfg, total = self.cfg, self.cfg.total_steps
+        step = self.restore()
+        if step:
+            log(f'Resuming {self.train_dir} at step {step}/{total}')
+        start = time.time()
+        if not self.history or self.history[-1]['step'] != step:
+            if step == 0 or step % cfg.eval_every_steps == 0 or step == total:
+                self._evaluate_and_record(start, log)   # step 0: the random initialisation
+        iterator = self._dataset(step) if step < total else None
+        mark = (time.time(), step)
+        try:
+            while step < total:
+                metrics = self._train_step(iterator)
+                step += 1
+                if step % cfg.log_every_steps == 0 or step == total:
+                    self.guard.check(step, {}, self.records.manager.latest_checkpoint)
+                    speed = self.images_per_step * (step - mark[1]) / max(time.time() - mark[0],
+                                                                          1e-9)
+                    self._log_progress(step, metrics, speed, log)
+                    mark = (time.time(), step)
+                if step % cfg.eval_every_steps == 0 or step == total:
+                    self._evaluate_and_record(start, log)
+                    mark = (time.time(), step)
+        except KeyboardInterrupt:   # Ctrl-C, SIGTERM: save the step reached (if finite)
+            self.guard.check(int(self.step.numpy()), {'student': self.student,
+                                                      'teacher': self.teacher.model},
+                             self.records.manager.latest_checkpoint)
+            self.records.save(int(self.step.numpy()))
+            log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; run the '
+                'same command again to resume.')
+            raise
+        finally:
+            self.records.close(log)
+        return self.records.finish()
+
+    # ---- the backbone it leaves -------------------------------------------------------------
+    def export_backbone(self, path=None) -> str:
+        """Write the method's backbone (`method.exported`: the student's or the teacher's) as a
+        .keras model of stock layers only: images in pixel units (0..255) -> a Normalization
+        layer with the run's input standardisation -> the backbone -> pooled features. It loads
+        with keras.saving.load_model without ssl_ema, and `--arch=keras:PATH` fine-tunes it."""
+        path = path or os.path.join(self.train_dir, run_dir.BACKBONE)
+        trained = self.teacher_backbone if self.method.exported == 'ema' else self.backbone
+        portable = pooled_features(backbones.build(self.cfg.arch, self.data.image_shape,
+                                                   self.data.num_classes, portable=True))
+        portable.set_weights(trained.get_weights())
+        inputs = keras.Input(self.data.image_shape, name='pixels')
+        standardised = keras.layers.Normalization(mean=self.data.mean,
+                                                  variance=self.data.std ** 2)(inputs)
+        model = keras.Model(inputs, portable(standardised), name='pretrained_backbone')
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f'{path}.{os.getpid()}.tmp.keras'   # then renamed: a reader never sees a part
+        with self.records.writing():
+            try:
+                model.save(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return path
+
+
+# ---- a run: directory, records, training, table, backbone -----------------------------------
+def pretrain(cfg: PretrainConfig, method, log=print) -> str:
+    """Pretrain (or resume) the run that `cfg` and `method` define, print the k-NN table and
+    write DIR/backbone.keras; returns the run directory. What `python -m ssl_ema.pretrain` calls."""
+    from ssl_ema import data as data_lib
+    strategy = cluster.make_strategy(cfg)
+    data = data_lib.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, 'none', cfg.data_dir,
+                          input_norm=cfg.input_norm)
+    arch = backbones.resolve(cfg.arch, data.image_shape)
+    cfg = dataclasses.replace(cfg, arch=arch)
+    train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, method, arch, 'pretrain_')
+    record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), method)
+    run_dir.check_compatible(train_dir, record, log, PretrainConfig)   # before touching it
+    files.check_writable_dir(train_dir, 'train_dir')
+    chief = strategy.extended.should_checkpoint
+    lock = files.lock_run_dir(train_dir) if chief else None
+    try:
+        resuming = run_dir.check_compatible(train_dir, record, lambda *a: None, PretrainConfig)
+        trainer = Pretrainer(cfg, method, data, train_dir, strategy)
+        if chief and not resuming:
+            with trainer.records.writing():
+                run_dir.write_new_run(train_dir, record, data.split.as_dict())
+        log(f'pretraining {method.name} on {cfg.dataset} ({cfg.labels} labels for the k-NN, '
+            f'seed {cfg.seed}), {arch}, {cfg.total_steps} steps of {cfg.batch} images x '
+            f'{len(method.views)} views -> {train_dir}')
+        trainer.train(log)
+        if chief:
+            log(format_table(trainer.history))
+            path = trainer.export_backbone()
+            log(f'backbone of the {"teacher" if method.exported == "ema" else "student"} -> '
+                f'{path} (python -m ssl_ema.train --arch=keras:{path})')
+    finally:
+        if lock:
+            lock.close()
+    return train_dir
+
+
+def format_table(history: list) -> str:
+    """k-NN accuracy (%) at initialisation (the first record, if the run started there) and of
+    the student's and the teacher's backbone at the end."""
+    first, last = history[0], history[-1]
+    rows = [('student', last['raw']), ('teacher (EMA)', last['ema'])]
+    if first['step'] == 0:
+        rows.insert(0, ('random init', first['raw']))
+    splits = list(last['raw'])
+    return '\n'.join([f'{"k-NN accuracy (%)":<18}' + ''.join(f'{s:>8}' for s in splits)] + [
+        f'{label:<18}' + ''.join(f'{row[s]:8.2f}' for s in splits) for label, row in rows])
