@@ -255,25 +255,3 @@ class AnchorStep:
         with tf.control_dependencies([train_op]):
             return loss, tf.group(*post_ops)
 
-
-def main():
-    """Standalone timing: python anchors.py [algorithm ...] (WRN-28-2, 64 + 64, 32x32x3)."""
-    import statistics
-    import sys
-    import time
-    names = sys.argv[1:] or list(ALGORITHMS)
-    for name in names:
-        step = AnchorStep(name)
-        for _ in range(2):
-            step()
-        rates = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(5):
-                loss = step()
-            rates.append(5 / (time.perf_counter() - start))
-        print(f'{name}: {statistics.median(rates):.3f} steps/s ({" ".join(f"{r:.3f}" for r in rates)}), loss {loss:.4f}')
-
-
-if __name__ == '__main__':
-    main()

@@ -18,6 +18,7 @@ baseline's). Every step sees the same fixed synthetic batch: the input pipeline 
 here (`python -m ssl_ema.data.bench` does that). `--profile_dir` also writes a TensorFlow profiler
 trace of a few steps per variant (open it with TensorBoard's profile plugin).
 """
+import dataclasses
 import math
 import os
 import re
@@ -39,6 +40,8 @@ flags.DEFINE_list('precisions', ['float32', 'mixed_bfloat16'],
 flags.DEFINE_list('baselines', ['keras', 'anchors'],
                   'Baselines to time beside the toolkit: keras (a plain Keras 3 step), anchors '
                   '(the anchors\' TF1 graph construction, wrnD_K only).')
+flags.DEFINE_list('hparams', [], 'name=value hyperparameters of the toolkit\'s algorithms (each '
+                  'algorithm takes those it has), e.g. bn_passes=separate.')
 flags.DEFINE_bool('jit_compile', False, 'Also time each toolkit variant with --jit_compile.')
 flags.DEFINE_integer('steps', 10, 'Steps per timed repetition (after --warmup untimed ones).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps before the first repetition (tracing).')
@@ -81,7 +84,11 @@ def toolkit_step(algorithm_name, precision, jit_compile):
     cfg = TrainConfig(algorithm=algorithm_name, arch=FLAGS.arch, batch=FLAGS.batch,
                       uratio=FLAGS.uratio, train_steps=10 ** 6, precision=precision,
                       jit_compile=jit_compile)
-    algorithm = algorithms.ALGORITHMS[algorithm_name]()
+    cls = algorithms.ALGORITHMS[algorithm_name]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    hparams = dict(item.split('=', 1) for item in FLAGS.hparams)
+    parse = lambda t, v: v.lower() in ('1', 'true') if t is bool else t(v)  # noqa: E731
+    algorithm = cls(**{k: parse(types[k], v) for k, v in hparams.items() if k in types})
     trainer = Trainer(cfg, algorithm, FixedBatches(FLAGS.image_shape), tempfile.mkdtemp())
     iterator = trainer.batches(0)
     return lambda: trainer.train_step(iterator)['loss/total'].numpy()
@@ -213,7 +220,8 @@ def bench(algorithm_name, log=print):
     medians = {name: statistics.median(values) for name, values in rates.items()}
     log(f'\n{algorithm_name}, {FLAGS.arch}, batch {FLAGS.batch} + {FLAGS.batch * FLAGS.uratio} '
         f'unlabeled, images {"x".join(FLAGS.image_shape)}: median of {FLAGS.repeats} alternating '
-        f'repetitions of {FLAGS.steps} steps')
+        f'repetitions of {FLAGS.steps} steps'
+        + (f'; toolkit --hparams={",".join(FLAGS.hparams)}' if FLAGS.hparams else ''))
     log(f'{"variant":<28}{"steps/s":>9}{"images/s":>10}'
         + ''.join(f'{"x " + b:>10}' for b in FLAGS.baselines)
         + '   (each repetition)')
@@ -233,6 +241,10 @@ def main(argv):
             if name not in ('mean_teacher', 'vat', 'fixmatch'):
                 raise ConfigError(f'--algorithms={name}: the baselines exist for '
                                   'mean_teacher, vat and fixmatch')
+        for item in FLAGS.hparams:
+            if '=' not in item:
+                raise ConfigError(f'--hparams={item} must look like name=value, e.g. '
+                                  'bn_passes=separate')
         for name in FLAGS.baselines:
             if name not in BASELINES:
                 raise ConfigError(f'--baselines={name} is unknown; valid: keras, anchors')
