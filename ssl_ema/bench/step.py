@@ -1,20 +1,27 @@
-"""Training-step speed against a plain Keras 3 step: `python -m ssl_ema.bench_step`.
+"""Training-step speed against two baselines: `python -m ssl_ema.bench_step`.
 
     python -m ssl_ema.bench_step --algorithms=mean_teacher,vat,fixmatch --arch=wrn28_2 \
-        --batch=64 --uratio=1 --precisions=float32,mixed_bfloat16
+        --batch=64 --uratio=1 --precisions=float32,mixed_bfloat16 --baselines=keras,anchors
 
 For each algorithm it times the toolkit's real training step (`Trainer.train_step`: the
 algorithm's loss, the optimizer step and the EMA update, compiled as in training) once per
---precisions entry, and in the same run the same computation written as a plain Keras 3 float32
-step without the toolkit (stock layers, GradientTape, SGD, an EMA over every weight): the
-baseline. Variants are timed in turn, --repeats times (alternating, so a machine shared with other
-work slows them alike), and the median of each is reported as steps/s, images/s (labeled +
-unlabeled images per second, as the training log counts them) and its ratio to the baseline.
-Every step sees the same fixed synthetic batch: the input pipeline is not measured here
-(`python -m ssl_ema.data.bench` does that). `--profile_dir` also writes a TensorFlow profiler
-trace of a few toolkit steps per variant (open it with TensorBoard's profile plugin).
+--precisions entry, and in the same run the same computation built without the toolkit, the
+baselines (--baselines):
+- keras: a plain Keras 3 float32 step (stock layers, GradientTape, SGD, an EMA over every weight);
+- anchors: the step as google-research/fixmatch builds it, a TF1 graph of WRN-D-K run in a
+  tf.compat.v1.Session with fused batch norm, tf.train.ExponentialMovingAverage and its
+  optimizer (`ssl_ema/bench/anchors.py`; wrnD_K only).
+Variants are timed in turn, --repeats times (alternating, so a machine shared with other work
+slows them alike), and the median of each is reported as steps/s, images/s (labeled + unlabeled
+images per second, as the training log counts them) and its ratio to each baseline (ours /
+baseline's). Every step sees the same fixed synthetic batch: the input pipeline is not measured
+here (`python -m ssl_ema.data.bench` does that). `--profile_dir` also writes a TensorFlow profiler
+trace of a few steps per variant (open it with TensorBoard's profile plugin).
 """
+import dataclasses
 import math
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -30,6 +37,12 @@ flags.DEFINE_integer('uratio', 1, 'Unlabeled images per step = uratio * batch.')
 flags.DEFINE_list('image_shape', ['32', '32', '1'], 'Height, width, channels of the images.')
 flags.DEFINE_list('precisions', ['float32', 'mixed_bfloat16'],
                   'Toolkit variants to time (--precision of ssl_ema.train).')
+flags.DEFINE_list('baselines', ['keras', 'anchors'],
+                  'Baselines to time beside the toolkit: keras (a plain Keras 3 step), anchors '
+                  '(the anchors\' TF1 graph construction; wrnD_K only, left out by default for '
+                  'other archs).')
+flags.DEFINE_list('hparams', [], 'name=value hyperparameters of the toolkit\'s algorithms (each '
+                  'algorithm takes those it has), e.g. bn_passes=separate.')
 flags.DEFINE_bool('jit_compile', False, 'Also time each toolkit variant with --jit_compile.')
 flags.DEFINE_integer('steps', 10, 'Steps per timed repetition (after --warmup untimed ones).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps before the first repetition (tracing).')
@@ -76,7 +89,11 @@ def toolkit_step(algorithm_name, precision, jit_compile):
     cfg = TrainConfig(algorithm=algorithm_name, arch=FLAGS.arch, batch=FLAGS.batch,
                       uratio=FLAGS.uratio, train_steps=10 ** 6, precision=precision,
                       jit_compile=jit_compile)
-    algorithm = algorithms.ALGORITHMS[algorithm_name]()
+    cls = algorithms.ALGORITHMS[algorithm_name]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    hparams = dict(item.split('=', 1) for item in FLAGS.hparams)
+    parse = lambda t, v: v.lower() in ('1', 'true') if t is bool else t(v)  # noqa: E731
+    algorithm = cls(**{k: parse(types[k], v) for k, v in hparams.items() if k in types})
     trainer = Trainer(cfg, algorithm, FixedBatches(FLAGS.image_shape), tempfile.mkdtemp())
     iterator = trainer.batches(0)
     return lambda: trainer.train_step(iterator)['loss/total'].numpy()
@@ -168,8 +185,28 @@ def profile(step, name):
     tf.profiler.experimental.stop()
 
 
+def anchors_step(algorithm_name):
+    """The anchors' construction of the step (ssl_ema/bench/anchors.py) on the same fixed batch
+    as the toolkit's."""
+    import re
+
+    from ssl_ema.bench.anchors import AnchorStep
+    wrn = re.fullmatch(r'wrn(\d+)_(\d+)', FLAGS.arch)
+    data = FixedBatches(FLAGS.image_shape)
+    views = 1 if algorithm_name == 'vat' else 2
+    images = (data.images(FLAGS.batch), np.arange(FLAGS.batch) % NUM_CLASSES,
+              [data.images(FLAGS.batch * FLAGS.uratio) for _ in range(views)])
+    return AnchorStep(algorithm_name, FLAGS.batch, FLAGS.uratio, data.image_shape, NUM_CLASSES,
+                      int(wrn[1]), int(wrn[2]), images=images)
+
+
+BASELINES = {'keras': ('plain Keras fp32', plain_keras_step),
+             'anchors': ('anchors\' TF1 graph fp32', anchors_step)}
+
+
 def bench(algorithm_name, log=print):
-    variants = {'plain Keras fp32 (baseline)': plain_keras_step(algorithm_name)}
+    baselines = [BASELINES[b][0] for b in FLAGS.baselines]
+    variants = {BASELINES[b][0]: BASELINES[b][1](algorithm_name) for b in FLAGS.baselines}
     for precision in FLAGS.precisions:
         for jit in (False, True) if FLAGS.jit_compile else (False,):
             name = f'ssl_ema {precision}' + (' + XLA' if jit else '')
@@ -183,16 +220,19 @@ def bench(algorithm_name, log=print):
             rates[name].append(steps_per_second(step, FLAGS.steps))
     if FLAGS.profile_dir:
         for name, step in variants.items():
-            profile(step, f'{algorithm_name}.{name.replace(" ", "_")}')
+            profile(step, f'{algorithm_name}.{re.sub(r"[^A-Za-z0-9_.]+", "_", name)}')
     images = FLAGS.batch * (1 + FLAGS.uratio)
-    base = statistics.median(rates['plain Keras fp32 (baseline)'])
+    medians = {name: statistics.median(values) for name, values in rates.items()}
     log(f'\n{algorithm_name}, {FLAGS.arch}, batch {FLAGS.batch} + {FLAGS.batch * FLAGS.uratio} '
         f'unlabeled, images {"x".join(FLAGS.image_shape)}: median of {FLAGS.repeats} alternating '
-        f'repetitions of {FLAGS.steps} steps')
-    log(f'{"variant":<34}{"steps/s":>9}{"images/s":>10}{"x baseline":>12}   (each repetition)')
+        f'repetitions of {FLAGS.steps} steps'
+        + (f'; toolkit --hparams={",".join(FLAGS.hparams)}' if FLAGS.hparams else ''))
+    log(f'{"variant":<28}{"steps/s":>9}{"images/s":>10}'
+        + ''.join(f'{"x " + b:>10}' for b in FLAGS.baselines)
+        + '   (each repetition)')
     for name, values in rates.items():
-        median = statistics.median(values)
-        log(f'{name:<34}{median:9.3f}{median * images:10.1f}{median / base:12.2f}   '
+        log(f'{name:<28}{medians[name]:9.3f}{medians[name] * images:10.1f}'
+            + ''.join(f'{medians[name] / medians[b]:10.2f}' for b in baselines) + '   '
             + ' '.join(f'{v:.3f}' for v in values))
 
 
@@ -200,18 +240,32 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
     from ssl_ema.base.errors import ConfigError
-    from ssl_ema.base.machine import cpu_model
+    from ssl_ema.base.machine import cpu_flags, cpu_model
     try:
         for name in FLAGS.algorithms:
             if name not in ('mean_teacher', 'vat', 'fixmatch'):
-                raise ConfigError(f'--algorithms={name}: the plain Keras baseline exists for '
+                raise ConfigError(f'--algorithms={name}: the baselines exist for '
                                   'mean_teacher, vat and fixmatch')
+        for item in FLAGS.hparams:
+            if '=' not in item:
+                raise ConfigError(f'--hparams={item} must look like name=value, e.g. '
+                                  'bn_passes=separate')
+        for name in FLAGS.baselines:
+            if name not in BASELINES:
+                raise ConfigError(f'--baselines={name} is unknown; valid: keras, anchors')
+        if ('anchors' in FLAGS.baselines and not re.fullmatch(r'wrn\d+_\d+', FLAGS.arch)
+                and not FLAGS['baselines'].present):   # the default: time what exists
+            FLAGS.baselines = [b for b in FLAGS.baselines if b != 'anchors']
+        if 'anchors' in FLAGS.baselines and not re.fullmatch(r'wrn\d+_\d+', FLAGS.arch):
+            raise ConfigError(f'--arch={FLAGS.arch}: the anchors baseline is a wide ResNet '
+                              '(wrnD_K, e.g. wrn28_2); use --baselines=keras')
         if len(FLAGS.image_shape) != 3 or not all(v.isdigit() for v in FLAGS.image_shape):
             raise ConfigError(f'--image_shape={",".join(FLAGS.image_shape)} must be three '
                               'positive integers, e.g. 32,32,1')
         import tensorflow as tf
         tf.get_logger().setLevel('ERROR')
-        print(f'CPU: {cpu_model()}; TensorFlow {tf.__version__}')
+        print(f'CPU: {cpu_model()} ({cpu_flags()}); load average {os.getloadavg()[0]:.1f}; '
+              f'TensorFlow {tf.__version__}')
         for name in FLAGS.algorithms:
             bench(name)
     except ConfigError as e:
