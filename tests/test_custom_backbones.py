@@ -263,7 +263,7 @@ def test_a_model_with_its_own_head_keeps_it_and_features_are_pooled():
 def test_per_variable_learning_rates_and_warm_up():
     import keras
     import tensorflow as tf
-    from ssl_ema.core.loop import LearningRate
+    from ssl_ema.core.optimization import LearningRate
     variables = [tf.Variable(1.), tf.Variable(1.), tf.Variable(1.)]
     optimizer = custom_backbones.with_multipliers(keras.optimizers.SGD)(0.1)
     optimizer.set_multipliers([0., 1., 2.])
