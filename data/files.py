@@ -6,6 +6,14 @@ chosen files, decoding nothing), so splits, test carving and the shape checks tr
 Pixels come only from `stream` (training batches, in the pipeline's order) and `decode` (a few
 images, e.g. evaluation batches or the sample the normalisation is measured on).
 
+Why files read by tf.data, and not tfds' ArrayRecord `data_source` or grain: a data source gives
+random access through Python (`source[i]`), so inside tf.data it needs tf.py_function (one
+Python thread under the GIL for all reading, and a graph that cannot be serialised for other
+workers), and it first needs the dataset re-encoded by tfds in the array_record format (another
+wheel, a second copy of the images). grain is a whole loader of its own (JAX-first, Python worker
+processes) beside tf.data. Image files already are random access: tf.io.read_file and decode run
+in tf.data's C++ threads, without the GIL, and the batch indices are ours (pipeline.py).
+
 Damaged files met while training (a JPEG cut short whose header still reads, say) never stop a
 run and never shift a batch: the image is replaced by a mid-grey stand-in at its place, and a
 warning names the file each time a batch meets it. Files whose header does not read are skipped

@@ -133,9 +133,10 @@ def _size(shapes: np.ndarray, train: np.ndarray, image_size, source: str) -> Tup
         return sizes.pop()
     size = image_lib.median_size(shapes[train] if train.any() else shapes)
     print(f'--dataset={source}: images of mixed sizes ({len(sizes)} sizes, '
-          f'{shapes[:, 0].min()}-{shapes[:, 0].max()} x {shapes[:, 1].min()}-{shapes[:, 1].max()} '
-          f'pixels); each is scaled to cover {size[1]}x{size[0]} (the median size) and '
-          f'centre-cropped; --image_size=H,W chooses another', file=sys.stderr)
+          f'{shapes[:, 1].min()}-{shapes[:, 1].max()} pixels wide, {shapes[:, 0].min()}-'
+          f'{shapes[:, 0].max()} high); each is scaled to cover the median size, '
+          f'--image_size={size[0]},{size[1]} (height, width), and centre-cropped; give '
+          '--image_size=H,W for another', file=sys.stderr)
     return size
 
 

@@ -126,7 +126,7 @@ def test_mixed_folder_trains_by_one_flag_as_well_as_in_memory(tmp_path, monkeypa
                           eval_every_kimg=40 * 8 / 1024, train_dir=str(tmp_path / kind))
         results[kind] = run(cfg, algorithms.create('mean_teacher'), log=quiet)
     err = capsys.readouterr().err
-    assert 'images of mixed sizes' in err and '(the median size)' in err
+    assert 'images of mixed sizes' in err and 'the median size, --image_size=' in err
     accuracy = {k: r['ema']['test']['last'] for k, r in results.items()}
     raw = {k: r['raw']['test']['last'] for k, r in results.items()}
     assert raw['in_memory'] > 60 and raw['streamed'] > 60, raw   # three colours: learnt
