@@ -104,6 +104,7 @@ class Pretrainer:
         self.history = []
         self._wall_time = 0.
         self.images_per_step = cfg.batch * len(method.views)
+        self.exported = cfg.export_model or method.exported   # what backbone.keras holds
 
     def _optimizer(self):
         cfg = self.cfg
@@ -255,12 +256,13 @@ class Pretrainer:
 
     # ---- the backbone it leaves -------------------------------------------------------------
     def export_backbone(self, path=None) -> str:
-        """Write the method's backbone (`method.exported`: the student's or the teacher's) as a
-        .keras model of stock layers only: images in pixel units (0..255) -> a Normalization
-        layer with the run's input standardisation -> the backbone -> pooled features. It loads
-        with keras.saving.load_model without ssl_ema, and `--arch=keras:PATH` fine-tunes it."""
+        """Write the student's ('raw') or the teacher's ('ema') backbone (--export_model, by
+        default the method's `exported`) as a .keras model of stock layers only: images in pixel
+        units (0..255) -> a Normalization layer with the run's input standardisation -> the
+        backbone -> pooled features. It loads with keras.saving.load_model without ssl_ema, and
+        `--arch=keras:PATH` fine-tunes it."""
         path = path or os.path.join(self.train_dir, run_dir.BACKBONE)
-        trained = self.teacher_backbone if self.method.exported == 'ema' else self.backbone
+        trained = self.teacher_backbone if self.exported == 'ema' else self.backbone
         portable = pooled_features(backbones.build(self.cfg.arch, self.data.image_shape,
                                                    self.data.num_classes, portable=True))
         portable.set_weights(trained.get_weights())
@@ -309,7 +311,7 @@ def pretrain(cfg: PretrainConfig, method, log=print) -> str:
         if chief:
             log(format_table(trainer.history))
             path = trainer.export_backbone()
-            log(f'backbone of the {"teacher" if method.exported == "ema" else "student"} -> '
+            log(f'backbone of the {"teacher" if trainer.exported == "ema" else "student"} -> '
                 f'{path} (python -m ssl_ema.train --arch=keras:{path})')
     finally:
         if lock:
