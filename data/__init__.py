@@ -4,3 +4,4 @@ from ssl_ema.data.splits import Split, make_split
 from ssl_ema.data.pipeline import SSLData, build
 # Importing these registers their --dataset names (cifar10, ..., npz:, folder:).
 from ssl_ema.data import custom as _custom, official as _official  # noqa: E402,F401
+from ssl_ema.data.custom import from_arrays  # noqa: E402

@@ -149,6 +149,29 @@ def _npz_arrays(f, source: str) -> Arrays:
     return _assemble(source, x_train, y_train, x_test, y_test, x_unlabeled)
 
 
+def from_arrays(x, y, x_unlabeled=None, x_test=None, y_test=None, class_names=None) -> Arrays:
+    """In-memory arrays as a dataset, checked as `npz:` checks its arrays: images [N, H, W] or
+    [N, H, W, C], uint8 or float 0..1; labels 0..K-1; without a test part, 10% of each class is
+    held out as test (the same every time); `class_names` names classes 0..K-1."""
+    source = 'arrays'
+    if (x_test is None) != (y_test is None):
+        raise DataError('from_arrays: give x_test and y_test together, or neither')
+    x = _as_images(x, 'from_arrays x')
+    y = _as_labels(y, len(x), 'from_arrays y')
+    if x_test is not None:
+        x_test = _as_images(x_test, 'from_arrays x_test')
+        y_test = _as_labels(y_test, len(x_test), 'from_arrays y_test')
+    if x_unlabeled is not None:
+        x_unlabeled = _as_images(x_unlabeled, 'from_arrays x_unlabeled')
+    arrays = _assemble(source, x, y, x_test, y_test, x_unlabeled)
+    if class_names is not None:
+        if len(class_names) != arrays.num_classes:
+            raise DataError(f'from_arrays: {len(class_names)} class_names for '
+                            f'{arrays.num_classes} classes')
+        arrays.class_names = tuple(map(str, class_names))
+    return arrays
+
+
 class DamagedImage(DataError):
     """An image file that cannot be decoded (truncated, corrupt, or not an image at all)."""
 

@@ -168,8 +168,9 @@ def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak
           data_dir: str = None, download: bool = True, input_norm: str = 'standardize') -> SSLData:
     """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm -> SSLData.
 
+    `dataset` is a name (--dataset) or Arrays already loaded (data.from_arrays).
     `download=False` forbids tfds from fetching from the internet (see official.py for where the
     files are looked for first)."""
-    arrays = load(dataset, data_dir, download=download)
+    arrays = dataset if isinstance(dataset, Arrays) else load(dataset, data_dir, download=download)
     split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
     return SSLData(arrays, split, seed, augment, input_norm)

@@ -6,7 +6,7 @@ one that evaluates and writes the run directory). The chief's output is streamed
 worker's goes to a temporary log, shown if that worker fails. When a worker fails, the others are
 stopped and the launcher exits non-zero naming it; Ctrl-C stops them all (a SIGTERM each, which
 makes them save a checkpoint together first). The same command then resumes from the last
-checkpoint. On a cluster, run the training command itself on every machine (README: SLURM).
+checkpoint. On a cluster, run the training command itself on every machine (docs/distributed.md: SLURM).
 """
 import ctypes
 import json

@@ -147,7 +147,7 @@ def test_ema_scaling_rule(digits_data, tmp_path):
     """Busbridge et al. 2023: batch 64 = 4 x --ema_reference_batch=16 -> every decay d^4; logged."""
     from conftest import tiny_config
     from ssl_ema import algorithms
-    from ssl_ema.core.ema import scaled_decay
+    from ssl_ema.core.ema import describe_averages, scaled_decay
     from ssl_ema.core.loop import Trainer
     assert scaled_decay(0.999, 64, 32) == pytest.approx(0.998001)
     cfg = tiny_config(algorithm='supervised', batch=64, ema_reference_batch=16, ema_decay=0.99,
@@ -155,7 +155,7 @@ def test_ema_scaling_rule(digits_data, tmp_path):
     trainer = Trainer(cfg, algorithms.ALGORITHMS['supervised'](), digits_data, str(tmp_path))
     assert trainer.ema.decay == pytest.approx(0.99 ** 4)
     assert trainer.averages['ema_0.9'].decay == pytest.approx(0.9 ** 4)
-    text = trainer._describe_averages()
+    text = describe_averages(trainer.averages, trainer.profiles, cfg, str(tmp_path))
     assert 'EMA scaling rule' in text and '--ema_reference_batch=16' in text
     unscaled = Trainer(dict_replace(cfg, ema_reference_batch=0), algorithms.ALGORITHMS['supervised'](),
                        digits_data, str(tmp_path / 'off'))

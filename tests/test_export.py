@@ -146,7 +146,7 @@ def write_pngs(folder, images):
 
 
 def test_predict_on_a_folder_of_pngs(run_dir, in_training, digits_data, tmp_path):
-    """The README's second command, as a user runs it."""
+    """docs/classifier.md's predict command, as a user runs it."""
     write_pngs(tmp_path / 'photos', digits_data.arrays.x_test[:12])
     out = tmp_path / 'predictions.csv'
     done = run_command('-m', 'ssl_ema.predict', f'--model={run_dir}/export',

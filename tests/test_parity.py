@@ -318,7 +318,7 @@ def test_input_norm_and_pixel_scale(digits_data, pm1_digits):
 
 def test_wrn_conv_bias_flag():
     from ssl_ema.nn import backbones
-    from ssl_ema.core.loop import decayed_variables
+    from ssl_ema.core.optimization import decayed_variables
     plain, biased = (backbones.build('wrn10_1', (8, 8, 1), 10, conv_bias=b) for b in (False, True))
     conv_biases = [v for v in biased.trainable_variables if 'conv2d' in v.path and 'bias' in v.path]
     # wrn10_1: the stem, two per block (one block per scale), two 1x1 shortcuts: 9 convolutions.

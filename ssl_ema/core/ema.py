@@ -40,6 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ssl_ema.base.hparams import parse_floats
 from ssl_ema.nn import backbones
 
 BN_MODES = ('average', 'student', 'recompute')
@@ -166,6 +167,60 @@ def recompute_statistics(model: keras.Model, batches) -> None:
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
+
+
+# ---- the averages a run tracks, from its config -----------------------------------------------
+def _scaled(decay: float, cfg) -> float:
+    """The EMA scaling rule, if on (--ema_reference_batch)."""
+    if not cfg.ema_reference_batch:
+        return decay
+    return scaled_decay(decay, cfg.batch, cfg.ema_reference_batch)
+
+
+def averages_of(student, cfg) -> dict:
+    """name -> average of every average a TrainConfig asks for: 'ema' (the teacher, --ema_decay),
+    'ema_<decay>' (--ema_decays), 'polyak' (--polyak_start_fraction)."""
+    averages = {'ema': EMA(student, _scaled(cfg.ema_decay, cfg), cfg.ema_warmup, cfg.ema_bn)}
+    for decay in cfg.extra_ema_decays:
+        name = f'ema_{decay:g}'
+        averages[name] = EMA(student, _scaled(decay, cfg), cfg.ema_warmup, cfg.ema_bn, name)
+    if cfg.polyak_start_fraction >= 0:
+        start = round(cfg.polyak_start_fraction * cfg.total_steps)
+        averages['polyak'] = Polyak(student, start, cfg.ema_bn)
+    return averages
+
+
+def posthoc_profiles(student, cfg) -> list:
+    """The power-function EMAs of --posthoc_sigma_rels, if post-hoc EMA is on."""
+    if not cfg.posthoc_snapshot_every_kimg:
+        return []
+    return [PowerEMA(student, s, cfg.ema_bn, f'power_{s:g}')
+            for s in parse_floats(cfg.posthoc_sigma_rels)]
+
+
+def describe_averages(averages: dict, profiles: list, cfg, snapshot_dir: str) -> str:
+    """The line a run logs at its start about what it averages."""
+    parts = [f'{n} (decay {a.decay:.6g})' if isinstance(a, EMA) else
+             f'{n} (from step {a.start_step})' for n, a in averages.items()]
+    text = 'averages: ' + ', '.join(parts) + f'; batch-norm statistics: {cfg.ema_bn}'
+    if cfg.ema_reference_batch:
+        text += (f'; EMA scaling rule: decays d -> d^{cfg.batch / cfg.ema_reference_batch:g}'
+                 f' (--batch={cfg.batch}, --ema_reference_batch={cfg.ema_reference_batch})')
+    if profiles:
+        text += ('; post-hoc EMA profiles sigma_rel ' + ', '.join(
+            f'{p.sigma_rel:g}' for p in profiles) + f' snapshotted into {snapshot_dir}')
+    return text
+
+
+def statistics_batches(data, cfg, unlabeled: bool) -> list:
+    """The fixed training batches over which --ema_bn=recompute re-estimates batch-norm
+    statistics: the first --ema_bn_batches of the unlabeled stream (weak view), or of the labeled
+    one for an algorithm that never reads the unlabeled pool."""
+    if unlabeled:
+        ds = data.unlabeled(cfg.batch * cfg.uratio, ('weak',)).map(lambda *views: views[0])
+    else:
+        ds = data.labeled(cfg.batch).map(lambda x, y: x)
+    return list(ds.take(cfg.ema_bn_batches))
 
 
 class CosineEMA(EMA):

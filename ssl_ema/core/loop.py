@@ -12,66 +12,21 @@ exactly where it stopped.
 """
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 
 import keras
 import tensorflow as tf
 
-from ssl_ema.nn import backbones, losses
-from ssl_ema.core import accuracy, cluster, run_dir, snapshots
 from ssl_ema.algorithms import Batch, base
-from ssl_ema.base.errors import ConfigError, one_line
 from ssl_ema.base.config import TrainConfig
-from ssl_ema.base.hparams import parse_floats
-from ssl_ema.data import pipeline
-from ssl_ema.core.ema import EMA, Polyak, PowerEMA, scaled_decay
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.core import accuracy, cluster, run_dir, snapshots
+from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
 from ssl_ema.core.guard import NonFiniteGuard
-
-class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant)."""
-
-    def __init__(self, lr, total_steps, decay='cosine'):
-        self.lr, self.total_steps, self.decay = lr, total_steps, decay
-
-    def __call__(self, step):
-        if self.decay == 'constant':
-            return tf.constant(self.lr, tf.float32)
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.total_steps, 1.)
-        return self.lr * losses.fixmatch_cosine(progress)
-
-
-def make_optimizer(cfg: TrainConfig, schedule=None):
-    """SGD with Nesterov momentum or Adam, as the anchors' tf.compat.v1 MomentumOptimizer
-    (use_nesterov) and AdamOptimizer (epsilon 1e-8). Weight decay is not the optimizer's: the
-    Trainer applies it (`--weight_decay_type`)."""
-    lr = schedule or LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
-    if cfg.optimizer == 'sgd':
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True)
-    return keras.optimizers.Adam(lr, beta_1=cfg.momentum, epsilon=1e-8)
-
-
-def decayed_variables(model):
-    """The variables weight decay shrinks: kernels of convolutions and dense layers, not biases
-    or batch norm (the anchors select `'kernel' in v.name`)."""
-    return [v for v in model.trainable_variables if v.name.endswith('kernel')]
-
-
-def l2_penalty(variables):
-    """sum over variables of sum(v^2) / 2 (tf.nn.l2_loss), the anchors' `loss_wd`."""
-    return tf.add_n([tf.nn.l2_loss(v) for v in variables])
-
-
-def statistics_batches(data, cfg: TrainConfig, unlabeled: bool) -> list:
-    """The fixed training batches over which --ema_bn=recompute re-estimates batch-norm
-    statistics: the first --ema_bn_batches of the unlabeled stream (weak view), or of the labeled
-    one for an algorithm that never reads the unlabeled pool."""
-    if unlabeled:
-        ds = data.unlabeled(cfg.batch * cfg.uratio, ('weak',)).map(lambda *views: views[0])
-    else:
-        ds = data.labeled(cfg.batch).map(lambda x, y: x)
-    return list(ds.take(cfg.ema_bn_batches))
+from ssl_ema.core.optimization import LearningRate, decayed_variables, l2_penalty, make_optimizer
+from ssl_ema.core.records import RunRecords
+from ssl_ema.data import pipeline
+from ssl_ema.nn import backbones, losses
 
 
 class Trainer:
@@ -88,11 +43,9 @@ class Trainer:
             self.student = backbones.build(cfg.arch, data.image_shape, data.num_classes,
                                            conv_bias=cfg.wrn_conv_bias, precision=cfg.precision,
                                            model=backbone)
-            self.averages = self._build_averages()   # name -> average; 'ema' is the teacher
+            self.averages = averages_of(self.student, cfg)   # name -> average; 'ema': the teacher
             self.ema = self.averages['ema']
-            self.profiles = [PowerEMA(self.student, s, cfg.ema_bn, f'power_{s:g}')
-                             for s in parse_floats(cfg.posthoc_sigma_rels)
-                             ] if cfg.posthoc_snapshot_every_kimg else []
+            self.profiles = posthoc_profiles(self.student, cfg)
             self._build_algorithm_state(data)
             self.learning_rate = LearningRate(cfg.lr, cfg.total_steps, cfg.lr_decay)
             self.optimizer = make_optimizer(cfg, self.learning_rate)
@@ -114,25 +67,15 @@ class Trainer:
             heads=self.head_variables,
             averages={a.name: list(a.model.variables) + [a.updates]
                       for a in self._all_averages() if a is not self.ema})
-        # Multi-worker (cluster.py): only the chief writes train_dir (and evaluates). Every
-        # worker still saves each checkpoint, as TensorFlow asks (saving may read variables
-        # through collectives), the others into a scratch directory removed when training ends.
+        # Multi-worker (core/cluster.py): only the chief writes train_dir and evaluates.
         self.chief = self.strategy.extended.should_checkpoint
-        self.checkpoint_dir = os.path.join(train_dir, run_dir.CHECKPOINTS)
-        self._scratch = (tempfile.mkdtemp(prefix='ssl_ema_worker_')
-                         if cfg.distribute == 'multi_worker' else None)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, self.checkpoint_dir if self.chief else
-            os.path.join(self._scratch, run_dir.CHECKPOINTS), cfg.keep_checkpoints)
+        self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
+                                  cfg.distribute == 'multi_worker', accuracy.summarize)
         self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
         self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
                              for name, a in self.averages.items()})
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
-        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, run_dir.TENSORBOARD))
-                       if self.chief else tf.summary.create_noop_writer())
-        self.history = []
-        self._wall_time = 0.
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
         # XLA compiles each replica's step (the iterator and the cross-replica EMA update stay
         # outside it); runs/SPEED.md has the measurements behind --jit_compile's default.
@@ -140,23 +83,6 @@ class Trainer:
                                        if cfg.jit_compile else self._replica_step)
 
     # ---- the averages -----------------------------------------------------------------------
-    def _decay(self, decay):
-        """The EMA scaling rule, if on (--ema_reference_batch)."""
-        if not self.cfg.ema_reference_batch:
-            return decay
-        return scaled_decay(decay, self.cfg.batch, self.cfg.ema_reference_batch)
-
-    def _build_averages(self) -> dict:
-        cfg = self.cfg
-        averages = {'ema': EMA(self.student, self._decay(cfg.ema_decay), cfg.ema_warmup, cfg.ema_bn)}
-        for decay in cfg.extra_ema_decays:
-            name = f'ema_{decay:g}'
-            averages[name] = EMA(self.student, self._decay(decay), cfg.ema_warmup, cfg.ema_bn, name)
-        if cfg.polyak_start_fraction >= 0:
-            start = round(cfg.polyak_start_fraction * cfg.total_steps)
-            averages['polyak'] = Polyak(self.student, start, cfg.ema_bn)
-        return averages
-
     def _all_averages(self):
         return list(self.averages.values()) + self.profiles
 
@@ -177,20 +103,6 @@ class Trainer:
         every_steps = max(1, round(every * 1024 / self.cfg.batch))
         return step % every_steps == 0 or step == self.cfg.total_steps
 
-    def _describe_averages(self) -> str:
-        parts = [f'{n} (decay {a.decay:.6g})' if isinstance(a, EMA) else
-                 f'{n} (from step {a.start_step})' for n, a in self.averages.items()]
-        text = 'averages: ' + ', '.join(parts) + f'; batch-norm statistics: {self.cfg.ema_bn}'
-        if self.cfg.ema_reference_batch:
-            text += (f'; EMA scaling rule: decays d -> d^{self.cfg.batch / self.cfg.ema_reference_batch:g}'
-                     f' (--batch={self.cfg.batch}, --ema_reference_batch='
-                     f'{self.cfg.ema_reference_batch})')
-        if self.profiles:
-            text += ('; post-hoc EMA profiles sigma_rel ' + ', '.join(
-                f'{p.sigma_rel:g}' for p in self.profiles) + ' snapshotted into '
-                + os.path.join(self.train_dir, run_dir.SNAPSHOTS))
-        return text
-
     # ---- the algorithm's own state and heads ------------------------------------------------
     def _build_algorithm_state(self, data):
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
@@ -210,23 +122,17 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
-        latest = tf.train.latest_checkpoint(self.checkpoint_dir)   # the chief's, on every worker
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self.records.restore(self.checkpoint)
         step = int(self.step.numpy())
         if self.chief:
             snapshots.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
-        if self.chief:
-            # Evaluations logged after the last checkpoint are redone by the resumed run.
-            self.history = run_dir.read_history(self.train_dir, up_to_step=step)
-            with self._writing():
-                run_dir.write_history(self.train_dir, self.history)
-        if self.history:
-            self._wall_time = self.history[-1]['wall_time_s']
+        self.records.keep_history_up_to(step)
         return step
 
-    def _write_summary(self):
-        run_dir.write_summary(self.train_dir, accuracy.summarize(self.history))
+    @property
+    def history(self) -> list:
+        """Every evaluation so far (evaluations.jsonl)."""
+        return self.records.history
 
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled):
@@ -305,33 +211,17 @@ class Trainer:
     def _check_finite(self, saving=True):
         """RunError if the state turned NaN/Inf (see ssl_ema/guard.py): called before a save."""
         models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
-        self.guard.check(int(self.step.numpy()), models, self.manager.latest_checkpoint)
-
-    def _writing(self):
-        """A failed write becomes a one-line RunError (run_dir.writing)."""
-        return run_dir.writing(self.train_dir, self.manager)
+        self.guard.check(int(self.step.numpy()), models, self.records.manager.latest_checkpoint)
 
     def _record(self, result):
-        if not self.chief:
-            self.manager.save(checkpoint_number=result['step'])   # into the scratch directory
-            return
-        self.history.append(result)
-        with self._writing():
-            run_dir.write_history(self.train_dir, self.history)   # before the checkpoint: a resumed run drops what is newer
-            self.manager.save(checkpoint_number=result['step'])
-            self._write_summary()
-        with self.writer.as_default(step=result['step']):
-            for model in self.predict:
-                for split, acc in result[model].items():
-                    tf.summary.scalar(f'accuracy/{model}/{split}', acc)
+        self.records.record(result, {f'accuracy/{model}/{split}': acc for model in self.predict
+                                     if model in result for split, acc in result[model].items()})
 
     def _log_progress(self, step, metrics, speed, log):
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics['lr'] = float(self.optimizer.learning_rate)
         metrics['images_per_sec'] = speed
-        with self.writer.as_default(step=step):
-            for k, v in metrics.items():
-                tf.summary.scalar(k, v)
+        self.records.scalars(step, metrics)
         total = self.cfg.total_steps
         eta = (total - step) * self.images_per_step / speed
         log(f'step {step}/{total} '
@@ -345,7 +235,7 @@ class Trainer:
         result = self.evaluate()
         if images_per_sec is not None:
             result['images_per_sec'] = images_per_sec
-        result['wall_time_s'] = self._wall_time + time.time() - start
+        result['wall_time_s'] = self.records.elapsed(start)
         self._record(result)
         log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
@@ -358,14 +248,16 @@ class Trainer:
         step = self.restore()
         if step:
             log(f'Resuming {self.train_dir} at step {step}/{total}')
-        log(self._describe_averages())
+        log(describe_averages(self.averages, self.profiles, cfg,
+                              os.path.join(self.train_dir, run_dir.SNAPSHOTS)))
         iterator = self.batches(step) if step < total else None
         start = time.time()
         log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
         preemption = None
         try:
-            if self._scratch and step < total:   # multi-worker: SIGTERM saves on all at one step
-                preemption = cluster.preemption_handler(self.strategy, self._save, self._scratch)
+            if self.records.scratch and step < total:   # multi-worker: SIGTERM saves on all
+                preemption = cluster.preemption_handler(self.strategy, self._save,
+                                                        self.records.scratch)
             # An interrupt during an evaluation checkpoints its step without recording it, and
             # the loop below evaluates only at later steps: evaluate the restored step now (its
             # training speed died with the interrupted process).
@@ -395,22 +287,13 @@ class Trainer:
                 'run the same command again to resume.')
             raise
         finally:
-            try:
-                self.writer.flush()
-            except tf.errors.OpError as e:   # TensorBoard's scalars are not worth a traceback
-                log(f'warning: TensorBoard summaries in {self.train_dir} not written: {one_line(e)}')
-            if self._scratch:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-        if self.history:   # also repairs a kill between the checkpoint and accuracy.json
-            with self._writing():
-                self._write_summary()
-        return accuracy.summarize(self.history)
+            self.records.close(log)
+        return self.records.finish()
 
     def _save(self):
         """Checkpoint the current step (interrupts, preemption): never a non-finite state."""
         self._check_finite()
-        with self._writing():
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self.records.save(int(self.step.numpy()))
 
     def _speed(self, mark, step):
         """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""

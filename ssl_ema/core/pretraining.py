@@ -16,8 +16,6 @@ model of stock Keras layers, pixels -> pooled features (see `export_backbone`).
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import keras
@@ -27,7 +25,7 @@ from ssl_ema.algorithms.pretraining import base as methods
 from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError
 from ssl_ema.base.pretraining_config import PretrainConfig
-from ssl_ema.core import accuracy, cluster, knn, run_dir
+from ssl_ema.core import accuracy, cluster, knn, records, run_dir
 from ssl_ema.core.ema import CosineEMA
 from ssl_ema.core.guard import NonFiniteGuard
 from ssl_ema.data import pipeline
@@ -92,17 +90,11 @@ class Pretrainer:
             teacher=list(self.teacher.model.variables), teacher_updates=self.teacher.updates,
             online={name: list(m.variables) for name, m in self.online.items()},
             optimizer=self.optimizer, method_state=self.state)
-        # Multi-worker: only the chief writes train_dir; the others save their (required)
-        # checkpoints into a scratch directory, as the Trainer's (core/loop.py).
         self.chief = self.strategy.extended.should_checkpoint
-        self._scratch = None if self.chief else tempfile.mkdtemp(prefix='ssl_ema_worker_')
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self._scratch or train_dir, run_dir.CHECKPOINTS),
-            cfg.keep_checkpoints)
-        self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, run_dir.TENSORBOARD))
-                       if self.chief else tf.summary.create_noop_writer())
-        self.history = []
-        self._wall_time = 0.
+        # Checkpoints, evaluations.jsonl, accuracy.json, TensorBoard: as the Trainer's.
+        self.records = records.RunRecords(train_dir, self.checkpoint, self.chief,
+                                          cfg.keep_checkpoints, cfg.distribute == 'multi_worker',
+                                          accuracy.summarize)
         self.images_per_step = cfg.batch * len(method.views)
         self.exported = cfg.export_model or method.exported   # what backbone.keras holds
 
@@ -165,43 +157,27 @@ class Pretrainer:
         return result
 
     def restore(self) -> int:
-        """Restore the latest checkpoint (the chief's) if any; returns the step to continue from."""
-        latest = tf.train.latest_checkpoint(os.path.join(self.train_dir, run_dir.CHECKPOINTS))
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        """Restore the latest checkpoint if any; returns the step to continue from."""
+        self.records.restore(self.checkpoint)
         step = int(self.step.numpy())
-        if self.chief:   # evaluations logged after the checkpoint are redone by the resumed run
-            self.history = run_dir.read_history(self.train_dir, step)
-        if self.history:
-            self._wall_time = self.history[-1].get('wall_time_s', 0.)
+        self.records.keep_history_up_to(step)
         return step
 
-    def _save(self, step):
-        with run_dir.writing(self.train_dir, self.manager):
-            self.manager.save(checkpoint_number=step)
-
-    def _record(self, result):
-        if not self.chief:
-            return self._save(result['step'])
-        self.history.append(result)
-        with run_dir.writing(self.train_dir, self.manager):
-            run_dir.write_history(self.train_dir, self.history)   # before the checkpoint
-            self.manager.save(checkpoint_number=result['step'])
-            run_dir.write_summary(self.train_dir, accuracy.summarize(self.history))
-        with self.writer.as_default(step=result['step']):
-            for model in ('raw', 'ema'):
-                for split, value in result[model].items():
-                    tf.summary.scalar(f'knn_accuracy/{model}/{split}', value)
+    @property
+    def history(self) -> list:
+        return self.records.history
 
     def _evaluate_and_record(self, start, log):
         self.guard.check(int(self.step.numpy()), {'student': self.student,
                                                   'teacher': self.teacher.model},
-                         self.manager.latest_checkpoint)
+                         self.records.manager.latest_checkpoint)
         if not self.chief:
-            return self._record({'step': int(self.step.numpy())})
+            return self.records.record({'step': int(self.step.numpy())}, {})
         result = self.evaluate()
-        result['wall_time_s'] = self._wall_time + time.time() - start
-        self._record(result)
+        result['wall_time_s'] = self.records.elapsed(start)
+        self.records.record(result, {f'knn_accuracy/{model}/{split}': value
+                                     for model in ('raw', 'ema')
+                                     for split, value in result[model].items()})
         log(f'kimg {result["kimg"]:.1f} k-NN accuracy student/teacher: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
 
@@ -209,9 +185,7 @@ class Pretrainer:
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics['lr'] = float(self.optimizer.learning_rate)
         metrics['images_per_sec'] = speed
-        with self.writer.as_default(step=step):
-            for k, v in metrics.items():
-                tf.summary.scalar(k, v)
+        self.records.scalars(step, metrics)
         log(f'step {step}/{self.cfg.total_steps} loss={metrics["loss/total"]:.4g} '
             f'tau={metrics["teacher_momentum"]:.5f} | {speed:.0f} img/s')
 
@@ -232,7 +206,7 @@ class Pretrainer:
                 metrics = self._train_step(iterator)
                 step += 1
                 if step % cfg.log_every_steps == 0 or step == total:
-                    self.guard.check(step, {}, self.manager.latest_checkpoint)
+                    self.guard.check(step, {}, self.records.manager.latest_checkpoint)
                     speed = self.images_per_step * (step - mark[1]) / max(time.time() - mark[0],
                                                                           1e-9)
                     self._log_progress(step, metrics, speed, log)
@@ -243,16 +217,14 @@ class Pretrainer:
         except KeyboardInterrupt:   # Ctrl-C, SIGTERM: save the step reached (if finite)
             self.guard.check(int(self.step.numpy()), {'student': self.student,
                                                       'teacher': self.teacher.model},
-                             self.manager.latest_checkpoint)
-            self._save(int(self.step.numpy()))
+                             self.records.manager.latest_checkpoint)
+            self.records.save(int(self.step.numpy()))
             log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; run the '
                 'same command again to resume.')
             raise
         finally:
-            self.writer.flush()
-            if self._scratch:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-        return accuracy.summarize(self.history)
+            self.records.close(log)
+        return self.records.finish()
 
     # ---- the backbone it leaves -------------------------------------------------------------
     def export_backbone(self, path=None) -> str:
@@ -272,7 +244,7 @@ class Pretrainer:
         model = keras.Model(inputs, portable(standardised), name='pretrained_backbone')
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f'{path}.{os.getpid()}.tmp.keras'   # then renamed: a reader never sees a part
-        with run_dir.writing(self.train_dir, self.manager):
+        with self.records.writing():
             try:
                 model.save(tmp)
                 os.replace(tmp, path)
@@ -302,7 +274,7 @@ def pretrain(cfg: PretrainConfig, method, log=print) -> str:
         resuming = run_dir.check_compatible(train_dir, record, lambda *a: None, PretrainConfig)
         trainer = Pretrainer(cfg, method, data, train_dir, strategy)
         if chief and not resuming:
-            with run_dir.writing(train_dir, trainer.manager):
+            with trainer.records.writing():
                 run_dir.write_new_run(train_dir, record, data.split.as_dict())
         log(f'pretraining {method.name} on {cfg.dataset} ({cfg.labels} labels for the k-NN, '
             f'seed {cfg.seed}), {arch}, {cfg.total_steps} steps of {cfg.batch} images x '

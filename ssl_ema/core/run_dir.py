@@ -17,18 +17,15 @@
 
 Other modules ask this one for paths and records; none spells a file name.
 """
-import contextlib
 import dataclasses
-import glob
 import json
 import os
 import re
-import shutil
 from typing import Optional
 
 from ssl_ema.base import files, hparams
 from ssl_ema.base.config import TrainConfig
-from ssl_ema.base.errors import ConfigError, RunError, one_line
+from ssl_ema.base.errors import ConfigError, one_line
 
 RECORD, FLAGFILE, SPLIT = 'flags.json', 'flagfile', 'split.json'
 CLASSIFIER, HISTORY, SUMMARY = 'classifier.json', 'evaluations.jsonl', 'accuracy.json'
@@ -151,27 +148,6 @@ def write_history(train_dir: str, history: list) -> None:
         lambda f: f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in history), mode='w')
 
 
-@contextlib.contextmanager
-def writing(train_dir: str, manager):
-    """A failed write in train_dir (full disk, read-only or vanished directory) becomes a
-    one-line RunError; the files it was replacing and the checkpoints of `manager` (a
-    tf.train.CheckpointManager) before it are left intact."""
-    import tensorflow as tf
-    try:
-        yield
-    except (OSError, tf.errors.OpError) as e:
-        if isinstance(e, OSError):
-            what = f'{e.filename}: {e.strerror}' if e.filename else one_line(e)
-        else:   # TensorFlow's message without its op and function names
-            what = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', one_line(e)).strip()
-        for partial in glob.glob(os.path.join(manager.directory, '*_temp')):
-            shutil.rmtree(partial, ignore_errors=True)   # a checkpoint that was never whole
-        kept = manager.latest_checkpoint or 'none yet'
-        raise RunError(f'cannot write in {train_dir} ({what}); the latest checkpoint '
-                       f'({kept}) and the files before it are intact: make room, then run '
-                       'the same command again to resume') from None
-
-
 def read_summary(train_dir: str) -> Optional[dict]:
     """accuracy.json, None if it is missing or being replaced."""
     try:
@@ -217,7 +193,7 @@ class RunDir:
         if c.ema_bn != 'recompute':
             return None
         from ssl_ema import algorithms
-        from ssl_ema.core.loop import statistics_batches
+        from ssl_ema.core.ema import statistics_batches
         return statistics_batches(dataset or self.dataset(), c,
                                   bool(algorithms.ALGORITHMS[c.algorithm].views))
 
