@@ -112,17 +112,23 @@ class Algorithm:
         return {}
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            test, rule = VALID.get(f.name, (None, None))
-            if test and not test(getattr(self, f.name)):
-                raise ConfigError(f'--{f.name}={getattr(self, f.name)} is invalid for '
-                                  f'--algorithm={self.name}: it must be {rule}')
+        check_hyperparameters(self, VALID, 'algorithm')
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
         """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:
         `teacher(x)` is the averaged classifier, `teacher(x, training=True)` the same weights
         with batch statistics and dropout (Mean Teacher's noisy teacher)."""
         raise NotImplementedError
+
+
+def check_hyperparameters(obj, valid: dict, flag: str) -> None:
+    """ConfigError naming the first field of dataclass `obj` whose value fails its test in
+    `valid` (name -> (test, rule)), as --name=value is invalid for --<flag>=<obj.name>."""
+    for f in dataclasses.fields(obj):
+        test, rule = valid.get(f.name, (None, None))
+        if test and not test(getattr(obj, f.name)):
+            raise ConfigError(f'--{f.name}={getattr(obj, f.name)} is invalid for '
+                              f'--{flag}={obj.name}: it must be {rule}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +223,12 @@ def concat_forward(model, *parts):
     return tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
 
 
-def register(name: str):
+def register(name: str, registry=None):
+    """Class decorator: a dataclass named `name` in ALGORITHMS (or `registry`)."""
     def wrap(cls):
         cls = dataclasses.dataclass(cls)
         cls.name = name
-        ALGORITHMS[name] = cls
+        (ALGORITHMS if registry is None else registry)[name] = cls
         return cls
     return wrap
 

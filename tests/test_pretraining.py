@@ -213,6 +213,11 @@ def test_written_backbone_loads_without_ssl_ema(digits_data, tmp_path):
     labels = digits_data.arrays.y_train[digits_data.split.labeled]
     got = knn.accuracy(loaded, memory, labels, pixels, digits_data.arrays.y_test, 10)
     assert got == pytest.approx(trainer.history[-1]['raw']['test'])
+    trainer.exported = 'ema'   # --export_model=ema: the teacher's backbone instead
+    teacher = keras.saving.load_model(trainer.export_backbone(str(tmp_path / 'teacher.keras')))
+    np.testing.assert_allclose(teacher.predict(pixels, verbose=0),
+                               trainer.teacher_backbone(digits_data.normalize(pixels)),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_written_backbone_fine_tunes_with_fixmatch(digits_data, tmp_path):

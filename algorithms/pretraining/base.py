@@ -17,8 +17,10 @@ from typing import Dict, Tuple
 import keras
 import tensorflow as tf
 
-from ssl_ema.algorithms.base import (ConfigError, State, define_algorithm_flags, from_flags,  # noqa: F401
-                                     hparam, initial_state, replica_mean)
+from ssl_ema.algorithms import base as algorithms_base
+from ssl_ema.algorithms.base import (ConfigError, State, check_hyperparameters,  # noqa: F401
+                                     define_algorithm_flags, from_flags, hparam, initial_state,
+                                     replica_mean)
 
 METHODS: Dict[str, type] = {}
 
@@ -71,11 +73,7 @@ class Method:
         return {}
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            test, rule = VALID.get(f.name, (None, None))
-            if test and not test(getattr(self, f.name)):
-                raise ConfigError(f'--{f.name}={getattr(self, f.name)} is invalid for '
-                                  f'--method={self.name}: it must be {rule}')
+        check_hyperparameters(self, VALID, 'method')
 
     def __call__(self, student, teacher, online, views, progress, state) -> Losses:
         """`student`: backbone + head (Keras model); `teacher`: its EMA; `online`: the
@@ -100,12 +98,8 @@ def mlp(input_dim, hidden_dim, output_dim, name, layers=2, activation='relu', ba
 
 
 def register(name: str):
-    def wrap(cls):
-        cls = dataclasses.dataclass(cls)
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return wrap
+    """Class decorator: a dataclass named `name` in METHODS (the --method flag's values)."""
+    return algorithms_base.register(name, METHODS)
 
 
 def define_method_flags():

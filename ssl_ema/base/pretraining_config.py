@@ -48,6 +48,11 @@ class PretrainConfig:
     knn_k: int = hparam(20, 'Neighbours k of the k-NN evaluation (DINO eval_knn.py nb_knn 20).')
     knn_temperature: float = hparam(0.07, 'Temperature T of the k-NN votes exp(cos / T) '
                                     '(DINO eval_knn.py).')
+    export_model: str = hparam('', 'The backbone written to backbone.keras: raw (the student) '
+                               'or ema (the teacher); default: the method\'s (BYOL keeps the '
+                               'student, Sec. 3.1; DINO evaluates the teacher). Our short runs '
+                               'measured the student better for both (runs/RESULTS.md).',
+                               run_defining=False)
     precision: str = hparam('float32', 'float32, mixed_bfloat16 or mixed_float16 (as '
                             'ssl_ema.train); heads, losses and the teacher stay float32.')
     train_dir: Optional[str] = hparam(None, 'Run directory; an existing run there resumes. '
@@ -62,7 +67,7 @@ class PretrainConfig:
     collective_timeout_s: float = hparam(600., 'As ssl_ema.train\'s.', run_defining=False)
 
     def __post_init__(self):
-        for name, valid in {'optimizer': ('adamw', 'sgd'),
+        for name, valid in {'optimizer': ('adamw', 'sgd'), 'export_model': ('', 'raw', 'ema'),
                             'input_norm': ('standardize', 'plus_minus_one'),
                             'precision': ('float32', 'mixed_bfloat16', 'mixed_float16'),
                             'distribute': ('default', 'mirrored', 'multi_worker')}.items():

@@ -25,10 +25,9 @@ from ssl_ema.algorithms.pretraining import base as methods
 from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError
 from ssl_ema.base.pretraining_config import PretrainConfig
-from ssl_ema.core import accuracy, cluster, knn, run_dir
+from ssl_ema.core import accuracy, cluster, knn, records, run_dir
 from ssl_ema.core.ema import CosineEMA
 from ssl_ema.core.guard import NonFiniteGuard
-from ssl_ema.core.records import RunRecords
 from ssl_ema.data import pipeline
 from ssl_ema.nn import backbones
 
@@ -91,11 +90,13 @@ class Pretrainer:
             teacher=list(self.teacher.model.variables), teacher_updates=self.teacher.updates,
             online={name: list(m.variables) for name, m in self.online.items()},
             optimizer=self.optimizer, method_state=self.state)
-        # Multi-worker: only the chief writes train_dir (core/records.py, as the Trainer's).
         self.chief = self.strategy.extended.should_checkpoint
-        self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
-                                  cfg.distribute == 'multi_worker', accuracy.summarize)
+        # Checkpoints, evaluations.jsonl, accuracy.json, TensorBoard: as the Trainer's.
+        self.records = records.RunRecords(train_dir, self.checkpoint, self.chief,
+                                          cfg.keep_checkpoints, cfg.distribute == 'multi_worker',
+                                          accuracy.summarize)
         self.images_per_step = cfg.batch * len(method.views)
+        self.exported = cfg.export_model or method.exported   # what backbone.keras holds
 
     def _optimizer(self):
         cfg = self.cfg
@@ -156,30 +157,27 @@ class Pretrainer:
         return result
 
     def restore(self) -> int:
-        """Restore the latest checkpoint (the chief's) if any; returns the step to continue from."""
+        """Restore the latest checkpoint if any; returns the step to continue from."""
         self.records.restore(self.checkpoint)
         step = int(self.step.numpy())
-        self.records.keep_history_up_to(step)   # later evaluations: redone by the resumed run
+        self.records.keep_history_up_to(step)
         return step
 
     @property
     def history(self) -> list:
         return self.records.history
 
-    def _record(self, result):
-        self.records.record(result, {f'knn_accuracy/{model}/{split}': value
-                                     for model in ('raw', 'ema') if model in result
-                                     for split, value in result[model].items()})
-
     def _evaluate_and_record(self, start, log):
         self.guard.check(int(self.step.numpy()), {'student': self.student,
                                                   'teacher': self.teacher.model},
                          self.records.manager.latest_checkpoint)
         if not self.chief:
-            return self._record({'step': int(self.step.numpy())})
+            return self.records.record({'step': int(self.step.numpy())}, {})
         result = self.evaluate()
         result['wall_time_s'] = self.records.elapsed(start)
-        self._record(result)
+        self.records.record(result, {f'knn_accuracy/{model}/{split}': value
+                                     for model in ('raw', 'ema')
+                                     for split, value in result[model].items()})
         log(f'kimg {result["kimg"]:.1f} k-NN accuracy student/teacher: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
 
@@ -230,12 +228,13 @@ class Pretrainer:
 
     # ---- the backbone it leaves -------------------------------------------------------------
     def export_backbone(self, path=None) -> str:
-        """Write the method's backbone (`method.exported`: the student's or the teacher's) as a
-        .keras model of stock layers only: images in pixel units (0..255) -> a Normalization
-        layer with the run's input standardisation -> the backbone -> pooled features. It loads
-        with keras.saving.load_model without ssl_ema, and `--arch=keras:PATH` fine-tunes it."""
+        """Write the student's ('raw') or the teacher's ('ema') backbone (--export_model, by
+        default the method's `exported`) as a .keras model of stock layers only: images in pixel
+        units (0..255) -> a Normalization layer with the run's input standardisation -> the
+        backbone -> pooled features. It loads with keras.saving.load_model without ssl_ema, and
+        `--arch=keras:PATH` fine-tunes it."""
         path = path or os.path.join(self.train_dir, run_dir.BACKBONE)
-        trained = self.teacher_backbone if self.method.exported == 'ema' else self.backbone
+        trained = self.teacher_backbone if self.exported == 'ema' else self.backbone
         portable = pooled_features(backbones.build(self.cfg.arch, self.data.image_shape,
                                                    self.data.num_classes, portable=True))
         portable.set_weights(trained.get_weights())
@@ -284,7 +283,7 @@ def pretrain(cfg: PretrainConfig, method, log=print) -> str:
         if chief:
             log(format_table(trainer.history))
             path = trainer.export_backbone()
-            log(f'backbone of the {"teacher" if method.exported == "ema" else "student"} -> '
+            log(f'backbone of the {"teacher" if trainer.exported == "ema" else "student"} -> '
                 f'{path} (python -m ssl_ema.train --arch=keras:{path})')
     finally:
         if lock:
