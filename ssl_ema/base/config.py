@@ -6,11 +6,11 @@ import re
 from typing import Optional
 
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.base.hparams import hparam, parse_floats, total_steps
+from ssl_ema.base.hparams import Length, check_values, hparam, parse_floats
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Length):
     """Everything the shared training loop needs; each field is the flag of the same name."""
     algorithm: str = hparam('mean_teacher', 'SSL algorithm (its own flags are listed under its '
                             'module in --helpfull).')
@@ -160,17 +160,10 @@ class TrainConfig:
                    'weight_decay_type': ('decoupled', 'l2'),
                    'input_norm': ('standardize', 'plus_minus_one'),
                    'precision': ('float32', 'mixed_bfloat16', 'mixed_float16')}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '
-                                  f'{", ".join(valid)}')
-        for name in ('batch', 'uratio', 'labels', 'log_every_steps', 'keep_checkpoints',
-                     'cpu_devices'):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f'--{name}={getattr(self, name)} must be a positive integer')
-        for name in ('train_kimg', 'eval_every_kimg', 'lr'):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+        check_values(self, choices,
+                     positive_ints=('batch', 'uratio', 'labels', 'log_every_steps',
+                                    'keep_checkpoints', 'cpu_devices'),
+                     positive=('train_kimg', 'eval_every_kimg', 'lr'))
         self._check_fine_tuning()
         if not 0. <= self.ema_decay < 1.:
             raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
@@ -226,11 +219,3 @@ class TrainConfig:
     def extra_ema_decays(self) -> tuple:
         """--ema_decays without duplicates and without the teacher's --ema_decay."""
         return tuple(d for d in dict.fromkeys(parse_floats(self.ema_decays)) if d != self.ema_decay)
-
-    @property
-    def total_steps(self) -> int:
-        return total_steps(self.train_kimg, self.train_steps, self.batch)
-
-    @property
-    def eval_every_steps(self) -> int:
-        return max(1, round(self.eval_every_kimg * 1024 / self.batch))

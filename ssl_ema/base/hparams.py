@@ -12,6 +12,8 @@ from typing import Optional
 
 from absl import flags
 
+from ssl_ema.base.errors import ConfigError
+
 
 
 def hparam(default, help: str, run_defining: bool = True):
@@ -78,3 +80,31 @@ def total_steps(train_kimg: float, train_steps: int, batch: int) -> int:
 def parse_floats(text: str) -> list:
     """'0.99, 0.9999' -> [0.99, 0.9999]; '' -> []. ValueError on anything else."""
     return [float(v) for v in text.split(',') if v.strip()]
+
+
+def check_values(config, choices: dict, positive_ints=(), positive=()) -> None:
+    """ConfigError naming the flag if a field of `config` is not one of its `choices` (name ->
+    valid values), or not a positive integer / a positive number."""
+    for name, valid in choices.items():
+        if getattr(config, name) not in valid:
+            raise ConfigError(f'--{name}={getattr(config, name)} is unknown; valid: '
+                              f'{", ".join(valid)}')
+    for name in positive_ints:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f'--{name}={getattr(config, name)} must be a positive integer')
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f'--{name}={getattr(config, name)} must be positive')
+
+
+class Length:
+    """A config's training length and evaluation cadence in steps, from its --train_kimg,
+    --train_steps, --eval_every_kimg and --batch (kimg = 1024 labeled images, as the anchors)."""
+
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.train_kimg, self.train_steps, self.batch)
+
+    @property
+    def eval_every_steps(self) -> int:
+        return max(1, round(self.eval_every_kimg * 1024 / self.batch))

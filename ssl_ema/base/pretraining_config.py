@@ -6,11 +6,11 @@ import dataclasses
 from typing import Optional
 
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.base.hparams import hparam, total_steps
+from ssl_ema.base.hparams import Length, check_values, hparam
 
 
 @dataclasses.dataclass
-class PretrainConfig:
+class PretrainConfig(Length):
     """Everything the pretraining loop needs; each field is the flag of the same name."""
     method: str = hparam('byol', 'Self-supervised method: byol or dino (its own flags are '
                          'listed under its module in --helpfull).')
@@ -67,29 +67,14 @@ class PretrainConfig:
     collective_timeout_s: float = hparam(600., 'As ssl_ema.train\'s.', run_defining=False)
 
     def __post_init__(self):
-        for name, valid in {'optimizer': ('adamw', 'sgd'), 'export_model': ('', 'raw', 'ema'),
+        check_values(self, {'optimizer': ('adamw', 'sgd'), 'export_model': ('', 'raw', 'ema'),
                             'input_norm': ('standardize', 'plus_minus_one'),
                             'precision': ('float32', 'mixed_bfloat16', 'mixed_float16'),
-                            'distribute': ('default', 'mirrored', 'multi_worker')}.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '
-                                  f'{", ".join(valid)}')
-        for name in ('batch', 'labels', 'knn_k', 'log_every_steps', 'keep_checkpoints',
-                     'cpu_devices'):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f'--{name}={getattr(self, name)} must be a positive integer')
-        for name in ('train_kimg', 'eval_every_kimg', 'lr', 'knn_temperature'):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f'--{name}={getattr(self, name)} must be positive')
+                            'distribute': ('default', 'mirrored', 'multi_worker')},
+                     positive_ints=('batch', 'labels', 'knn_k', 'log_every_steps',
+                                    'keep_checkpoints', 'cpu_devices'),
+                     positive=('train_kimg', 'eval_every_kimg', 'lr', 'knn_temperature'))
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f'--warmup_fraction={self.warmup_fraction} must be in [0, 1)')
         if self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0:
             raise ConfigError('--valid, --train_steps and --weight_decay must be >= 0')
-
-    @property
-    def total_steps(self) -> int:
-        return total_steps(self.train_kimg, self.train_steps, self.batch)
-
-    @property
-    def eval_every_steps(self) -> int:
-        return max(1, round(self.eval_every_kimg * 1024 / self.batch))
