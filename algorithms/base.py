@@ -115,7 +115,7 @@ class Algorithm:
         check_hyperparameters(self, VALID, 'algorithm')
 
     def __call__(self, student, teacher, batch: Batch) -> Losses:
-        """`student` is the Keras model being trained; `teacher` the `ssl_ema.ema.EMA`:
+        """`student` is the Keras model being trained; `teacher` the `ssl_ema.core.ema.EMA`:
         `teacher(x)` is the averaged classifier, `teacher(x, training=True)` the same weights
         with batch statistics and dropout (Mean Teacher's noisy teacher)."""
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017, arXiv:1703.01780).
 
-The teacher is the EMA of the student's weights (Eq. 1, the shared `ssl_ema.ema.EMA`), run with
+The teacher is the EMA of the student's weights (Eq. 1, the shared `ssl_ema.core.ema.EMA`), run with
 noise like the student (batch statistics, dropout; the EMA itself is not changed by it). Its class
 probabilities on one augmented view are the target of the student's on another view, with a
 squared-error consistency cost J = E ||f(x, theta', eta') - f(x, theta, eta)||^2 (Sec. 2),

@@ -218,7 +218,7 @@ class Trainer:
         return result
 
     def _check_finite(self, saving=True):
-        """RunError if the state turned NaN/Inf (see ssl_ema/guard.py): called before a save."""
+        """RunError if the state turned NaN/Inf (see core/guard.py): called before a save."""
         models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
         self.guard.check(int(self.step.numpy()), models, self.records.manager.latest_checkpoint)
 

@@ -8,7 +8,7 @@
 - `keras:PATH.keras`, `keras_hub:HANDLE_OR_DIR`, or a keras.Model given from Python: a backbone
   the user brings, pretrained or not, with what a classifier needs added (nn/custom_backbones.py).
 
-Batch norm is `ssl_ema.batch_norm.BatchNorm` (TensorFlow's fused kernel, same weights as the stock
+Batch norm is `ssl_ema.nn.batch_norm.BatchNorm` (TensorFlow's fused kernel, same weights as the stock
 layer); `build(..., portable=True)` uses stock Keras layers only, in float32, for models that
 must load without this package. `precision` is a Keras mixed-precision policy: the layers compute
 in bfloat16 or float16, the weights, batch-norm statistics and the logits stay float32.
