@@ -1,4 +1,5 @@
 """What a benchmark says about the machine it ran on."""
+import os
 import subprocess
 
 
@@ -23,4 +24,8 @@ def cpu_flags() -> str:
         return 'CPU flags unknown'
     have = {'AVX2': 'avx2' in flags, 'AVX-512': 'avx512f' in flags,
             'bf16': bool({'avx512_bf16', 'amx_bf16'} & flags), 'AMX': 'amx_tile' in flags}
-    return ', '.join(f'{name} {"yes" if ok else "no"}' for name, ok in have.items())
+    text = ', '.join(f'{name} {"yes" if ok else "no"}' for name, ok in have.items())
+    # oneDNN (TensorFlow's x86 kernels) can be held to an older instruction set, e.g.
+    # ONEDNN_MAX_CPU_ISA=AVX2 times an AVX-512 machine's convolutions as an AVX2 CPU runs them.
+    limit = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA')
+    return f'{text}; oneDNN limited to {limit} (ONEDNN_MAX_CPU_ISA)' if limit else text

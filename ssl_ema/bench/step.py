@@ -136,14 +136,15 @@ def plain_keras_step(algorithm_name):
     def loss_fn():
         if algorithm_name == 'mean_teacher':
             u1, u2 = (u + 0.15 * tf.random.normal(tf.shape(u)) for u in unlabeled)
-            logits_l, logits_u = tf.split(student(tf.concat([x, u1], 0), training=True), 2)
+            logits_l, logits_u = tf.split(student(tf.concat([x, u1], 0), training=True),
+                                          [len(x), len(u1)])
             target = tf.nn.softmax(teacher(u2, training=True))
             return xe(y, logits_l) + 50. * tf.reduce_mean(tf.square(tf.nn.softmax(logits_u)
                                                                      - target))
         if algorithm_name == 'fixmatch':
             weak, strong = unlabeled
             logits = student(tf.concat([x, weak, strong], 0), training=True)
-            logits_l, logits_w, logits_s = tf.split(logits, 3)
+            logits_l, logits_w, logits_s = tf.split(logits, [len(x), len(weak), len(strong)])
             p = tf.nn.softmax(tf.stop_gradient(logits_w))
             mask = tf.cast(tf.reduce_max(p, 1) >= 0.95, tf.float32)
             pseudo = tf.reduce_mean(mask * keras.losses.sparse_categorical_crossentropy(

@@ -173,7 +173,7 @@ def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False,
     if model is not None or custom_backbones.is_custom(arch):
         return custom_backbones.build(arch, input_shape, num_classes, model, normalization,
                                       'float32' if portable else precision, freeze_bn, scale,
-                                      offset)
+                                      offset, fused=not portable)
     model = _build(arch, input_shape, num_classes, conv_bias, precision, portable)
     if freeze_bn:
         custom_backbones.freeze_batch_norm(model)

@@ -35,7 +35,10 @@ extra heads (ReMixMatch's rotation head, algorithms/base.with_heads) sit on its 
 [N, C] output with C equal to the number of classes is taken for logits. Under a multi-replica
 strategy batch norm is synchronised (as the toolkit's own backbones), which is not tested with a
 custom backbone here. --precision edits the layers' dtype policies in the serialised config, so a
-custom layer that hard-codes float32 computes in float32.
+custom layer that hard-codes float32 computes in float32. For training and evaluation the stock
+batch-norm layers a functional or Sequential backbone's config lists run on TensorFlow's fused
+kernel (`nn/batch_norm.BatchNorm`: same weights, same formulas; a keras-hub backbone builds its own
+layers and keeps them); the export rebuilds the backbone with its stock layers.
 """
 import os
 import re
@@ -46,6 +49,7 @@ import tensorflow as tf
 from keras import layers
 
 from ssl_ema.base.errors import ConfigError, one_line
+from ssl_ema.nn import batch_norm
 
 KERAS, KERAS_HUB = 'keras:', 'keras_hub:'
 HEAD = 'head'   # the new classification head's layer name (its own learning rate: --head_lr)
@@ -70,25 +74,29 @@ def resolve(arch: str) -> str:
 
 
 def build(arch: str, input_shape, num_classes: int, model=None, normalization=None,
-          precision: str = 'float32', freeze_bn: bool = False, scale=None, offset=None):
+          precision: str = 'float32', freeze_bn: bool = False, scale=None, offset=None,
+          fused: bool = True):
     """The classifier on the backbone that --arch names (keras:/keras_hub:) or on `model` (a
     keras.Model given from Python, copied: the caller's model is never trained in place).
     `scale`/`offset` (--backbone_scale/--backbone_offset, lists of floats; empty or None: 1 and
-    0, or a keras-hub preset's own)."""
+    0, or a keras-hub preset's own). `fused`: the stock batch-norm layers that the backbone's
+    config lists (functional and sequential models) become `batch_norm.BatchNorm`, the same
+    weights on TensorFlow's fused kernel (1.37x faster FixMatch steps from a BYOL small_cnn,
+    runs/SPEED.md); False (export): stock layers only."""
     # Under a multi-replica tf.distribute strategy batch norm uses the global batch's statistics,
     # as the toolkit's own backbones (backbones._bn_act): every replica's copy moves alike.
     synchronized = tf.distribute.get_strategy().num_replicas_in_sync > 1
     if model is not None:
         what, preprocessing = f'backbone {getattr(model, "name", "")}'.strip(), None
         check_supported(model, what)
-        backbone, weights = _copy(model, precision, synchronized, what)
+        backbone, weights = _copy(model, precision, synchronized, what, fused)
     else:
         what = f'--arch={arch}'
         backbone, preprocessing = load(arch)
         check_supported(backbone, what)
         weights = None
-        if precision != 'float32' or synchronized:
-            backbone, weights = _copy(backbone, precision, synchronized, what)
+        if precision != 'float32' or synchronized or (fused and _has_batch_norm(backbone)):
+            backbone, weights = _copy(backbone, precision, synchronized, what, fused)
     if scale or offset:   # the flags win over a preset's converter
         preprocessing = (scale or 1., offset or 0.)
     return classifier(backbone, input_shape, num_classes, normalization, preprocessing,
@@ -156,21 +164,44 @@ def check_supported(model, what: str) -> None:
         raise ConfigError(f'{what}: the model needs exactly one output')
 
 
-def _copy(model, precision, synchronized, what):
+def _is_batch_norm(node) -> bool:
+    return isinstance(node, dict) and node.get('class_name') == 'BatchNormalization' and \
+        node.get('module') == 'keras.layers'
+
+
+def _has_batch_norm(model) -> bool:
+    """Whether `model`'s config lists a stock batch-norm layer (a keras-hub backbone's config
+    holds its arguments, not its layers: False)."""
+    def find(node):
+        if _is_batch_norm(node):
+            return True
+        values = node.values() if isinstance(node, dict) else \
+            node if isinstance(node, list) else ()
+        return any(find(v) for v in values)
+    return find(keras.saving.serialize_keras_object(model))
+
+
+def _copy(model, precision, synchronized, what, fused=False):
     """(a new `model` of the same config, maybe unbuilt, with every float32 layer computing in
-    `precision` (a mixed policy: weights stay float32) and, if `synchronized`, every batch norm
-    synchronised across replicas; `model`'s weights): `classifier` builds the copy and sets
-    them. The serialised config is edited, so this works for every supported kind, and fails,
-    naming what is missing, for a model that cannot be rebuilt from its config (which the EMA's
-    copy and export's rebuilding need too)."""
+    `precision` (a mixed policy: weights stay float32), if `synchronized` every batch norm
+    synchronised across replicas, if `fused` every stock batch norm our fused `BatchNorm`;
+    `model`'s weights): `classifier` builds the copy and sets them (the layers swapped have the
+    same weights in the same order). The serialised config is edited, so this works for every
+    supported kind, and fails, naming what is missing, for a model that cannot be rebuilt from
+    its config (which the EMA's copy and export's rebuilding need too)."""
     def edit(node):
         if isinstance(node, dict):
             if node.get('class_name') == 'DTypePolicy' and \
                     node.get('config', {}).get('name') == 'float32':
                 return {**node, 'config': {**node['config'], 'name': precision}}
+            swap = fused and _is_batch_norm(node)
             node = {k: edit(v) for k, v in node.items()}
             if synchronized and node.get('class_name') == 'BatchNormalization':
                 node['config'] = {**node['config'], 'synchronized': True}
+            if swap:
+                node.update(module=batch_norm.BatchNorm.__module__, class_name='BatchNorm',
+                            registered_name=keras.saving.get_registered_name(
+                                batch_norm.BatchNorm))
             return node
         if isinstance(node, list):
             return [edit(v) for v in node]
