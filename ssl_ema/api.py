@@ -6,6 +6,8 @@
     run.classifier.predict(images)     # the EMA classifier: uint8 images -> probabilities
     run.summary, run.history           # accuracy.json and evaluations.jsonl as Python objects
     run = ssl_ema.open_run('runs/fm250')
+    pretraining = ssl_ema.pretrain(data, method='byol', train_kimg=64)   # no labels used
+    run = ssl_ema.fit(data, 'fixmatch', backbone=pretraining.arch, labels=250)
 
 Every training flag is a keyword of `fit` (`--train_kimg=64` is `train_kimg=64`), and so is every
 hyperparameter of the chosen algorithm (`confidence_threshold=0.9`). `fit` builds the same
@@ -93,34 +95,87 @@ def fit(data: Union[str, object] = 'digits', algorithm: str = 'mean_teacher', ba
     settings: any training flag (labels=250, train_kimg=64, train_dir=..., ...) or hyperparameter
         of the algorithm (consistency_weight=..., ...), by its flag's name.
     """
-    from ssl_ema import algorithms, data as data_lib
-    if algorithm not in algorithms.ALGORITHMS:
-        raise ConfigError(f'algorithm={algorithm} is unknown; valid: '
-                          f'{", ".join(sorted(algorithms.ALGORITHMS))}')
-    algorithm_cls = algorithms.ALGORITHMS[algorithm]
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {'algorithm', 'dataset'}
-    own_fields = {f.name for f in dataclasses.fields(algorithm_cls)}
-    unknown = sorted(set(settings) - train_fields - own_fields)
-    if unknown:
-        raise ConfigError(f'fit({unknown[0]}=...) is not a training setting nor a hyperparameter '
-                          f'of {algorithm} (its own: {", ".join(sorted(own_fields)) or "none"}; '
-                          '`python -m ssl_ema.train --helpfull` lists every setting)')
+    from ssl_ema import algorithms
     if isinstance(backbone, str):
         settings['arch'] = backbone
         backbone = None
+    cfg, hyperparameters, dataset = _configure(
+        'fit', data, 'algorithm', algorithm, algorithms.ALGORITHMS, TrainConfig, settings,
+        'ssl_ema.train', lambda c: c.augment)
+    train_dir = fitting.fit(cfg, hyperparameters, log=log, backbone=backbone, dataset=dataset)
+    return Run(train_dir, backbone)
+
+
+def _configure(function, data, kind, name, registry, config_cls, settings, command, augment):
+    """(config, hyperparameters, dataset built from arrays or None) for `function`(data,
+    kind=name, **settings): each setting a field of `config_cls` or of the `registry[name]`
+    dataclass, as the command's flags are; anything else one ConfigError line."""
+    from ssl_ema import data as data_lib
+    if name not in registry:
+        raise ConfigError(f'{kind}={name} is unknown; valid: {", ".join(sorted(registry))}')
+    hyperparameter_cls = registry[name]
+    config_fields = {f.name for f in dataclasses.fields(config_cls)} - {kind, 'dataset'}
+    own_fields = {f.name for f in dataclasses.fields(hyperparameter_cls)}
+    unknown = sorted(set(settings) - config_fields - own_fields)
+    if unknown:
+        raise ConfigError(f'{function}({unknown[0]}=...) is not a {function.replace("fit", "train")}'
+                          f'ing setting nor a hyperparameter '
+                          f'of {name} (its own: {", ".join(sorted(own_fields)) or "none"}; '
+                          f'`python -m {command} --helpfull` lists every setting)')
     arrays = None if isinstance(data, str) else data
     if arrays is not None and not isinstance(arrays, data_lib.Arrays):
         raise ConfigError(f'data={type(data).__name__}: give a dataset name, a path, or '
                           'ssl_ema.data.from_arrays(x, y, ...)')
-    cfg = TrainConfig(algorithm=algorithm, dataset=_dataset_name(data) if arrays is None
-                      else arrays.name, **{k: v for k, v in settings.items() if k in train_fields})
-    hyperparameters = algorithm_cls(**{k: v for k, v in settings.items() if k in own_fields})
+    cfg = config_cls(**{kind: name}, dataset=_dataset_name(data) if arrays is None
+                     else arrays.name, **{k: v for k, v in settings.items() if k in config_fields})
+    hyperparameters = hyperparameter_cls(**{k: v for k, v in settings.items() if k in own_fields})
     dataset = None
     if arrays is not None:
-        dataset = data_lib.build(arrays, cfg.labels, cfg.valid, cfg.seed, cfg.augment,
+        dataset = data_lib.build(arrays, cfg.labels, cfg.valid, cfg.seed, augment(cfg),
                                  input_norm=cfg.input_norm)
-    train_dir = fitting.fit(cfg, hyperparameters, log=log, backbone=backbone, dataset=dataset)
-    return Run(train_dir, backbone)
+    return cfg, hyperparameters, dataset
+
+
+@dataclasses.dataclass
+class Pretraining:
+    """A self-supervised pretraining run (`ssl_ema.pretrain`) seen from Python."""
+    train_dir: str
+
+    @property
+    def backbone_file(self) -> str:
+        """DIR/backbone.keras: the pretrained backbone (pixels -> pooled features)."""
+        return os.path.join(self.train_dir, run_dir.BACKBONE)
+
+    @property
+    def arch(self) -> str:
+        """'keras:DIR/backbone.keras', what `fit(backbone=...)` and --arch take."""
+        return f'keras:{self.backbone_file}'
+
+    @property
+    def history(self) -> list:
+        """evaluations.jsonl: the k-NN accuracy of the student and the teacher at each evaluation."""
+        return run_dir.read_history(self.train_dir)
+
+
+def pretrain(data: Union[str, object] = 'digits', method: str = 'byol', log=print,
+             **settings) -> Pretraining:
+    """Pretrain (or resume) a backbone on `data`'s images without their labels, as
+    `python -m ssl_ema.pretrain`; returns its Pretraining (`.arch` fine-tunes it:
+    `ssl_ema.fit(data, 'fixmatch', backbone=pretraining.arch)`).
+
+    data: as `fit` takes it (a name, a path, or `ssl_ema.data.from_arrays(...)`; the labels of
+        the labeled split serve the k-NN evaluation only).
+    method: byol or dino, as --method.
+    settings: any pretraining flag (arch='small_cnn', train_kimg=64, batch=128, train_dir=...)
+        or hyperparameter of the method (teacher_momentum=0.99, ...), by its flag's name.
+    """
+    from ssl_ema.algorithms import pretraining as methods
+    from ssl_ema.base.pretraining_config import PretrainConfig
+    from ssl_ema.core import pretraining
+    cfg, hyperparameters, dataset = _configure(
+        'pretrain', data, 'method', method, methods.METHODS, PretrainConfig, settings,
+        'ssl_ema.pretrain', lambda c: 'none')
+    return Pretraining(pretraining.pretrain(cfg, hyperparameters, log=log, dataset=dataset))
 
 
 def open_run(train_dir: str, backbone=None) -> Run:

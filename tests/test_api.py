@@ -132,3 +132,25 @@ def test_bad_arguments_raise_one_line_errors(tmp_path):
     with pytest.raises(ssl_ema.ConfigError, match='no flags.json'):
         os.makedirs(tmp_path / 'empty')
         ssl_ema.open_run(str(tmp_path / 'empty'))
+
+
+def test_pretrain_then_fit_from_python(tmp_path):
+    """ssl_ema.pretrain writes the backbone and its k-NN history as the command does, from
+    arrays too; ssl_ema.fit(backbone=pretraining.arch) fine-tunes it."""
+    x, y = digits_arrays()
+    data = ssl_ema.data.from_arrays(x[:1200], y[:1200], x_test=x[1200:], y_test=y[1200:])
+    pretraining = ssl_ema.pretrain(data, 'byol', arch='small_cnn', batch=16, train_steps=8,
+                                   eval_every_kimg=0.0625, labels=50, hidden_dim=32,
+                                   projection_dim=16, train_dir=str(tmp_path / 'byol'), log=quiet)
+    assert os.path.isfile(pretraining.backbone_file)
+    assert [h['step'] for h in pretraining.history] == [0, 4, 8]
+    assert all(0 < h['raw']['test'] <= 100 for h in pretraining.history)
+    run = ssl_ema.fit(data, 'fixmatch', backbone=pretraining.arch, labels=50, log=quiet,
+                      train_dir=str(tmp_path / 'fixmatch'), **{**TINY, 'train_steps': 60})
+    assert run.config.arch == pretraining.arch
+    assert run.summary['raw']['test']['last'] > 30   # chance: 10
+    with pytest.raises(ssl_ema.ConfigError, match=r'^pretrain\(uratio=\.\.\.\) is not a '
+                       r'pretraining setting nor a hyperparameter of byol'):
+        ssl_ema.pretrain(data, 'byol', uratio=7)
+    with pytest.raises(ssl_ema.ConfigError, match='^method=simclr is unknown; valid: byol, dino'):
+        ssl_ema.pretrain(data, 'simclr')

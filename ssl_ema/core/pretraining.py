@@ -255,13 +255,14 @@ class Pretrainer:
 
 
 # ---- a run: directory, records, training, table, backbone -----------------------------------
-def pretrain(cfg: PretrainConfig, method, log=print) -> str:
+def pretrain(cfg: PretrainConfig, method, log=print, dataset=None) -> str:
     """Pretrain (or resume) the run that `cfg` and `method` define, print the k-NN table and
-    write DIR/backbone.keras; returns the run directory. What `python -m ssl_ema.pretrain` calls."""
+    write DIR/backbone.keras; returns the run directory. What `python -m ssl_ema.pretrain` calls
+    (and `ssl_ema.pretrain`, which may pass the `dataset` it built from arrays)."""
     from ssl_ema import data as data_lib
     strategy = cluster.make_strategy(cfg)
-    data = data_lib.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, 'none', cfg.data_dir,
-                          input_norm=cfg.input_norm)
+    data = dataset or data_lib.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, 'none',
+                                     cfg.data_dir, input_norm=cfg.input_norm)
     arch = backbones.resolve(cfg.arch, data.image_shape)
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, method, arch, 'pretrain_')
