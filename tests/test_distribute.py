@@ -17,10 +17,19 @@ from ssl_ema.base.config import TrainConfig
 from ssl_ema.core.cluster import make_strategy
 from ssl_ema.core.loop import Trainer
 
-name = sys.argv[1]
+name, arch = sys.argv[1:3]
+own = arch == 'keras_file'   # a backbone the user brings: its stock batch norm, synchronised
+if own:
+    arch = 'keras:' + tempfile.mkdtemp() + '/own.keras'
 cfg = TrainConfig(algorithm=name, batch=16, uratio=2, train_steps=4, eval_every_kimg=0.0625,
-                  log_every_steps=4, arch='small_cnn', distribute='mirrored', cpu_devices=2)
-mirrored = make_strategy(cfg)
+                  log_every_steps=4, arch=arch, distribute='mirrored', cpu_devices=2)
+mirrored = make_strategy(cfg)   # before TensorFlow starts
+if own:
+    import keras
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(16, 3, padding='same')(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(x))
+    keras.Model(inputs, x).save(arch[len('keras:'):])
 dataset = data.build('digits', labels=50, valid=200, seed=1)
 out = {}
 for label, strategy in (('one', tf.distribute.get_strategy()), ('two', mirrored)):
@@ -33,9 +42,11 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize('algorithm', ['supervised', 'fixmatch'])
-def test_two_replicas_train_like_one_device(algorithm):
-    result = subprocess.run([sys.executable, '-c', SCRIPT, algorithm], capture_output=True,
+@pytest.mark.parametrize('algorithm,arch', [('supervised', 'small_cnn'),
+                                             ('fixmatch', 'small_cnn'),
+                                             ('fixmatch', 'keras_file')])
+def test_two_replicas_train_like_one_device(algorithm, arch):
+    result = subprocess.run([sys.executable, '-c', SCRIPT, algorithm, arch], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
