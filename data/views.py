@@ -14,7 +14,8 @@ deepmind-research byol/utils/augmentations.py `augment_config`), whose two views
   solarisation            0.0      0.2     x -> 1 - x where x >= 0.5
 
 DINO's two global views (Caron et al. 2021, main_dino.py DataAugmentationDINO) are the same two
-with crops of area [0.4, 1] (its --global_crops_scale).
+with crops of area [0.4, 1] (its --global_crops_scale); its local crops (multi-crop, --local_crops
+of algorithms/pretraining/dino.py) cover [0.05, 0.4] of the image at 96/224 of its side.
 
 Grey images (one channel) have no saturation, hue or greyscale: their colour jitter is
 brightness and contrast only. Brightness is additive and contrast scales around each image's
@@ -183,5 +184,18 @@ def dino_global_2(images, seed, flip=True):
     return view(images, seed, flip, crop_scale=(0.4, 1.), blur=0.1, solarization=0.2)
 
 
+def local_side(side: int) -> int:
+    """DINO's local crops are 96 pixels where its global ones are 224 (main_dino.py
+    DataAugmentationDINO): the same fraction of this image's side (12 of 28, 3 of 8)."""
+    return max(1, round(side * 96 / 224))
+
+
+def dino_local(images, seed, flip=True):
+    """A DINO local crop: area [0.05, 0.4] (--local_crops_scale) at a smaller size, the global
+    views' flip and colour jitter, blur with probability 0.5, no solarisation."""
+    size = (local_side(images.shape[1]), local_side(images.shape[2]))
+    return view(images, seed, flip, crop_scale=(0.05, 0.4), blur=0.5, solarization=0.0, size=size)
+
+
 VIEWS = {'byol_1': byol_1, 'byol_2': byol_2,
-         'dino_global_1': dino_global_1, 'dino_global_2': dino_global_2}
+         'dino_global_1': dino_global_1, 'dino_global_2': dino_global_2, 'dino_local': dino_local}

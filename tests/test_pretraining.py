@@ -1,5 +1,6 @@
 """Self-supervised pretraining (issue 22): the methods' math on hand-worked values, the views, the
 k-NN evaluation, the EMA teacher, exact resume and the backbone it writes."""
+import dataclasses
 import math
 import zipfile
 
@@ -95,9 +96,11 @@ def test_bad_method_flag():
 def test_views_pure_functions_of_the_seed():
     for channels in (1, 3):
         x = tf.random.stateless_uniform([4, 28, 28, channels], [0, 1])
-        for view in views.VIEWS.values():
+        for name, view in views.VIEWS.items():
             a = view(x, SEED)
-            assert a.shape == x.shape and 0 <= a.numpy().min() and a.numpy().max() <= 1
+            side = 12 if name == 'dino_local' else 28   # local crops: 96/224 of the side
+            assert a.shape == (4, side, side, channels)
+            assert 0 <= a.numpy().min() and a.numpy().max() <= 1
             np.testing.assert_array_equal(a, view(x, SEED))
             assert not np.allclose(a, view(x, SEED + 1))
 
@@ -241,3 +244,23 @@ def test_written_backbone_fine_tunes_with_fixmatch(digits_data, tmp_path):
     np.testing.assert_allclose(features(x), pretrained.backbone(x), rtol=1e-3, atol=1e-3)
     summary = trainer.train(log=quiet)
     assert summary['raw']['test']['last'] > 30   # chance: 10
+
+
+def test_dino_multi_crop_trains_the_student_on_local_crops(digits_data, tmp_path):
+    """--local_crops: 3x3 crops of the 8x8 digits (96/224 of the side) go through the student
+    only; the backbone takes any size, and the written one still takes the full images."""
+    from ssl_ema.core.pretraining import Pretrainer
+    assert views.local_side(28) == 12 and views.local_side(8) == 3 and views.local_side(224) == 96
+    cfg, method = tiny_pretraining('dino', train_steps=4)
+    method = dataclasses.replace(method, local_crops=2)
+    assert method.views == ('dino_global_1', 'dino_global_2', 'dino_local', 'dino_local')
+    trainer = Pretrainer(cfg, method, digits_data, str(tmp_path))
+    batch = next(iter(digits_data.unlabeled(cfg.batch, method.views)))
+    assert [tuple(v.shape) for v in batch] == [(16, 8, 8, 1)] * 2 + [(16, 3, 3, 1)] * 2
+    before = weights_of(trainer.teacher.model)
+    trainer.train(log=quiet)
+    assert all(np.isfinite(h['raw']['test']) for h in trainer.history)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, weights_of(trainer.teacher.model)))
+    backbone = keras.saving.load_model(trainer.export_backbone(), compile=False)
+    x = digits_data.eval_arrays()['test'][0][:4] * 0 + 128   # pixels, full size
+    assert backbone(x).shape == (4, trainer.backbone.output.shape[-1])

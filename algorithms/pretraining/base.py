@@ -43,6 +43,7 @@ VALID = {
     'warmup_teacher_temperature': (lambda v: v > 0, '> 0'),
     'teacher_temperature_warmup': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'center_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'local_crops': (lambda v: v >= 0, '>= 0'),
 }
 
 

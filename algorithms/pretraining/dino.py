@@ -10,9 +10,12 @@ student's softmax(g_s / tau_s), over every pair of different views, averaged ove
 centre is an EMA of the teacher's batch means, c <- m c + (1 - m) mean(g_t) (Eq. 4, m = 0.9),
 after the loss; tau_t warms up linearly from `warmup_teacher_temperature`.
 
+Multi-crop (Sec. 3.1): `local_crops` small crops (96/224 of the side, area [0.05, 0.4];
+data/views.py dino_local) go through the student only, each compared with both teacher outputs of
+the global crops. main_dino.py uses 8; our default is 0 (measured on this CPU, runs/RESULTS.md).
+
 Our choices, for CPU-sized runs: the output has 4096 dimensions, not main_dino.py's 65536
-(--out_dim); the two global crops only (DINO's multi-crop adds 8 small local crops, and its
---freeze_last_layer keeps the last layer fixed for the first epoch: neither is done here). The
+(--out_dim); --freeze_last_layer (the last layer fixed for the first epoch) is not done. The
 backbone written at the end is the teacher's, the one DINO evaluates (eval_knn.py
 checkpoint_key='teacher').
 """
@@ -72,7 +75,6 @@ class NormalizedDense(keras.layers.Layer):
 
 @register('dino')
 class DINO(Method):
-    views = ('dino_global_1', 'dino_global_2')
     exported = 'ema'
     teacher_momentum: float = hparam(0.996, 'tau_base (main_dino.py --momentum_teacher).')
     hidden_dim: int = hparam(2048, 'Hidden units of the head\'s MLP (DINOHead hidden_dim).')
@@ -91,6 +93,12 @@ class DINO(Method):
         'training is unstable).')
     center_momentum: float = hparam(0.9, 'm of the centre\'s EMA (Eq. 4; DINOLoss '
                                     'center_momentum).')
+    local_crops: int = hparam(0, 'Small local crops per image for the student (multi-crop; '
+                              'main_dino.py --local_crops_number=8; 0, ours: see runs/RESULTS.md).')
+
+    @property
+    def views(self):
+        return ('dino_global_1', 'dino_global_2') + ('dino_local',) * self.local_crops
 
     def state(self, num_classes, pool_size):
         return {'center': State((self.out_dim,), 0.)}
@@ -104,10 +112,14 @@ class DINO(Method):
         return keras.Model(inputs, NormalizedDense(self.out_dim)(x), name='dino_head')
 
     def __call__(self, student, teacher, online, views, progress, state):
-        # One student pass over both global views (DINO's MultiCropWrapper concatenates crops
-        # of one resolution); the teacher sees the same two.
-        student_out = tf.split(student(tf.concat(views, 0), training=True), len(views))
-        teacher_out = tf.split(teacher(tf.concat(views, 0), training=True), len(views))
+        # One student pass per resolution (DINO's MultiCropWrapper concatenates the crops of one
+        # size); the teacher sees the two global views only.
+        global_views, local_views = views[:2], views[2:]
+        student_out = tf.split(student(tf.concat(global_views, 0), training=True), 2)
+        if local_views:
+            student_out += tf.split(student(tf.concat(local_views, 0), training=True),
+                                    len(local_views))
+        teacher_out = tf.split(teacher(tf.concat(global_views, 0), training=True), 2)
         tau_t = teacher_temperature(progress, self.warmup_teacher_temperature,
                                     self.teacher_temperature, self.teacher_temperature_warmup)
         loss = dino_loss(student_out, teacher_out, state['center'], self.student_temperature,

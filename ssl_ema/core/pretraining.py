@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from ssl_ema.algorithms.pretraining import base as methods
 from ssl_ema.base import files
-from ssl_ema.base.errors import ConfigError
+from ssl_ema.base.errors import ConfigError, one_line
 from ssl_ema.base.pretraining_config import PretrainConfig
 from ssl_ema.core import accuracy, cluster, knn, records, run_dir
 from ssl_ema.core.ema import CosineEMA
@@ -65,11 +65,19 @@ class Pretrainer:
             raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
                               f'of --distribute={cfg.distribute}')
         keras.utils.set_random_seed(cfg.seed)
+        # Views of several sizes (DINO's local crops) need a backbone that takes any size.
+        shape = (None, None, data.image_shape[-1]) if any(
+            v.startswith('dino_local') for v in method.views) else data.image_shape
         with self.strategy.scope():
-            self.backbone = pooled_features(backbones.build(
-                cfg.arch, data.image_shape, data.num_classes, precision=cfg.precision))
+            try:
+                self.backbone = pooled_features(backbones.build(
+                    cfg.arch, shape, data.num_classes, precision=cfg.precision))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f'--arch={cfg.arch} cannot take images of any size, which '
+                                  f'--local_crops needs ({one_line(e)}); use small_cnn or '
+                                  'wrnD_K') from None
             head = method.head(self.backbone.output.shape[-1])   # float32 (the global policy)
-            inputs = keras.Input(data.image_shape)
+            inputs = keras.Input(shape)
             self.student = keras.Model(inputs, head(self.backbone(inputs)), name='student')
             self.online = method.online_heads(head.output.shape[-1])
             # The teacher: the EMA of backbone + head, its decay rising from teacher_momentum to 1.
