@@ -46,3 +46,23 @@ def test_anchor_network_is_our_wide_resnet():
             assert not ours_layers
             theirs = session.run(logits, {images: x})
     np.testing.assert_allclose(theirs, ours(x, training=True), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_step_times_every_variant_and_names_the_isa_limit():
+    """The whole command on a tiny shape: the toolkit's Trainer step (which needs the synthetic
+    batches' pixel statistics) and the plain Keras step at uratio 2, each timed with a ratio; the
+    header names a oneDNN instruction-set limit when one is set."""
+    import os
+    import re
+    import subprocess
+    import sys
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2')
+    done = subprocess.run(
+        [sys.executable, '-m', 'ssl_ema.bench_step', '--algorithms=mean_teacher,fixmatch',
+         '--arch=small_cnn', '--image_shape=8,8,1', '--batch=8', '--uratio=2',
+         '--precisions=float32', '--baselines=keras', '--steps=1', '--repeats=1', '--warmup=1'],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA)' in done.stdout
+    rows = re.findall(r'^ssl_ema float32 +([\d.]+) +[\d.]+ +([\d.]+)', done.stdout, re.M)
+    assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row), done.stdout
