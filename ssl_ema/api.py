@@ -118,8 +118,9 @@ def _configure(function, data, kind, name, registry, config_cls, settings, comma
     own_fields = {f.name for f in dataclasses.fields(hyperparameter_cls)}
     unknown = sorted(set(settings) - config_fields - own_fields)
     if unknown:
-        raise ConfigError(f'{function}({unknown[0]}=...) is not a {function.replace("fit", "train")}'
-                          f'ing setting nor a hyperparameter '
+        activity = 'training' if function == 'fit' else f'{function}ing'
+        raise ConfigError(f'{function}({unknown[0]}=...) is not a {activity} setting nor a '
+                          'hyperparameter '
                           f'of {name} (its own: {", ".join(sorted(own_fields)) or "none"}; '
                           f'`python -m {command} --helpfull` lists every setting)')
     arrays = None if isinstance(data, str) else data
@@ -153,7 +154,7 @@ class Pretraining:
 
     @property
     def history(self) -> list:
-        """evaluations.jsonl: the k-NN accuracy of the student and the teacher at each evaluation."""
+        """evaluations.jsonl: k-NN accuracy of the student and the teacher per evaluation."""
         return run_dir.read_history(self.train_dir)
 
 

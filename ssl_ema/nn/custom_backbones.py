@@ -34,8 +34,9 @@ Limits: a backbone that keeps its own head has no separate `features` layer, so 
 extra heads (ReMixMatch's rotation head, algorithms/base.with_heads) sit on its logits; a
 [N, C] output with C equal to the number of classes is taken for logits. Under a multi-replica
 strategy batch norm is synchronised (as the toolkit's own backbones): two mirrored replicas train a
-.keras backbone as one device does (tests/test_distribute.py). --precision edits the layers' dtype policies in the serialised config, so a
-custom layer that hard-codes float32 computes in float32. For training and evaluation the stock
+.keras backbone as one device does (tests/test_distribute.py). --precision edits the layers' dtype
+policies in the serialised config, so a custom layer that hard-codes float32 computes in float32.
+For training and evaluation the stock
 batch-norm layers a functional or Sequential backbone's config lists run on TensorFlow's fused
 kernel (`nn/batch_norm.BatchNorm`: same weights, same formulas; a keras-hub backbone builds its own
 layers and keeps them); the export rebuilds the backbone with its stock layers.
