@@ -43,7 +43,7 @@ def hub_preset(tmp_path_factory):
     keras_hub.models.ResNetBackbone(
         input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
         stackwise_num_blocks=[1], stackwise_num_strides=[2], block_type='basic_block',
-        use_pre_activation=True).save_to_preset(path)
+        use_pre_activation=True, name='res_net_backbone').save_to_preset(path)
     converter = keras_hub.layers.ResNetImageConverter(
         image_size=(8, 8), scale=[1 / 255.] * 3, offset=[-0.5] * 3)
     keras_hub.models.ResNetImageClassifierPreprocessor(converter).save_to_preset(path)
@@ -140,28 +140,63 @@ def test_fine_tuning_a_pretrained_model_lowers_the_unlabeled_loss(
     assert accuracy['ema']['test'] > 80 and accuracy['raw']['test'] > 80, accuracy
 
 
+@pytest.fixture(scope='module')
+def pretrained_hub_preset(digits_data, tmp_path_factory):
+    """A keras-hub ResNet pretrained (plain Keras, with a throwaway head) on every digits training
+    image, saved with its image converter as a local preset: what a downloaded preset is."""
+    keras_hub = pytest.importorskip('keras_hub')
+    import keras
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
+        stackwise_num_blocks=[1], stackwise_num_strides=[2], block_type='basic_block',
+        use_pre_activation=True, name='pretrained_res_net')
+    model = keras.Sequential([keras.Input((8, 8, 3)), backbone,
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    a = digits_data.arrays
+    model.fit(np.repeat(a.x_train / 255. - 0.5, 3, -1), a.y_train, epochs=10, batch_size=32,
+              verbose=0)
+    path = str(tmp_path_factory.mktemp('pretrained_preset') / 'resnet')
+    backbone.save_to_preset(path)
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(8, 8), scale=[1 / 255.] * 3, offset=[-0.5] * 3)
+    keras_hub.models.ResNetImageClassifierPreprocessor(converter).save_to_preset(path)
+    return path
+
+
 @pytest.mark.parametrize('name', ['fixmatch', 'mean_teacher'])
-def test_a_keras_hub_preset_learns(name, hub_preset, digits_data, tmp_path):
-    """A keras-hub backbone gets a new head: from the preset's random weights both algorithms
-    learn the labels and clear chance, and their unlabeled term takes part."""
+def test_fine_tuning_a_pretrained_keras_hub_preset_lowers_the_unlabeled_loss(
+        name, pretrained_hub_preset, digits_data, tmp_path):
+    """A preset gets a new head (random), so the unlabeled term starts at ~0 and rises while the
+    head learns the labels (--head_lr 10x, as the pretrained-SSL recipes); from then on it falls:
+    Mean Teacher's consistency, and FixMatch's pseudo-label loss per image that counts (its
+    share of counted images still grows)."""
     from ssl_ema.core.loop import Trainer
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.5}
                                                 if name == 'fixmatch' else {}))
-    cfg = tiny_config(algorithm=name, arch=f'keras_hub:{hub_preset}', train_steps=120,
-                      optimizer='adam', lr=1e-3)
+    cfg = tiny_config(algorithm=name, arch=f'keras_hub:{pretrained_hub_preset}',
+                      train_steps=240, optimizer='adam', lr=1e-3, head_lr=1e-2)
     trainer = Trainer(cfg, algorithm, digits_data, str(tmp_path))
     metrics = losses_along(trainer, cfg.total_steps)
-    labeled = [m['loss/labeled'] for m in metrics]
-    assert np.mean(labeled[-10:]) < 0.6 * np.mean(labeled[:10]), labeled[::10]
-    unlabeled = [m['algorithm/consistency' if name == 'mean_teacher' else 'algorithm/mask']
-                 for m in metrics]
-    assert np.mean(unlabeled[-10:]) > 0, unlabeled[::10]
+    if name == 'fixmatch':
+        unlabeled = [m['algorithm/pseudo_label'] / max(m['algorithm/mask'], 1e-6)
+                     for m in metrics]
+    else:
+        unlabeled = [m['algorithm/consistency'] for m in metrics]
+    after_warm_up, last = np.mean(unlabeled[40:80]), np.mean(unlabeled[-40:])
+    # Measured (last 40 / steps 40-80): FixMatch 0.86, Mean Teacher 0.54.
+    assert last < (0.92 if name == 'fixmatch' else 0.8) * after_warm_up, (after_warm_up, last)
     accuracy = trainer.evaluate()
-    assert accuracy['ema']['test'] > 40 and accuracy['raw']['test'] > 40, accuracy   # chance: 10
+    assert accuracy['ema']['test'] > 80 and accuracy['raw']['test'] > 80, accuracy
 
 
-def test_a_keras_file_resumes_exactly(keras_file, digits_data, tmp_path):
-    cfg = tiny_config(algorithm='fixmatch', arch=f'keras:{keras_file}', train_steps=20,
+@pytest.mark.parametrize('kind', ['keras_file', 'keras_hub'])
+def test_a_custom_backbone_resumes_exactly(kind, keras_file, digits_data, tmp_path, request):
+    arch = f'keras:{keras_file}' if kind == 'keras_file' else \
+        f'keras_hub:{request.getfixturevalue("hub_preset")}'
+    cfg = tiny_config(algorithm='fixmatch', arch=arch, train_steps=20,
                       eval_every_kimg=0.15625, layer_decay=0.5, head_lr=0.1, lr_warmup_kimg=0.1)
     straight, resumed, _ = straight_and_resumed(
         cfg, algorithms.ALGORITHMS['fixmatch'](), digits_data, tmp_path, 10)
@@ -206,6 +241,23 @@ def test_a_keras_model_object_trains_exports_and_stays_untouched(digits_data, tm
                       backbone=model)
     assert trainer.restore() == 10
     check_export(train_dir, trainer, digits_data, tmp_path)   # (no batch norm to re-estimate)
+
+
+def test_a_keras_file_run_exports_what_its_ema_predicts(keras_file, digits_data, tmp_path):
+    """The file's stock batch norm trains on the fused kernel; the export rebuilds the stock
+    layers from the checkpoint, and a Python without ssl_ema gets the EMA model's predictions."""
+    from conftest import run
+    from ssl_ema.core.loop import Trainer
+    from ssl_ema.nn import batch_norm
+    train_dir = str(tmp_path / 'run')
+    cfg = tiny_config(algorithm='mean_teacher', arch=f'keras:{keras_file}', train_steps=10,
+                      eval_every_kimg=0.15625, train_dir=train_dir, backbone_scale='0.0039')
+    run(cfg, algorithms.ALGORITHMS['mean_teacher']())
+    trainer = Trainer(cfg, algorithms.ALGORITHMS['mean_teacher'](), digits_data, train_dir)
+    assert any(isinstance(l, batch_norm.BatchNorm)
+               for l in trainer.student.get_layer('tiny_batch').layers)
+    assert trainer.restore() == 10
+    check_export(train_dir, trainer, digits_data, tmp_path)
 
 
 def test_a_keras_hub_preset_trains_resumes_and_exports(hub_preset, digits_data, tmp_path):
