@@ -173,6 +173,15 @@ class AnchorStep:
         return tf.clip_by_value(tf.cast(self.global_step, tf.float32)
                                 / (position * TRAIN_IMAGES), 0., 1.)
 
+    def _momentum_step(self, hp, loss, post_ops, ema_op):
+        """(loss, train op): Nesterov momentum 0.9 on the cosine rate, then the first pass's
+        batch-norm updates and the EMA, grouped after it (their mean_teacher.py, fixmatch.py)."""
+        train_op = v1.train.MomentumOptimizer(self._cosine_lr(hp['lr']), 0.9,
+                                              use_nesterov=True).minimize(
+            loss, colocate_gradients_with_ops=True)
+        with tf.control_dependencies([train_op]):
+            return loss, tf.group(*post_ops, ema_op)
+
     def _cosine_lr(self, lr):
         return lr * tf.cos(self._progress(1.) * (7 * np.pi) / (2 * 8))
 
@@ -191,11 +200,7 @@ class AnchorStep:
         loss_wd = tf.add_n([tf.nn.l2_loss(v) for v in _kernels()])
         loss = (xe + loss_mt * self._progress(hp['warmup_pos']) * hp['consistency_weight']
                 + hp['wd'] * loss_wd)
-        train_op = v1.train.MomentumOptimizer(self._cosine_lr(hp['lr']), 0.9,
-                                              use_nesterov=True).minimize(
-            loss, colocate_gradients_with_ops=True)
-        with tf.control_dependencies([train_op]):
-            return loss, tf.group(*post_ops, ema_op)
+        return self._momentum_step(hp, loss, post_ops, ema_op)
 
     def _fixmatch(self, net, hp, xt, labels, u, batch, uratio, num_classes):
         parts = 2 * uratio + 1
@@ -221,11 +226,7 @@ class AnchorStep:
         ema_op = v1.train.ExponentialMovingAverage(decay=hp['ema']).apply(
             v1.trainable_variables())
         loss = xe + hp['wu'] * xeu + hp['wd'] * loss_wd
-        train_op = v1.train.MomentumOptimizer(self._cosine_lr(hp['lr']), 0.9,
-                                              use_nesterov=True).minimize(
-            loss, colocate_gradients_with_ops=True)
-        with tf.control_dependencies([train_op]):
-            return loss, tf.group(*post_ops, ema_op)
+        return self._momentum_step(hp, loss, post_ops, ema_op)
 
     def _vat(self, net, hp, xt, labels, u, batch, uratio, num_classes):
         y = u[:, 0]
