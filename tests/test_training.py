@@ -118,6 +118,32 @@ def test_evaluation_interrupted_at_the_last_step_is_redone(digits_data, tmp_path
     assert json.loads((resumed_dir / 'accuracy.json').read_text()) == saved
 
 
+def test_cpu_time_is_recorded_and_adds_up_across_resumes(digits_data, tmp_path):
+    """cpu_time_s (every thread's CPU-seconds) beside wall_time_s: a resumed run's count goes on
+    from the earlier process's, it does not restart at zero."""
+    import time
+    cfg = tiny_config(algorithm='supervised', train_steps=40)   # evaluations at steps 20 and 40
+
+    def stop_after_first_evaluation(line):
+        if line.startswith('step 30/'):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, algorithms.ALGORITHMS['supervised'](), digits_data,
+                str(tmp_path)).train(log=stop_after_first_evaluation)
+    first = json.loads((tmp_path / 'accuracy.json').read_text())['cpu_time_s']
+    before = time.process_time()
+    Trainer(cfg, algorithms.ALGORITHMS['supervised'](), digits_data, str(tmp_path),
+            cpu_start=before).train(log=quiet)
+    second_process = time.process_time() - before
+    history = [json.loads(line) for line in (tmp_path / 'evaluations.jsonl').open()]
+    assert [h['step'] for h in history] == [20, 40]
+    assert history[0]['cpu_time_s'] == first > 0
+    # The second process's own CPU, counted on top of the first's (and no more than it used).
+    assert history[1]['cpu_time_s'] == pytest.approx(first + second_process, rel=0.1)
+    assert json.loads((tmp_path / 'accuracy.json').read_text())['cpu_time_s'] == (
+        history[1]['cpu_time_s'])
+
+
 def test_finished_run_is_not_retrained(tmp_path):
     cfg = tiny_config(algorithm='supervised', train_steps=10, train_dir=str(tmp_path / 'run'))
     first = run(cfg, algorithms.ALGORITHMS['supervised'](), log=quiet)

@@ -5,6 +5,7 @@ Validate everything before touching the run directory, take its lock, write its 
 classifier (core/classifier.py).
 """
 import dataclasses
+import time
 
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import RunError
@@ -18,6 +19,7 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> 
     `backbone`: a keras.Model to train instead of building --arch (nn/backbones.build says which
     models are supported); `dataset`: an SSLData already built (e.g. from in-memory arrays),
     instead of the one cfg.dataset names."""
+    cpu_start = time.process_time()   # the run's CPU-seconds count from here (records.times)
     import tensorflow as tf
     from ssl_ema import data
     from ssl_ema.core.loop import Trainer
@@ -40,7 +42,8 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> 
         resuming = run_dir.check_compatible(train_dir, record, lambda *a: None)
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
-        trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy, backbone=backbone)
+        trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy, backbone=backbone,
+                          cpu_start=cpu_start)
         if chief:
             try:
                 classifier.write_classifier_info(train_dir, dataset)   # what an export needs

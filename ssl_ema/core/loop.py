@@ -31,7 +31,7 @@ from ssl_ema.nn import backbones, custom_backbones, losses
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None,
-                 backbone=None):
+                 backbone=None, cpu_start=None):
         self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         replicas = self.strategy.num_replicas_in_sync
@@ -75,7 +75,8 @@ class Trainer:
         # Multi-worker (core/cluster.py): only the chief writes train_dir and evaluates.
         self.chief = self.strategy.extended.should_checkpoint
         self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
-                                  cfg.distribute == 'multi_worker', accuracy.summarize)
+                                  cfg.distribute == 'multi_worker', accuracy.summarize,
+                                  cpu_start)
         self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
         self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
                              for name, a in self.averages.items()})
@@ -244,7 +245,7 @@ class Trainer:
         result = self.evaluate()
         if images_per_sec is not None:
             result['images_per_sec'] = images_per_sec
-        result['wall_time_s'] = self.records.elapsed(start)
+        result.update(self.records.times(start))
         self._record(result)
         log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])

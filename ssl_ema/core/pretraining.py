@@ -182,7 +182,7 @@ class Pretrainer:
         if not self.chief:
             return self.records.record({'step': int(self.step.numpy())}, {})
         result = self.evaluate()
-        result['wall_time_s'] = self.records.elapsed(start)
+        result.update(self.records.times(start))
         self.records.record(result, {f'knn_accuracy/{model}/{split}': value
                                      for model in ('raw', 'ema')
                                      for split, value in result[model].items()})

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from typing import Optional
 
 import tensorflow as tf
 
@@ -26,8 +27,11 @@ from ssl_ema.core import run_dir
 class RunRecords:
     def __init__(self, train_dir: str, checkpoint: tf.train.Checkpoint, chief: bool = True,
                  keep_checkpoints: int = 3, multi_worker: bool = False,
-                 summarize=lambda history: {}):
+                 summarize=lambda history: {}, cpu_start: Optional[float] = None):
+        """`cpu_start`: time.process_time() when the command's work on this run began (default:
+        now), so a Python process that makes several runs counts each its own CPU."""
         self.train_dir, self.chief, self.summarize = train_dir, chief, summarize
+        self.cpu_start = time.process_time() if cpu_start is None else cpu_start
         self.checkpoint_dir = os.path.join(train_dir, run_dir.CHECKPOINTS)
         self.scratch = tempfile.mkdtemp(prefix='ssl_ema_worker_') if multi_worker else None
         self.manager = tf.train.CheckpointManager(
@@ -36,7 +40,9 @@ class RunRecords:
         self.writer = (tf.summary.create_file_writer(os.path.join(train_dir, run_dir.TENSORBOARD))
                        if chief else tf.summary.create_noop_writer())
         self.history = []
-        self.wall_time = 0.   # seconds of training before this process, from the history
+        # Seconds before this process, from the history: training wall time, and CPU time
+        # (every thread's, as /usr/bin/time's user + system) of the processes before this one.
+        self.wall_time = self.cpu_time = 0.
 
     def restore(self, checkpoint: tf.train.Checkpoint) -> None:
         """Restore the latest checkpoint (the chief's, on every worker) if there is one, and
@@ -52,6 +58,8 @@ class RunRecords:
                 run_dir.write_history(self.train_dir, self.history)
         if self.history:
             self.wall_time = self.history[-1]['wall_time_s']
+            # The earlier process's CPU up to its last evaluation (absent in older runs: 0).
+            self.cpu_time = self.history[-1].get('cpu_time_s', 0.)
 
     @contextlib.contextmanager
     def writing(self):
@@ -97,6 +105,14 @@ class RunRecords:
     def elapsed(self, start: float) -> float:
         """Training wall time of the run so far, this process having started at `start`."""
         return self.wall_time + time.time() - start
+
+    def times(self, start: float) -> dict:
+        """The evaluation record's clocks: `wall_time_s` (training, as `elapsed`) and
+        `cpu_time_s`, the CPU-seconds of every thread of the processes that made the run so far,
+        start-up, data loading and evaluations included (what /usr/bin/time counts as user +
+        system), cumulative across resumes (each earlier process up to its last evaluation)."""
+        return {'wall_time_s': self.elapsed(start),
+                'cpu_time_s': self.cpu_time + time.process_time() - self.cpu_start}
 
     def close(self, log=print) -> None:
         """Flush TensorBoard and remove a worker's scratch directory."""

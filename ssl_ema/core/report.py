@@ -104,7 +104,7 @@ def csv_rows(records) -> (List[str], List[dict]):
     accuracy_columns = [f'{m}_{s}_{stat}' for m in models for s in SPLITS for stat in STATS]
     columns = (fixed + differing + accuracy_columns
                + ['step', 'total_steps', 'finished', 'evaluations', 'images_per_sec',
-                  'wall_time_s', 'run'])
+                  'wall_time_s', 'cpu_time_s', 'run'])
     rows = []
     for r, values in zip(records, flag_values):
         row = {k: values.get(k, '') for k in fixed + differing}
@@ -116,7 +116,8 @@ def csv_rows(records) -> (List[str], List[dict]):
         row.update(step=acc.get('step', 0), total_steps=r['total_steps'], finished=r['finished'],
                    evaluations=acc.get('evaluations', 0),
                    images_per_sec=acc.get('images_per_sec', ''),
-                   wall_time_s=acc.get('wall_time_s', ''), run=r['name'])
+                   wall_time_s=acc.get('wall_time_s', ''),
+                   cpu_time_s=acc.get('cpu_time_s', ''), run=r['name'])
         rows.append(row)
     return columns, rows
 
