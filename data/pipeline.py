@@ -212,6 +212,13 @@ class SSLData:
                                     self.unlabeled(batch * uratio, views, start_step, indices,
                                                    share))).prefetch(tf.data.AUTOTUNE)
 
+    def pool_images(self):
+        """The whole unlabeled pool in index order (the indices `unlabeled` yields), normalised,
+        not augmented, read by slices x[a:b] (file-backed pools decode a slice at a time)."""
+        if isinstance(self._unlabeled_x, FileImages):
+            return Normalized(self._unlabeled_x, self.normalize)
+        return _Sliced(self._unlabeled_x, self.normalize)
+
     def eval_arrays(self) -> dict:
         """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented. File-backed images are
         decoded a slice at a time when read (files.Normalized), in-memory ones at once."""
@@ -219,6 +226,19 @@ class SSLData:
         out = {'valid': (a.x_train[s.valid], a.y_train[s.valid]), 'test': (a.x_test, a.y_test)}
         return {k: (Normalized(x, self.normalize) if isinstance(x, FileImages)
                     else self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
+
+
+class _Sliced:
+    """In-memory images normalised one slice at a time: len() and x[a:b] as an array."""
+
+    def __init__(self, images, normalize):
+        self.images, self.normalize = images, normalize
+
+    def __len__(self):
+        return int(self.images.shape[0])
+
+    def __getitem__(self, window: slice):
+        return np.asarray(self.normalize(self.images[window]))
 
 
 def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> tf.data.Dataset:

@@ -69,7 +69,8 @@ class TrainConfig(Length):
                                    'get_cosine_schedule_with_warmup; its usb_cv configs warm up '
                                    '5120 of 204800 steps). 0: none.')
     lr: float = hparam(0.03, 'Peak learning rate.')
-    lr_decay: str = hparam('cosine', 'cosine (the anchors\' cos(7 pi t / 16 T)) or constant.')
+    lr_decay: str = hparam('cosine', 'cosine (the anchors\' cos(7 pi t / 16 T), ending at 0.2 '
+                           'lr), cosine_to_zero ((1 + cos(pi t / T)) / 2, SGDR\'s) or constant.')
     momentum: float = hparam(0.9, 'SGD momentum (Nesterov) or Adam beta_1 (Adam\'s epsilon is '
                              '1e-8, tf.compat.v1.train.AdamOptimizer\'s as in the anchors).')
     weight_decay: float = hparam(5e-4, 'Weight decay on kernels (conv and dense; not biases or '
@@ -154,7 +155,7 @@ class TrainConfig(Length):
                                  'runs; slower on GPU).', run_defining=False)
 
     def __post_init__(self):
-        choices = {'optimizer': ('sgd', 'adam', 'adamw'), 'lr_decay': ('cosine', 'constant'),
+        choices = {'optimizer': ('sgd', 'adam', 'adamw'), 'lr_decay': ('cosine', 'cosine_to_zero', 'constant'),
                    'distribute': ('default', 'mirrored', 'multi_worker'),
                    'augment': ('weak', 'strong', 'none'),
                    'weight_decay_type': ('decoupled', 'l2'),

@@ -13,12 +13,16 @@ from ssl_ema.base.files import check_writable_dir, lock_run_dir
 from ssl_ema.core import accuracy, classifier, cluster, run_dir
 
 
-def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> str:
+def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
+        round_of=None) -> str:
     """Train (or resume) the run that `cfg` and `algorithm` define; returns its directory.
 
     `backbone`: a keras.Model to train instead of building --arch (nn/backbones.build says which
     models are supported); `dataset`: an SSLData already built (e.g. from in-memory arrays),
-    instead of the one cfg.dataset names."""
+    instead of the one cfg.dataset names; `round_of`: (teacher RunDir, prepare) for a
+    self-training round (core/distilling.py): its directory defaults to one inside the
+    teacher's, and `prepare(train_dir, teacher, algorithm, dataset, trainer, log)` makes its
+    pseudo-labels before it trains and returns what flags.json records of the teacher."""
     cpu_start = time.process_time()   # the run's CPU-seconds count from here (records.times)
     import tensorflow as tf
     from ssl_ema import data
@@ -31,7 +35,12 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> 
                              cfg.data_dir, input_norm=cfg.input_norm, image_size=cfg.image_size)
     arch = backbones.resolve(cfg.arch, dataset.image_shape, backbone)
     cfg = dataclasses.replace(cfg, arch=arch)
-    train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, algorithm, arch)
+    if round_of:
+        from ssl_ema.core import distilling
+        train_dir = cfg.train_dir or distilling.default_train_dir(
+            round_of[0].train_dir, cfg, algorithm, arch)
+    else:
+        train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, algorithm, arch)
     record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
     run_dir.check_compatible(train_dir, record, log)   # refuse before touching the directory
     check_writable_dir(train_dir, 'train_dir')
@@ -44,6 +53,9 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> 
             tf.config.experimental.enable_op_determinism()
         trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy, backbone=backbone,
                           cpu_start=cpu_start)
+        if round_of:   # on every worker: each trains on the pseudo-labels
+            record['teacher'] = round_of[1](train_dir, round_of[0], algorithm, dataset, trainer,
+                                            log)
         if chief:
             try:
                 classifier.write_classifier_info(train_dir, dataset)   # what an export needs

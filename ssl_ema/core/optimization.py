@@ -1,5 +1,7 @@
 """The optimizer side of the loop: the learning-rate schedule, SGD or Adam as the anchors build
 them, and which variables weight decay shrinks (the Trainer applies it, --weight_decay_type)."""
+import math
+
 import keras
 import tensorflow as tf
 
@@ -8,7 +10,9 @@ from ssl_ema.nn import custom_backbones, losses
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T) (or constant). With
+    """Peak `lr`, then the anchors' cosine decay lr * cos(7 pi t / 16 T), or the full half
+    cosine lr * (1 + cos(pi t / T)) / 2 down to 0 (`cosine_to_zero`: SGDR's, Loshchilov & Hutter
+    2017, Eq. 5 without restarts, which lets a short run's raw student settle), or constant. With
     `warmup_steps` (--lr_warmup_kimg), first lr * t / warmup_steps, then the decay over the
     remaining steps, as USB's get_cosine_schedule_with_warmup."""
 
@@ -22,7 +26,9 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
             lr = tf.constant(self.lr, tf.float32)
         else:
             progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            lr = self.lr * losses.fixmatch_cosine(tf.clip_by_value(progress, 0., 1.))
+            progress = tf.clip_by_value(progress, 0., 1.)
+            lr = self.lr * (losses.fixmatch_cosine(progress) if self.decay == 'cosine' else
+                            (1. + tf.cos(math.pi * progress)) / 2.)
         if not self.warmup_steps:
             return lr
         return tf.where(step < self.warmup_steps, self.lr * step / self.warmup_steps, lr)

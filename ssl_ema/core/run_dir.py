@@ -136,6 +136,8 @@ def write_new_run(train_dir: str, record: dict, split: dict) -> None:
     to resume, so everything else is there."""
     files.write_json(os.path.join(train_dir, SPLIT), split)
     values = {**record['config'], **record['algorithm']}
+    if 'teacher' in record:   # a self-training round (core/distilling.py): ssl_ema.distill's flag
+        values['teacher_run'] = record['teacher']['train_dir']
     flagfile = ''.join(f'--{k}={v}\n' for k, v in values.items() if v is not None)
     files.write_atomically(os.path.join(train_dir, FLAGFILE), lambda f: f.write(flagfile), 'w')
     files.write_json(os.path.join(train_dir, RECORD), record)

@@ -1,0 +1,159 @@
+"""A self-training round: a finished run (the teacher) labels the unlabeled pool once, and a new
+student learns the labels and those pseudo-labels (algorithms/distillation.py's loss), with every
+guarantee of a run directory (resume, lock, NaN guard, records, export: core/fitting.fit).
+
+On disk, a round is a run directory of its own, by default inside its teacher's:
+
+    TEACHER/rounds/distill_<arch>[_<non-default flags>]/   flags.json (+ "teacher": its
+            directory, the checkpoint that labelled the pool, a fingerprint of its flags, split
+            and checkpoint), pseudo_labels.npz (the teacher's probabilities on the pool, the
+            targets and selection weights trained on), checkpoints/, evaluations.jsonl,
+            accuracy.json, export/ (this round's EMA classifier), ...
+
+so rounds chain (a round is a teacher like any run: ROUND/rounds/...), and `open_run(ROUND)` is
+the round's classifier. A round trains on its teacher's dataset, split and input normalisation
+(its --dataset, --labels, --valid, --seed ... are the teacher's, never its own).
+"""
+import dataclasses
+import json
+import os
+import zlib
+
+import numpy as np
+
+from ssl_ema.base import files
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.base.errors import ConfigError
+from ssl_ema.core import pool, run_dir
+
+PSEUDO_LABELS = 'pseudo_labels.npz'
+ROUNDS = 'rounds'
+# What a round takes from its teacher: the data, the split and how images enter the model.
+INHERITED = ('dataset', 'data_dir', 'labels', 'valid', 'seed', 'image_size', 'input_norm')
+
+
+def finished(train_dir: str) -> bool:
+    """True if train_dir holds a run trained to its full length (its accuracy.json says so)."""
+    record, summary = run_dir.read_run_record(train_dir), run_dir.read_summary(train_dir)
+    return bool(record and summary and summary.get('step') == run_dir.recorded_total_steps(record))
+
+
+def open_teacher(teacher_dir: str) -> run_dir.RunDir:
+    """The teacher's run directory; ConfigError (one line, naming --teacher) if it is missing,
+    not a training run, or not finished."""
+    if not teacher_dir:
+        raise ConfigError('--teacher_run=DIR is required: a finished run directory of ssl_ema.train '
+                          'or ssl_ema.distill')
+    if not os.path.isdir(teacher_dir):
+        raise ConfigError(f'--teacher_run={teacher_dir}: no such directory')
+    record = run_dir.read_run_record(teacher_dir)
+    if record is None or 'algorithm' not in record['config']:
+        raise ConfigError(f'--teacher_run={teacher_dir} is not a training run directory (no '
+                          f'{run_dir.RECORD} of ssl_ema.train or ssl_ema.distill)')
+    if not finished(teacher_dir):
+        summary = run_dir.read_summary(teacher_dir) or {}
+        raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step {summary.get("step", 0)}'
+                          f' of {run_dir.recorded_total_steps(record)}): finish it first by '
+                          'running its command again')
+    return run_dir.RunDir(teacher_dir, record)
+
+
+def fingerprint(teacher: run_dir.RunDir, checkpoint: str) -> str:
+    """crc32 of what the pseudo-labels depend on: the teacher's flags.json, split.json and the
+    checkpoint's index (its weights' layout and step)."""
+    crc = 0
+    for path in (teacher.path(run_dir.RECORD), teacher.path(run_dir.SPLIT), checkpoint + '.index'):
+        with open(path, 'rb') as f:
+            crc = zlib.crc32(f.read(), crc)
+    return f'{crc:08x}'
+
+
+def student_config(cfg: TrainConfig, teacher: run_dir.RunDir, explicit=()) -> TrainConfig:
+    """`cfg` with the teacher's data and split (INHERITED) and algorithm 'distill'; ConfigError if
+    one of the settings the user gave (`explicit`) differs from the teacher's."""
+    theirs = teacher.config
+    for name in INHERITED:
+        if name in explicit and getattr(cfg, name) != getattr(theirs, name):
+            raise ConfigError(f'--{name}={getattr(cfg, name)} differs from the teacher\'s '
+                              f'--{name}={getattr(theirs, name)} ({teacher.train_dir}): a round '
+                              'trains on its teacher\'s data and split; leave it out')
+    return dataclasses.replace(cfg, algorithm='distill',
+                               **{n: getattr(theirs, n) for n in INHERITED})
+
+
+def default_train_dir(teacher_dir: str, cfg: TrainConfig, algorithm, arch: str) -> str:
+    """TEACHER/rounds/distill_<arch>[_<non-default flags>] (run_dir's naming, inside the
+    teacher's directory: two teachers never share a round)."""
+    name = os.path.basename(run_dir.default_train_dir(cfg, algorithm, arch))
+    return os.path.join(teacher_dir, ROUNDS, name)
+
+
+def label_pool(teacher: run_dir.RunDir, algorithm, data, log=print):
+    """(probabilities, targets, weights, checkpoint) of the teacher's `algorithm.teacher_model`
+    classifier on the pool (core/pool.py)."""
+    from ssl_ema.core import classifier
+    info = classifier.classifier_info(teacher)
+    net, checkpoint, step = classifier.restore_backbone(teacher, info, algorithm.teacher_model)
+    probs = pool.predict_pool(net, data)
+    targets, weights = pool.pseudo_labels(probs, algorithm.pseudo_labels, algorithm.per_class,
+                                          algorithm.temperature)
+    log(f'labelled the pool ({len(probs)} images) with the {algorithm.teacher_model} classifier '
+        f'of {checkpoint} (step {step}): {int(weights.sum())} pseudo-labels kept')
+    return probs, targets, weights, checkpoint
+
+
+def prepare(train_dir: str, teacher: run_dir.RunDir, algorithm, data, trainer, log=print):
+    """Before a round trains (under its run-directory lock): the pool's pseudo-labels, made once
+    and kept in train_dir (a resumed round reads them back: the teacher is not run again), checked
+    against the teacher as it is now; the student starts from the teacher's weights with
+    --init=teacher (a resumed round then restores its own checkpoint over them)."""
+    path = os.path.join(train_dir, PSEUDO_LABELS)
+    saved = run_dir.read_run_record(train_dir) or {}
+    if os.path.exists(path) and saved:   # (without flags.json the round never started)
+        with np.load(path) as z:
+            targets, weights, checkpoint = z['targets'], z['weights'], str(z['checkpoint'])
+        if not os.path.exists(checkpoint + '.index') or fingerprint(teacher, checkpoint) != (
+                saved.get('teacher', {}).get('fingerprint')):
+            raise ConfigError(f'--teacher_run={teacher.train_dir} changed after the round in '
+                              f'{train_dir} started (its flags, split or checkpoint {checkpoint}'
+                              '): use another --train_dir, or restore the teacher')
+    else:
+        probs, targets, weights, checkpoint = label_pool(teacher, algorithm, data, log)
+        files.write_atomically(path, lambda f: np.savez(
+            f, probabilities=probs, targets=targets, weights=weights,
+            checkpoint=np.array(checkpoint)))
+    if len(targets) != data.unlabeled_size:
+        raise ConfigError(f'{path} labels {len(targets)} pool images, the pool has '
+                          f'{data.unlabeled_size}: the teacher\'s data changed; use another '
+                          '--train_dir')
+    algorithm.with_targets(targets, weights)
+    if algorithm.init == 'teacher':
+        from ssl_ema.core import classifier
+        net, _, _ = classifier.restore_backbone(teacher, classifier.classifier_info(teacher),
+                                                algorithm.teacher_model)
+        if len(net.weights) != len(trainer.student.weights):
+            raise ConfigError(f'--init=teacher needs the teacher\'s architecture '
+                              f'({teacher.config.arch}), not --arch={trainer.cfg.arch}; use '
+                              '--init=fresh for another backbone')
+        for model in (trainer.student, trainer.ema.model):
+            model.set_weights(net.get_weights())
+    return {'train_dir': os.path.abspath(teacher.train_dir), 'checkpoint': checkpoint,
+            'fingerprint': fingerprint(teacher, checkpoint)}
+
+
+def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(),
+            train_dir=None) -> str:
+    """Train (or resume) the round whose teacher is `teacher_dir`; returns its directory.
+    `explicit`: names of the settings the user gave (a data or split setting that differs from
+    the teacher's is refused); `train_dir`: where (default: default_train_dir)."""
+    from ssl_ema.core import fitting
+    teacher = open_teacher(teacher_dir)
+    cfg = student_config(cfg, teacher, explicit)
+    if train_dir:
+        cfg = dataclasses.replace(cfg, train_dir=train_dir)
+    data = teacher.dataset(augment=cfg.augment)
+    with open(teacher.path(run_dir.SPLIT)) as f:
+        if json.load(f) != json.loads(json.dumps(data.split.as_dict())):
+            raise ConfigError(f'--teacher_run={teacher_dir}: its split.json is not the split its '
+                              'flags make here (another version or dataset files); retrain it')
+    return fitting.fit(cfg, algorithm, log=log, dataset=data, round_of=(teacher, prepare))
