@@ -81,13 +81,13 @@ def _dataset_name(data) -> str:
                       'an .npz file or a folder of class folders')
 
 
-def fit(data: Union[str, object] = 'digits', algorithm: str = 'mean_teacher', backbone=None,
+def fit(data: Union[str, object] = 'digits', algorithm: Optional[str] = None, backbone=None,
         log=print, **settings) -> Run:
     """Train (or resume) a classifier; returns its Run.
 
     data: a dataset name as --dataset takes it ('digits', 'cifar10', 'npz:PATH', ...), a path to
         an .npz file or an image folder, or arrays from `ssl_ema.data.from_arrays`.
-    algorithm: as --algorithm.
+    algorithm: as --algorithm (default: the recipe's, else mean_teacher).
     backbone: an architecture name as --arch (also keras:PATH.keras, keras_hub:PRESET), or a
         keras.Model (functional, Sequential, or subclassed with get_config; a copy is trained: a
         feature extractor gets pooling and a new head, a model that already returns the dataset's
@@ -99,6 +99,13 @@ def fit(data: Union[str, object] = 'digits', algorithm: str = 'mean_teacher', ba
     if isinstance(backbone, str):
         settings['arch'] = backbone
         backbone = None
+    # --recipe's defaults under the settings given, as ssl_ema.train applies them.
+    explicit = set(settings) | ({'algorithm'} if algorithm else set())
+    recipe, algorithm, defaults, hyperparameters = fitting.recipe_defaults(
+        settings.get('recipe', TrainConfig.recipe),
+        _dataset_name(data) if isinstance(data, str) else getattr(data, 'name', ''),
+        algorithm or TrainConfig.algorithm, explicit)
+    settings = {**defaults, **hyperparameters, **settings, 'recipe': recipe.name}
     cfg, hyperparameters, dataset = _configure(
         'fit', data, 'algorithm', algorithm, algorithms.ALGORITHMS, TrainConfig, settings,
         'ssl_ema.train', lambda c: c.augment)

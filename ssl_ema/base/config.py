@@ -5,6 +5,7 @@ import dataclasses
 import re
 from typing import Optional
 
+from ssl_ema.base import recipes
 from ssl_ema.base.errors import ConfigError
 from ssl_ema.base.hparams import Length, check_values, hparam, parse_floats
 
@@ -14,6 +15,12 @@ class TrainConfig(Length):
     """Everything the shared training loop needs; each field is the flag of the same name."""
     algorithm: str = hparam('mean_teacher', 'SSL algorithm (its own flags are listed under its '
                             'module in --helpfull).')
+    recipe: str = hparam('auto', 'Named defaults measured for a budget (ssl_ema/base/recipes.py, '
+                         'runs/RECIPE.md): budget (FixMatch with an EMA teacher and a '
+                         'self-training round: Fashion-MNIST-sized data at 250 labels in about '
+                         'an hour of CPU), none (the toolkit\'s defaults, every run before '
+                         'recipes), or auto: budget for fashion_mnist and your own data (npz:, '
+                         'folder:, arrays), none for every other dataset. Flags you give win.')
     dataset: str = hparam('digits', 'Dataset; digits is embedded in scikit-learn (no download).')
     data_dir: Optional[str] = hparam(None, 'Where dataset files live (default: tensorflow-datasets\''
                                      ' own directory).', run_defining=False)
@@ -49,6 +56,10 @@ class TrainConfig(Length):
                                run_defining=False)
     train_steps: int = hparam(0, 'Training length in steps; overrides --train_kimg when > 0.',
                               run_defining=False)
+    self_training_kimg: float = hparam(
+        0., 'Length in kimg of each self-training round that --recipe adds after the run '
+        '(core/distilling.py: the run\'s classifier labels the pool, a new student learns it); '
+        '0: no round. The budget recipe sets it (runs/RECIPE.md).', run_defining=False)
     eval_every_kimg: float = hparam(2., 'Evaluate raw and EMA models (and checkpoint) every this '
                                     'many thousand labeled images.', run_defining=False)
     log_every_steps: int = hparam(100, 'Print a progress line every this many steps.',
@@ -165,6 +176,9 @@ class TrainConfig(Length):
                      positive_ints=('batch', 'uratio', 'labels', 'log_every_steps',
                                     'keep_checkpoints', 'cpu_devices'),
                      positive=('train_kimg', 'eval_every_kimg', 'lr'))
+        if self.recipe not in recipes.NAMES:
+            raise ConfigError(f'--recipe={self.recipe} is unknown; valid: '
+                              f'{", ".join(recipes.NAMES)}')
         self._check_fine_tuning()
         if not 0. <= self.ema_decay < 1.:
             raise ConfigError(f'--ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999')
@@ -174,10 +188,10 @@ class TrainConfig(Length):
         if self.image_size and not re.fullmatch(r'[1-9]\d*(,[1-9]\d*)?', str(self.image_size)):
             raise ConfigError(f'--image_size={self.image_size} must be H or H,W in pixels, e.g. '
                               '32 or 224,224')
-        if (self.valid < 0 or self.train_steps < 0 or self.weight_decay < 0
+        if (self.valid < 0 or self.train_steps < 0 or self.self_training_kimg < 0 or self.weight_decay < 0
                 or self.collective_timeout_s < 0):
-            raise ConfigError('--valid, --train_steps, --weight_decay and --collective_timeout_s '
-                              'must be >= 0')
+            raise ConfigError('--valid, --train_steps, --self_training_kimg, --weight_decay and '
+                              '--collective_timeout_s must be >= 0')
 
     def _check_fine_tuning(self):
         if self.optimizer == 'adamw' and self.weight_decay_type != 'decoupled':

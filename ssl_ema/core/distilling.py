@@ -33,9 +33,10 @@ INHERITED = ('dataset', 'data_dir', 'labels', 'valid', 'seed', 'image_size', 'in
 
 
 def finished(train_dir: str) -> bool:
-    """True if train_dir holds a run trained to its full length (its accuracy.json says so)."""
-    record, summary = run_dir.read_run_record(train_dir), run_dir.read_summary(train_dir)
-    return bool(record and summary and summary.get('step') == run_dir.recorded_total_steps(record))
+    """True if train_dir holds a run trained to its full length (its last evaluation's step)."""
+    record, history = run_dir.read_run_record(train_dir), run_dir.read_history(train_dir)
+    return bool(record and history and
+                history[-1]['step'] == run_dir.recorded_total_steps(record))
 
 
 def open_teacher(teacher_dir: str) -> run_dir.RunDir:
@@ -51,10 +52,11 @@ def open_teacher(teacher_dir: str) -> run_dir.RunDir:
         raise ConfigError(f'--teacher_run={teacher_dir} is not a training run directory (no '
                           f'{run_dir.RECORD} of ssl_ema.train or ssl_ema.distill)')
     if not finished(teacher_dir):
-        summary = run_dir.read_summary(teacher_dir) or {}
-        raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step {summary.get("step", 0)}'
-                          f' of {run_dir.recorded_total_steps(record)}): finish it first by '
-                          'running its command again')
+        history = run_dir.read_history(teacher_dir)
+        raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step '
+                          f'{history[-1]["step"] if history else 0} of '
+                          f'{run_dir.recorded_total_steps(record)}): finish it first by running '
+                          'its command again')
     return run_dir.RunDir(teacher_dir, record)
 
 
@@ -157,3 +159,49 @@ def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(
             raise ConfigError(f'--teacher_run={teacher_dir}: its split.json is not the split its '
                               'flags make here (another version or dataset files); retrain it')
     return fitting.fit(cfg, algorithm, log=log, dataset=data, round_of=(teacher, prepare))
+
+
+def run_rounds(train_dir: str, cfg: TrainConfig, rounds, log=print, publish=True) -> str:
+    """A recipe's self-training rounds after the run in train_dir: round k trains in
+    train_dir/rounds/<k> (a run directory as any round's) from round k-1's classifier (round 0:
+    the run itself), with the run's settings and the round's own (`rounds`: one dict each, of
+    training flags and distill hyperparameters). When the last round has finished, train_dir's
+    export/ becomes its classifier and train_dir's accuracy.json its summary (with the rounds
+    listed, and the whole pipeline's CPU time), so the run directory's top level always says
+    and holds one classifier: the run's own until its rounds are done, the last round's after.
+    Every worker of a multi-worker run trains every round; `publish`: this one writes (the
+    chief). Returns the last round's directory."""
+    from ssl_ema.algorithms.distillation import ROUNDS as DISTILLERS
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    teacher, done = train_dir, [('.', run_dir.read_summary(train_dir))]
+    for k, settings in enumerate(rounds, 1):
+        round_cfg = dataclasses.replace(
+            cfg, train_dir=None, train_steps=0, train_kimg=cfg.self_training_kimg,
+            **{n: v for n, v in settings.items() if n in config_fields})
+        algorithm = DISTILLERS['distill'](**{n: v for n, v in settings.items()
+                                             if n not in config_fields})
+        log(f'self-training round {k} of {len(rounds)}, teacher {teacher}')
+        teacher = distill(round_cfg, algorithm, teacher, log,
+                          train_dir=os.path.join(train_dir, ROUNDS, str(k)))
+        done.append((os.path.join(ROUNDS, str(k)), run_dir.read_summary(teacher)))
+    if publish:
+        _publish(train_dir, teacher, done)
+    return teacher
+
+
+def _publish(train_dir: str, last: str, done) -> None:
+    """train_dir/export := the last round's export, then train_dir/accuracy.json := its summary,
+    each written whole (files.write_*_atomically)."""
+    import shutil
+
+    def copy(out):
+        for name in os.listdir(os.path.join(last, 'export')):
+            source = os.path.join(last, 'export', name)
+            (shutil.copytree if os.path.isdir(source) else shutil.copy2)(
+                source, os.path.join(out, name))
+    files.write_directory_atomically(os.path.join(train_dir, 'export'), copy)
+    summary = dict(done[-1][1])
+    summary['rounds'] = [{'train_dir': where, 'ema': {s: v['last'] for s, v in s_['ema'].items()},
+                          'cpu_time_s': s_.get('cpu_time_s')} for where, s_ in done]
+    summary['cpu_time_s'] = sum(s_.get('cpu_time_s') or 0. for _, s_ in done)
+    run_dir.write_summary(train_dir, summary)

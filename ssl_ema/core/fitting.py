@@ -7,10 +7,26 @@ classifier (core/classifier.py).
 import dataclasses
 import time
 
+from ssl_ema.base import recipes
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import RunError
 from ssl_ema.base.files import check_writable_dir, lock_run_dir
 from ssl_ema.core import accuracy, classifier, cluster, run_dir
+
+
+def recipe_defaults(recipe: str, dataset: str, algorithm: str, explicit):
+    """(recipe, algorithm name, training settings, algorithm hyperparameters) that --recipe sets
+    for a run on `dataset` (base/recipes.py), leaving alone every setting in `explicit` (the
+    flags or fit() keywords the user gave). What ssl_ema.train and ssl_ema.fit both apply."""
+    from ssl_ema import algorithms
+    chosen = recipes.resolve(recipe, dataset)
+
+    def fields(name):
+        cls = algorithms.ALGORITHMS.get(name)
+        return [f.name for f in dataclasses.fields(cls)] if cls else []
+    name, train, hyperparameters = recipes.defaults(
+        chosen, algorithm, explicit, {f.name for f in dataclasses.fields(TrainConfig)}, fields)
+    return chosen, name, train, hyperparameters
 
 
 def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
@@ -29,6 +45,8 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
     from ssl_ema.core.loop import Trainer
     from ssl_ema.nn import backbones
 
+    if cfg.recipe == recipes.AUTO:   # a config whose recipe nobody applied: the plain defaults
+        cfg = dataclasses.replace(cfg, recipe='none')
     strategy = cluster.make_strategy(cfg)
     if dataset is None:
         dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment,
@@ -72,4 +90,11 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
     finally:
         if lock:
             lock.close()
+    if round_of is None and cfg.self_training_kimg and algorithm.views:
+        # Self-training rounds, the recipe's (else one with ssl_ema.distill's defaults); never
+        # for supervised, which reads no unlabeled image. train_dir's export and accuracy.json
+        # become the last round's.
+        from ssl_ema.core import distilling
+        distilling.run_rounds(train_dir, cfg, recipes.RECIPES[cfg.recipe].rounds or ({},), log,
+                              publish=chief)
     return train_dir

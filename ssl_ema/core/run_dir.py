@@ -24,7 +24,7 @@ import re
 import zlib
 from typing import Optional
 
-from ssl_ema.base import files, hparams
+from ssl_ema.base import files, hparams, recipes
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError, one_line
 
@@ -36,17 +36,26 @@ ROOT = 'experiments'   # where default run directories go, relative to the worki
 _NAMED = ('algorithm', 'method', 'dataset', 'labels', 'seed', 'arch')   # in the directory name
 # The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
 CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
+# Settings newer than some run directories, and what a record without them means.
+LEGACY = {'recipe': 'none'}
 
 
 def default_train_dir(cfg, algorithm, arch: str, prefix: str = '') -> str:
     """experiments/<dataset>.<labels>@<seed>/<algorithm>_<arch>[_<non-default hyperparameters>]:
     the hyperparameters name the directory, so running the same command again resumes. `cfg` is
     a TrainConfig (or a PretrainConfig, with `prefix` 'pretrain_' and the method as algorithm)."""
-    defaults = type(cfg).__dataclass_fields__
+    # A setting is named when it differs from its default under the run's recipe (whose own name
+    # is named unless it is `none`: the directories of runs made before recipes are unchanged).
+    recipe = recipes.RECIPES.get(getattr(cfg, 'recipe', 'none'), recipes.RECIPES['none'])
+    defaults = {k: f.default for k, f in type(cfg).__dataclass_fields__.items()}
+    defaults.update(recipe.settings)
     changed = [(k, v) for k, v in hparams.run_defining(cfg).items()
-               if k not in _NAMED and v != defaults[k].default]
+               if k not in _NAMED and k != 'recipe' and v != defaults[k]]
+    if recipe.name != 'none':
+        changed.append(('recipe', recipe.name))
     fields = type(algorithm).__dataclass_fields__
-    changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items() if v != fields[k].default]
+    changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items()
+                if v != recipe.settings.get(k, fields[k].default)]
     dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
     if ':' in arch:   # keras:PATH, keras_hub:HANDLE, model:NAME -> keras-<stem>-<crc32>, ...
         kind, source = arch.split(':', 1)
@@ -99,7 +108,9 @@ def check_compatible(train_dir: str, record: dict, log=print, config_cls=TrainCo
 
     def hyperparameters(r):   # an algorithm key only one side has shows up as a difference; a
         # flag newer than the run (e.g. --image_size) counts as its default, as the run was made
-        return dict({k: r['config'].get(k, defaults[k]) for k in defining}, **r['algorithm'])
+        # (--recipe as `none`: the defaults before recipes)
+        return dict({k: r['config'].get(k, LEGACY.get(k, defaults[k])) for k in defining},
+                    **r['algorithm'])
     current, before = hyperparameters(record), hyperparameters(saved)
     for key in sorted(set(current) | set(before)):
         if current.get(key) != before.get(key):
@@ -182,7 +193,8 @@ class RunDir:
     def config(self) -> TrainConfig:
         """The TrainConfig that made the run (fields this version does not know are ignored)."""
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in self.record['config'].items() if k in known})
+        return TrainConfig(**{**LEGACY, **{k: v for k, v in self.record['config'].items()
+                                           if k in known}})
 
     def path(self, name: str) -> str:
         return os.path.join(self.train_dir, name)

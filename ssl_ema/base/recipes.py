@@ -1,0 +1,71 @@
+"""Named recipes (`--recipe`): the defaults a training run starts from, measured for a budget.
+
+A recipe is a set of flag values (training settings, the algorithm, the algorithm's
+hyperparameters) and the self-training rounds that follow the run (core/distilling.py). Flags the
+user gives always win: a recipe only changes what would otherwise be a default. `none` is the
+toolkit's defaults as they have always been; `auto` (the default of --recipe) picks by dataset:
+the measured recipe where it was validated (Fashion-MNIST, and a user's own data: npz:, folder:,
+arrays), `none` everywhere else (digits, the public benchmarks and their published protocols).
+Every value names its source: runs/RECIPE.md is the study that chose it.
+"""
+import dataclasses
+from typing import Mapping, Tuple
+
+from ssl_ema.base.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    settings: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # Self-training rounds after the run, each its settings (training flags and ssl_ema.distill's;
+    # each round trains --self_training_kimg); none for --algorithm=supervised, which never reads
+    # the unlabeled images.
+    rounds: Tuple[Mapping[str, object], ...] = ()
+
+
+RECIPES = {r.name: r for r in (
+    Recipe('none', 'the toolkit\'s defaults (every run made before recipes existed)'),
+    Recipe('budget', 'Fashion-MNIST-sized data at 250 labels within an hour of CPU: see '
+           'runs/RECIPE.md for the study behind every value', {
+               'algorithm': 'fixmatch',          # RECIPE.md: the thresholded methods, screened
+               'arch': 'small_cnn',
+               'teacher': 'ema',                 # RECIPE.md, "teacher"
+               'confidence_threshold': 0.8,      # RECIPE.md, "thresholds"
+               'lr_decay': 'cosine_to_zero',     # RECIPE.md, "schedule"
+               'train_kimg': 64.,
+               'eval_every_kimg': 4.,
+               'self_training_kimg': 32.,        # RECIPE.md, "self-training"
+           }, rounds=({'pseudo_labels': 'soft'},)),
+)}
+AUTO = 'auto'
+NAMES = (AUTO,) + tuple(RECIPES)
+
+
+def own_data(dataset: str) -> bool:
+    """Where `auto` picks the measured recipe: Fashion-MNIST (a user's own images, npz:,
+    folder:, arrays, once a second dataset has validated it: runs/RECIPE.md)."""
+    return dataset == 'fashion_mnist'
+
+
+def resolve(name: str, dataset: str) -> Recipe:
+    """The recipe `--recipe=name` means for `dataset`; ConfigError for an unknown name."""
+    if name == AUTO:
+        name = 'budget' if own_data(dataset) else 'none'
+    if name not in RECIPES:
+        raise ConfigError(f'--recipe={name} is unknown; valid: {", ".join(NAMES)}')
+    return RECIPES[name]
+
+
+def defaults(recipe: Recipe, algorithm: str, explicit, config_fields, algorithm_fields):
+    """(algorithm, training settings, algorithm hyperparameters) of a run under `recipe`: the
+    recipe's values for every flag not in `explicit` (the flags the user gave; `algorithm` is the
+    configured one, kept if the user gave it); hyperparameters only where the chosen algorithm
+    has them (`algorithm_fields(name)`: its field names)."""
+    if 'algorithm' not in explicit:
+        algorithm = recipe.settings.get('algorithm', algorithm)
+    settings = {k: v for k, v in recipe.settings.items() if k not in explicit and k != 'algorithm'}
+    own = set(algorithm_fields(algorithm))
+    return (algorithm, {k: v for k, v in settings.items() if k in config_fields},
+            {k: v for k, v in settings.items() if k in own})
