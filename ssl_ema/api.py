@@ -191,3 +191,29 @@ def open_run(train_dir: str, backbone=None) -> Run:
     `backbone`: the keras.Model a run from Python was trained on, to export it."""
     run_dir.open_run_dir(train_dir)
     return Run(train_dir, backbone)
+
+
+def distill(run: Union[str, Run], log=print, **settings) -> Run:
+    """A self-training round, as `python -m ssl_ema.distill --teacher_run=DIR`: the finished run
+    `run` (a Run or its directory) labels the unlabeled pool once and a new student learns the
+    labels and those pseudo-labels, on the teacher's dataset and split; returns the round's Run
+    (by default in DIR/rounds/, core/distilling.py), itself a teacher for the next round.
+
+    settings: any training flag for the student (arch='small_cnn', train_kimg=32, ...) and the
+        round's own (pseudo_labels='hard', per_class=2000, student_view='weak', init='teacher',
+        consistency_weight=..., temperature=..., teacher_model='raw'); the data and split
+        settings are the teacher's and may only be given equal to them.
+    """
+    from ssl_ema.algorithms.distillation import ROUNDS
+    from ssl_ema.core import distilling
+    teacher = run.train_dir if isinstance(run, Run) else run
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = {f.name for f in dataclasses.fields(ROUNDS['distill'])}
+    unknown = sorted(set(settings) - config_fields - own)
+    if unknown:
+        raise ConfigError(f'distill({unknown[0]}=...) is not a training setting nor a setting of '
+                          f'the round (its own: {", ".join(sorted(own))}; `python -m '
+                          'ssl_ema.distill --helpfull` lists every setting)')
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in config_fields})
+    algorithm = ROUNDS['distill'](**{k: v for k, v in settings.items() if k in own})
+    return Run(distilling.distill(cfg, algorithm, teacher, log=log, explicit=tuple(settings)))

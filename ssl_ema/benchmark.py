@@ -14,7 +14,9 @@ checkpoint. Then:
   DIR/results.md   rows algorithms, columns label counts, cells the mean +- sample standard
                    deviation (n - 1) over seeds of the EMA test accuracy's median over the last 20
                    evaluations (the anchors' protocol), the raw student's beside it;
-  DIR/curves.png   test accuracy against training kimg, raw and EMA, one panel per algorithm.
+  DIR/curves.png   test accuracy against training kimg, raw and EMA, one panel per algorithm;
+  DIR/cpu_time.png EMA test accuracy against CPU-seconds (self-training rounds included), mean
+                   and spread over seeds, one panel per dataset and label count.
 
 Flags: every training flag is accepted and applies to every run, except the three the grid spans,
 which are lists here: --algorithms (instead of --algorithm), --labels (a comma-separated list) and
@@ -54,7 +56,7 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_list('seeds', ['1', '2', '3'], 'Seeds, comma-separated: one run per seed, label '
                       'count and algorithm; the table averages over them.', flag_values=flag_values)
     flags.DEFINE_string('out', None, 'Benchmark directory: runs in OUT/runs/, results in '
-                        'OUT/results.csv, OUT/results.md and OUT/curves.png.',
+                        'OUT/results.csv, OUT/results.md, OUT/curves.png and OUT/cpu_time.png.',
                         flag_values=flag_values)
     flags.DEFINE_integer('jobs', 1, 'Runs trained at the same time, one process each (each '
                          'process uses every core: 1 suits a small CPU machine).',

@@ -32,7 +32,10 @@ def distill(teacher_dir, train_dir, steps=60, log=quiet, **hyperparameters):
 
 
 def test_pseudo_labels_are_the_teachers_predictions(teacher, tmp_path):
-    student = distill(teacher, tmp_path / 'round', steps=30, pseudo_labels='hard', per_class=20)
+    import ssl_ema
+    student = ssl_ema.distill(teacher, log=quiet, train_steps=30, batch=16, uratio=2,
+                              arch='small_cnn', train_dir=str(tmp_path / 'round'),
+                              pseudo_labels='hard', per_class=20).train_dir
     with np.load(os.path.join(student, distilling.PSEUDO_LABELS)) as z:
         probs, targets, weights = z['probabilities'], z['targets'], z['weights']
     # The teacher's exported EMA classifier (uint8 images in) on the pool, image by image.
@@ -147,6 +150,12 @@ def test_bad_teachers_are_refused_in_one_line(teacher, tmp_path):
     (changing / 'flags.json').write_text(json.dumps(flags))
     with pytest.raises(ConfigError, match='changed after the round'):
         distill(str(changing), tmp_path / 'round', steps=10)
+
+
+def test_distill_from_python_refuses_an_unknown_setting(teacher):
+    import ssl_ema
+    with pytest.raises(ConfigError, match=r'distill\(confidence_threshold=...\) is not a '):
+        ssl_ema.distill(teacher, confidence_threshold=0.9)
 
 
 def test_distill_command_refuses_a_missing_teacher(tmp_path):

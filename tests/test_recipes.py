@@ -98,6 +98,12 @@ def test_a_self_training_round_becomes_the_runs_classifier(digits_data, tmp_path
                                .predict(x), atol=1e-6)
     assert 100 * np.mean(top.predict(x).argmax(1) == y) == pytest.approx(
         summary['ema']['test']['last'], abs=0.01)
+    # Accuracy against CPU time (the benchmark's cpu_time.png) runs on through the round.
+    from ssl_ema.core import cpu_plot
+    curve = cpu_plot.cpu_curve(train_dir, summary)
+    assert len(curve) == len(run_dir.read_history(train_dir)) + len(run_dir.read_history(last))
+    assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
+    assert curve[-1] == (pytest.approx(summary['cpu_time_s']), summary['ema']['test']['last'])
     # A finished run and its rounds are not retrained, and the top level stays the last round's.
     logged = []
     fitting.fit(cfg, algorithms.create('fixmatch'), log=logged.append)

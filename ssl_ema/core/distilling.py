@@ -32,13 +32,6 @@ ROUNDS = 'rounds'
 INHERITED = ('dataset', 'data_dir', 'labels', 'valid', 'seed', 'image_size', 'input_norm')
 
 
-def finished(train_dir: str) -> bool:
-    """True if train_dir holds a run trained to its full length (its last evaluation's step)."""
-    record, history = run_dir.read_run_record(train_dir), run_dir.read_history(train_dir)
-    return bool(record and history and
-                history[-1]['step'] == run_dir.recorded_total_steps(record))
-
-
 def open_teacher(teacher_dir: str) -> run_dir.RunDir:
     """The teacher's run directory; ConfigError (one line, naming --teacher) if it is missing,
     not a training run, or not finished."""
@@ -51,10 +44,9 @@ def open_teacher(teacher_dir: str) -> run_dir.RunDir:
     if record is None or 'algorithm' not in record['config']:
         raise ConfigError(f'--teacher_run={teacher_dir} is not a training run directory (no '
                           f'{run_dir.RECORD} of ssl_ema.train or ssl_ema.distill)')
-    if not finished(teacher_dir):
-        history = run_dir.read_history(teacher_dir)
+    if run_dir.trained_steps(teacher_dir) < run_dir.recorded_total_steps(record):
         raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step '
-                          f'{history[-1]["step"] if history else 0} of '
+                          f'{run_dir.trained_steps(teacher_dir)} of '
                           f'{run_dir.recorded_total_steps(record)}): finish it first by running '
                           'its command again')
     return run_dir.RunDir(teacher_dir, record)

@@ -1,6 +1,7 @@
 """A benchmark's results, rebuilt from its run directories alone: results.csv (one row per run),
 results.md (EMA test accuracy, median of the last 20 evaluations as the anchors report, mean
-+- sample std over seeds, raw beside it) and curves.png (every tracked average)."""
++- sample std over seeds, raw beside it), curves.png (every tracked average) and cpu_time.png
+(accuracy against CPU-seconds, core/cpu_plot.py)."""
 import csv
 import io
 import json
@@ -11,9 +12,9 @@ import numpy as np
 
 from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError, one_line
-from ssl_ema.core import run_dir
+from ssl_ema.core import cpu_plot, run_dir
 
-RESULT_FILES = ('results.csv', 'results.md', 'curves.png')
+RESULT_FILES = ('results.csv', 'results.md', 'curves.png', 'cpu_time.png')
 SPLITS, MODELS, STATS = ('valid', 'test'), ('raw', 'ema'), ('last', 'median_last_20')
 TABLE_STAT = 'median_last_20'
 CURVE_STYLES, CURVE_NAMES = {'ema': '-', 'raw': '--'}, {'ema': 'EMA', 'raw': 'raw'}
@@ -62,10 +63,11 @@ def load_runs(out: str) -> List[dict]:
             accuracy = read_json(os.path.join(path, run_dir.SUMMARY)) or {}
             total = run_dir.recorded_total_steps(saved)
             records.append(dict(name=f'{group}/{name}', variant=name,
+                                cpu_curve=cpu_plot.cpu_curve(path, accuracy),
                                 config=saved['config'], hparams=saved['algorithm'],
                                 accuracy=accuracy, history=read_history(
                                     os.path.join(path, run_dir.HISTORY)),
-                                total_steps=total, finished=accuracy.get('step', 0) >= total))
+                                total_steps=total, finished=run_dir.finished(path, saved)))
     return records
 
 
@@ -224,7 +226,8 @@ def plot_curves(records, path: str) -> Dict[str, List[str]]:
 
 
 def write_results(out: str, log=print) -> List[str]:
-    """Write OUT/results.csv, OUT/results.md and OUT/curves.png from the runs in OUT/runs."""
+    """Write OUT/results.csv, results.md, curves.png and cpu_time.png from the runs in
+    OUT/runs."""
     records = load_runs(out)
     if not records:
         raise ConfigError(f'no run in {os.path.join(out, "runs")} has started yet')
@@ -238,6 +241,7 @@ def write_results(out: str, log=print) -> List[str]:
         files.write_atomically(paths[0], lambda f: f.write(table.getvalue()), 'w', newline='')
         files.write_atomically(paths[1], lambda f: f.write(markdown_table(records)), 'w')
         plot_curves(records, paths[2])
+        cpu_plot.plot_cpu_time(records, paths[3], _row_labels(records))
     except OSError as e:
         raise ConfigError(f'cannot write the results in {out}: {e.strerror or one_line(e)}'
                           ) from None

@@ -78,6 +78,25 @@ def recorded_total_steps(record: dict) -> int:
     return hparams.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
 
 
+def trained_steps(train_dir: str) -> int:
+    """The step of the run's last evaluation (0 before the first)."""
+    history = read_history(train_dir)
+    return history[-1]['step'] if history else 0
+
+
+def finished(train_dir: str, record: Optional[dict] = None) -> bool:
+    """True if the run in train_dir reached its length and, where it trains self-training rounds
+    after it (--self_training_kimg, not supervised), they are done: its accuracy.json lists them
+    (core/distilling.run_rounds)."""
+    record = record or read_run_record(train_dir)
+    if not record or trained_steps(train_dir) < recorded_total_steps(record):
+        return False
+    c = record['config']
+    if c.get('self_training_kimg') and c.get('algorithm') not in ('supervised', 'distill'):
+        return 'rounds' in (read_summary(train_dir) or {})
+    return True
+
+
 def read_run_record(train_dir: str) -> Optional[dict]:
     """train_dir's flags.json, None if it has none; ConfigError naming the file if it is damaged
     or too old to say how the run was made."""
