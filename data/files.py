@@ -32,6 +32,35 @@ from ssl_ema.data import images as image_lib
 DECODE_BATCH = 256
 
 
+def in_order(index_stream: tf.data.Dataset, load, stand_in) -> tf.data.Dataset:
+    """(load(index), ok) for each index of `index_stream`, in its order, loaded in parallel in
+    tf.data's threads. Where load fails (a file that cannot be read or decoded) ok is False and
+    `stand_in` (a structure of tensors like load's) takes its place: never a gap, so batches stay
+    aligned with the indices that made them, to the last element of a finite stream."""
+    # A sentinel after the last index (real=False: never loaded, never emitted) makes the scan
+    # fill the gap that damaged files at the very end of a finite stream leave.
+    sentinel = tf.data.Dataset.from_tensors((tf.zeros([], index_stream.element_spec.dtype), False))
+    marked = index_stream.map(lambda index: (index, True)).concatenate(sentinel)
+
+    def read(position, index_and_real):
+        index, real = index_and_real
+        return position, real, tf.cond(real, lambda: load(index), lambda: stand_in)
+    loaded = marked.enumerate().map(read, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True).ignore_errors()
+
+    def fill_gaps(expected, element):
+        # ignore_errors dropped the positions expected..position-1: stand-ins take them.
+        position, real, value = element
+        missing = position - expected
+        keep = missing + tf.cast(real, tf.int64)
+        out = tf.nest.map_structure(
+            lambda s, v: tf.concat([tf.repeat(s[None], missing, axis=0), v[None]], 0)[:keep],
+            stand_in, value)
+        ok = tf.concat([tf.zeros([missing], tf.bool), [True]], 0)[:keep]
+        return position + 1, (out, ok)
+    return loaded.scan(tf.constant(0, tf.int64), fill_gaps).unbatch()
+
+
 class FileImages:
     """N image files read at one size: uint8 [N, H, W, C] once decoded."""
 
@@ -85,21 +114,11 @@ class FileImages:
         stay aligned with the indices that made them)."""
         paths, size, channels, prefix = self._paths_tensor(), self.size, self.channels, self._prefix()
 
-        def load(position, index):
+        def load(index):
             contents = tf.io.read_file(prefix + tf.gather(paths, index))
-            return position, image_lib.decode(contents, size, channels)
-        decoded = index_stream.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE,
-                                               deterministic=True).ignore_errors()
-        grey = tf.fill([1, *size, channels], tf.constant(image_lib.GREY_LEVEL, tf.uint8))
-
-        def fill_gaps(expected, element):
-            # ignore_errors dropped the positions expected..position-1: stand-ins take them.
-            position, image = element
-            missing = position - expected
-            out = tf.concat([tf.repeat(grey, missing, axis=0), image[None]], 0)
-            ok = tf.concat([tf.zeros([missing], tf.bool), [True]], 0)
-            return position + 1, (out, ok)
-        return decoded.scan(tf.constant(0, tf.int64), fill_gaps).unbatch()
+            return image_lib.decode(contents, size, channels)
+        grey = tf.fill([*size, channels], tf.constant(image_lib.GREY_LEVEL, tf.uint8))
+        return in_order(index_stream, load, grey)
 
     def batches(self, steps: tf.data.Dataset, rows: int) -> tf.data.Dataset:
         """(step, indices, uint8 images) from `steps` of (step, indices [rows]) in order."""
