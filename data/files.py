@@ -184,3 +184,25 @@ class Normalized:
             raise TypeError('file-backed evaluation images are read by slices x[a:b]')
         start, stop, _ = window.indices(len(self))
         return np.asarray(self.normalize(self.files.decode(start, stop)))
+
+
+def for_model(paths: Sequence[str], shape, resize: bool, batch: int) -> tf.data.Dataset:
+    """Batches of up to `batch` of the image files `paths`, in order, decoded in parallel (at most
+    a few batches in memory): ((uint8 images [n, H, W, C] for a model taking `shape`, each file's
+    own size [n, 2] (height, width)), ok [n]). Channels converted and, with `resize`, sizes as
+    images.to_shape; without it an image of another size is left unresized (zeros) for the
+    caller to refuse. A file that cannot be read or decoded: ok=False, zeros (predict)."""
+    h, w, c = shape
+    names = tf.constant(np.asarray(paths, dtype=str) if len(paths) else np.zeros(0, str))
+
+    def load(index):
+        image = image_lib.decode_as_stored(tf.io.read_file(tf.gather(names, index)))
+        size = tf.shape(image)[:2]
+        fitted = image_lib.to_shape(image, shape, resize)
+        if not resize:   # only images of the model's size go on; the caller names the others
+            fitted = tf.cond(tf.reduce_all(size == [h, w]), lambda: fitted,
+                             lambda: tf.zeros([h, w, c], tf.uint8))
+        fitted = tf.ensure_shape(fitted, [h, w, c])
+        return fitted, size
+    stand_in = (tf.zeros([h, w, c], tf.uint8), tf.constant([h, w], tf.int32))
+    return in_order(tf.data.Dataset.range(len(paths)), load, stand_in).batch(batch).prefetch(1)
