@@ -14,6 +14,11 @@ test; issue 20's figures in runs/SPEED.md, "File-backed folders").
 4. Starts `python -m ssl_ema.train` (and `ssl_ema.launch --workers=2`) on the folder (FixMatch,
    --start_arch, the default batch) and reports the time from the command's start to its first
    training step and the peak resident memory of every training process (VmHWM) at that moment.
+5. With --predict: runs `python -m ssl_ema.predict --resize` over the whole folder with a
+   --start_arch classifier at --image_size (untrained: its speed is a trained one's), between two
+   timings of the pipeline's stream of step 3, and reports its images/s (over the command's whole
+   run, and between its 10% and 100% progress lines), the ratio to the stream's, and its peak
+   resident memory.
 """
 import os
 import pathlib
@@ -43,6 +48,7 @@ flags.DEFINE_string('start_arch', 'small_cnn', 'Backbone of the start-up runs (a
                     'the figure is the data path\'s, not wrn28_2\'s activations).')
 flags.DEFINE_bool('start', True, 'Also time `ssl_ema.train` and `ssl_ema.launch` to their first '
                   'training step.')
+flags.DEFINE_bool('predict', True, 'Also time `ssl_ema.predict` over the folder (step 5).')
 FLAGS = flags.FLAGS
 CLASSES = 10
 
@@ -117,6 +123,35 @@ def first_step(command, log, label):
         f'{peaks}')
 
 
+def tiny_export(out: str, shape) -> None:
+    """An export of an untrained --start_arch classifier for `shape` images (what predict loads)."""
+    from ssl_ema.core import classifier
+    from ssl_ema.nn import backbones
+    names = [f'class{c}' for c in range(CLASSES)]
+    info = {'image_shape': list(shape), 'num_classes': CLASSES, 'class_names': names,
+            'mean': [127.5] * shape[-1], 'std': [64.] * shape[-1]}
+    net = backbones.build(FLAGS.start_arch, shape, CLASSES, portable=True)
+    classifier.save(classifier.classifier(net, info), out, info)
+
+
+def predict_rate(export: str, out: str):
+    """`python -m ssl_ema.predict --resize` over --dir: (images, seconds of the whole command,
+    images/s between its 10% and 100% progress lines, peak resident memory in MB, exit status)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, '-m', 'ssl_ema.predict', f'--model={export}',
+                                f'--input={FLAGS.dir}', f'--out={out}', '--resize'],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = []   # (images done, seconds): every 10% (stderr is not a terminal)
+    for line in process.stderr:
+        if line.startswith('predict: '):
+            progress.append((int(line.split()[1].split('/')[0]), time.perf_counter() - start))
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    (first, t0), (last, t1) = progress[0], progress[-1]
+    return last, seconds, (last - first) / (t1 - t0), usage.ru_maxrss // 1024, process.returncode
+
+
 def resident_mb() -> int:
     with open('/proc/self/status') as f:
         return int(next(line for line in f if line.startswith('VmRSS')).split()[1]) // 1024
@@ -180,6 +215,20 @@ def main(argv):
     log(f'{FLAGS.arch} training step (batch {FLAGS.train_batch}, forward+backward+SGD, '
         f'{"x".join(map(str, shape))}): {step:.0f} images/s -> the pipeline delivers '
         f'{one / step:.1f}x that')
+    if FLAGS.predict:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_export(f'{tmp}/export', shape)
+            n, seconds, steady, peak, status = predict_rate(f'{tmp}/export', f'{tmp}/p.csv')
+            rows = sum(1 for _ in open(f'{tmp}/p.csv')) - 1
+        again = pipeline_rate(dataset, Share())
+        log(f'python -m ssl_ema.predict --resize ({FLAGS.start_arch}, {"x".join(map(str, shape))}) '
+            f'over the {n} images: {seconds:.1f} s, {n / seconds:.0f} images/s over the whole '
+            f'command, {steady:.0f} images/s from 10% to 100%; {rows} rows, exit status {status}; '
+            f'peak resident memory {peak} MB')
+        mean = (one + again) / 2
+        log(f'the pipeline\'s stream again after it: {again:.0f} images/s; predict / the stream '
+            f'(mean of before and after, {mean:.0f}): {n / seconds / mean:.2f}x whole command, '
+            f'{steady / mean:.2f}x from 10% to 100%')
     if FLAGS.workers > 1:
         workers = [subprocess.Popen([sys.executable, '-m', 'ssl_ema.data.bench_files',
                                      f'--share={r},{FLAGS.workers}', f'--dir={FLAGS.dir}',

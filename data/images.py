@@ -39,8 +39,8 @@ def _jpeg(data: bytes) -> Optional[Tuple[int, int, int]]:
 
 def header(data: bytes) -> Optional[Tuple[int, int, int]]:
     """(height, width, channels after decoding) from a file's first bytes, or None if they are not
-    the header of a PNG, JPEG, GIF, BMP or WebP image. Channels follow decode_as_stored's conversions:
-    alpha dropped, palettes expanded to RGB, grey stays 1."""
+    the header of a PNG, JPEG, GIF, BMP or WebP image. Channels follow decode_as_stored's
+    conversions: alpha dropped, palettes expanded to RGB, grey stays 1."""
     try:
         if data[:8] == b'\x89PNG\r\n\x1a\n' and data[12:16] == b'IHDR':
             w, h = struct.unpack('>II', data[16:24])

@@ -120,8 +120,8 @@ def test_npz_converts_channels_as_before(tmp_path):
     predict.predict(predict.PredictConfig(model=model, input=str(tmp_path / 'x.npz'),
                                           out=str(out), batch=2), log=quiet)
     files = [str(tmp_path / f'{i}.png') for i in range(5)]
-    assert out.read_bytes().decode() == serial_csv(model, [f'x.npz:x[{i}]' for i in range(5)], files,
-                                         (8, 8, 1), batch=2)
+    names = [f'x.npz:x[{i}]' for i in range(5)]
+    assert out.read_bytes().decode() == serial_csv(model, names, files, (8, 8, 1), batch=2)
 
 
 def test_damaged_files_are_skipped_named_and_listed(tmp_path):
