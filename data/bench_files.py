@@ -14,11 +14,11 @@ test; issue 20's figures in runs/SPEED.md, "File-backed folders").
 4. Starts `python -m ssl_ema.train` (and `ssl_ema.launch --workers=2`) on the folder (FixMatch,
    --start_arch, the default batch) and reports the time from the command's start to its first
    training step and the peak resident memory of every training process (VmHWM) at that moment.
-5. With --predict: runs `python -m ssl_ema.predict --resize` over the whole folder with a
-   --start_arch classifier at --image_size (untrained: its speed is a trained one's), between two
-   timings of the pipeline's stream of step 3, and reports its images/s (over the command's whole
-   run, and between its 10% and 100% progress lines), the ratio to the stream's, and its peak
-   resident memory.
+5. Runs `python -m ssl_ema.predict --resize` over the whole folder with each of
+   --predict_archs' classifiers at --image_size (untrained: its speed is a trained one's), between
+   two timings of the pipeline's stream of step 3, and reports its images/s (over the command's
+   whole run, and between its 10% and 100% progress lines), the ratio to the stream's (the mean
+   of the two timings), and its peak resident memory.
 """
 import os
 import pathlib
@@ -48,7 +48,9 @@ flags.DEFINE_string('start_arch', 'small_cnn', 'Backbone of the start-up runs (a
                     'the figure is the data path\'s, not wrn28_2\'s activations).')
 flags.DEFINE_bool('start', True, 'Also time `ssl_ema.train` and `ssl_ema.launch` to their first '
                   'training step.')
-flags.DEFINE_bool('predict', True, 'Also time `ssl_ema.predict` over the folder (step 5).')
+flags.DEFINE_list('predict_archs', ['linear', 'small_cnn'], 'Classifiers `ssl_ema.predict` is '
+                  'timed with over the folder (step 5; empty: skip it): `linear` (no convolution: '
+                  'the figure is predict\'s reading, decoding and writing) or a --arch.')
 FLAGS = flags.FLAGS
 CLASSES = 10
 
@@ -123,14 +125,19 @@ def first_step(command, log, label):
         f'{peaks}')
 
 
-def tiny_export(out: str, shape) -> None:
-    """An export of an untrained --start_arch classifier for `shape` images (what predict loads)."""
+def tiny_export(out: str, shape, arch: str) -> None:
+    """An export of an untrained `arch` classifier for `shape` images (what predict loads)."""
+    import keras
     from ssl_ema.core import classifier
     from ssl_ema.nn import backbones
     names = [f'class{c}' for c in range(CLASSES)]
     info = {'image_shape': list(shape), 'num_classes': CLASSES, 'class_names': names,
             'mean': [127.5] * shape[-1], 'std': [64.] * shape[-1]}
-    net = backbones.build(FLAGS.start_arch, shape, CLASSES, portable=True)
+    if arch == 'linear':
+        inputs = keras.Input(shape)
+        net = keras.Model(inputs, keras.layers.Dense(CLASSES)(keras.layers.Flatten()(inputs)))
+    else:
+        net = backbones.build(arch, shape, CLASSES, portable=True)
     classifier.save(classifier.classifier(net, info), out, info)
 
 
@@ -215,20 +222,23 @@ def main(argv):
     log(f'{FLAGS.arch} training step (batch {FLAGS.train_batch}, forward+backward+SGD, '
         f'{"x".join(map(str, shape))}): {step:.0f} images/s -> the pipeline delivers '
         f'{one / step:.1f}x that')
-    if FLAGS.predict:
+    if FLAGS.predict_archs:
+        timed = []
         with tempfile.TemporaryDirectory() as tmp:
-            tiny_export(f'{tmp}/export', shape)
-            n, seconds, steady, peak, status = predict_rate(f'{tmp}/export', f'{tmp}/p.csv')
-            rows = sum(1 for _ in open(f'{tmp}/p.csv')) - 1
+            for arch in FLAGS.predict_archs:
+                tiny_export(f'{tmp}/{arch}', shape, arch)
+                timed.append((arch, *predict_rate(f'{tmp}/{arch}', f'{tmp}/p.csv'),
+                              sum(1 for _ in open(f'{tmp}/p.csv')) - 1))
         again = pipeline_rate(dataset, Share())
-        log(f'python -m ssl_ema.predict --resize ({FLAGS.start_arch}, {"x".join(map(str, shape))}) '
-            f'over the {n} images: {seconds:.1f} s, {n / seconds:.0f} images/s over the whole '
-            f'command, {steady:.0f} images/s from 10% to 100%; {rows} rows, exit status {status}; '
-            f'peak resident memory {peak} MB')
         mean = (one + again) / 2
-        log(f'the pipeline\'s stream again after it: {again:.0f} images/s; predict / the stream '
-            f'(mean of before and after, {mean:.0f}): {n / seconds / mean:.2f}x whole command, '
-            f'{steady / mean:.2f}x from 10% to 100%')
+        log(f'the pipeline\'s stream again after predict: {again:.0f} images/s (mean of before '
+            f'and after: {mean:.0f})')
+        for arch, n, seconds, steady, peak, status, rows in timed:
+            log(f'python -m ssl_ema.predict --resize, {arch} classifier of '
+                f'{"x".join(map(str, shape))} images, over {n} images: {seconds:.1f} s, '
+                f'{n / seconds:.0f} images/s over the whole command ({n / seconds / mean:.2f}x the '
+                f'stream), {steady:.0f} images/s from 10% to 100% ({steady / mean:.2f}x); {rows} '
+                f'rows, exit status {status}; peak resident memory {peak} MB')
     if FLAGS.workers > 1:
         workers = [subprocess.Popen([sys.executable, '-m', 'ssl_ema.data.bench_files',
                                      f'--share={r},{FLAGS.workers}', f'--dir={FLAGS.dir}',
