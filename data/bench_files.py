@@ -111,18 +111,21 @@ def first_step(command, log, label):
             pids += [int(p) for p in f.read().split()]
     except OSError:
         pass
-    peaks = []
-    for pid in pids:
-        try:
-            with open(f'/proc/{pid}/status') as f:
-                fields = dict(line.split(':', 1) for line in f if ':' in line)
-            peaks.append(int(fields['VmHWM'].split()[0]) // 1024)
-        except (OSError, KeyError):
-            pass
+    peaks = [p for p in map(peak_mb, pids) if p]
     process.terminate()   # SIGTERM: the run saves a checkpoint and stops
     process.wait(timeout=300)
     log(f'{label}: first step after {seconds:.1f} s; peak resident memory (MB) per process: '
         f'{peaks}')
+
+
+def peak_mb(pid: int) -> int:
+    """Peak resident memory (VmHWM) of process `pid` so far, MB; 0 if it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            fields = dict(line.split(':', 1) for line in f if ':' in line)
+        return int(fields['VmHWM'].split()[0]) // 1024
+    except (OSError, KeyError):
+        return 0
 
 
 def tiny_export(out: str, shape, arch: str) -> None:
@@ -148,15 +151,16 @@ def predict_rate(export: str, out: str):
     process = subprocess.Popen([sys.executable, '-m', 'ssl_ema.predict', f'--model={export}',
                                 f'--input={FLAGS.dir}', f'--out={out}', '--resize'],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    progress = []   # (images done, seconds): every 10% (stderr is not a terminal)
+    progress, peak = [], 0   # (images done, seconds): every 10% (stderr is not a terminal)
     for line in process.stderr:
         if line.startswith('predict: '):
             progress.append((int(line.split()[1].split('/')[0]), time.perf_counter() - start))
-    _, status, usage = os.wait4(process.pid, 0)
+            # VmHWM, not wait4's ru_maxrss: that counts this process's memory, forked before exec
+            peak = max(peak, peak_mb(process.pid))
+    process.wait()
     seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
     (first, t0), (last, t1) = progress[0], progress[-1]
-    return last, seconds, (last - first) / (t1 - t0), usage.ru_maxrss // 1024, process.returncode
+    return last, seconds, (last - first) / (t1 - t0), peak, process.returncode
 
 
 def resident_mb() -> int:

@@ -142,26 +142,29 @@ def fit(image: np.ndarray, shape, resize: bool, name: str) -> np.ndarray:
 
 
 def batches(names, pixels, shape, resize: bool, batch: int):
-    """(first index, names, uint8 images of the model's shape, skipped [(name, path)]) per `batch`
-    inputs, in order: image files decoded in parallel in tf.data (data/files.py), a file that
-    cannot be read or decoded skipped; a .npz's images converted a batch at a time."""
+    """(inputs done, names, uint8 images of the model's shape, skipped [(name, path)]) per
+    `batch` images, in order: image files decoded in parallel in tf.data (data/files.py), a file
+    that cannot be read or decoded skipped; a .npz's images converted a batch at a time."""
     if isinstance(pixels, np.ndarray):
         for start in range(0, len(names), batch):
-            yield (start, names[start:start + batch],
+            yield (min(start + batch, len(names)), names[start:start + batch],
                    fit(pixels[start:start + batch], shape, resize, names[start]), [])
         return
     from ssl_ema.data.files import for_model   # TensorFlow: not for --help
-    stream = for_model(pixels, shape, resize, batch)
-    for start, ((images, sizes), ok) in zip(range(0, len(names), batch), stream):
-        ok, sizes = ok.numpy(), sizes.numpy()
-        chosen = range(start, start + len(ok))
+    done = 0   # inputs before this batch's first image: those not yet yielded were skipped
+    for indices, images, sizes in for_model(pixels, shape, resize, batch):
+        indices, sizes = indices.numpy(), sizes.numpy()
         if not resize:
-            wrong = [i for i, good, size in zip(chosen, ok, sizes)
-                     if good and tuple(size) != tuple(shape[:2])]
-            if wrong:
-                raise _refuse_size(names[wrong[0]], sizes[wrong[0] - start], shape)
-        yield (start, [names[i] for i, good in zip(chosen, ok) if good], images.numpy()[ok],
-               [(names[i], pixels[i]) for i, good in zip(chosen, ok) if not good])
+            wrong = np.flatnonzero(np.any(sizes != shape[:2], axis=1))
+            if len(wrong):
+                raise _refuse_size(names[indices[wrong[0]]], sizes[wrong[0]], shape)
+        missing = np.setdiff1d(np.arange(done, indices[-1] + 1), indices)
+        done = indices[-1] + 1
+        yield (done, [names[i] for i in indices], images.numpy(),
+               [(names[i], pixels[i]) for i in missing])
+    if done < len(names):   # the last files
+        yield len(names), [], np.zeros((0, *shape), np.uint8), [
+            (names[i], pixels[i]) for i in range(done, len(names))]
 
 
 class Progress:
@@ -201,7 +204,7 @@ class Predictions:
 
 def predict(cfg: PredictConfig, log=print) -> Predictions:
     """Classify --input into the CSV --out, written as it goes to a temporary file renamed into
-    place at the end (an interrupted or failed run leaves no CSV)."""
+    place at the end (an interrupted or failed run leaves --out as it was)."""
     if os.path.isdir(cfg.out):
         raise ConfigError(f'--out={cfg.out} is a directory; give a CSV file name')
     files.check_writable_dir(os.path.dirname(os.path.abspath(cfg.out)), 'out')
@@ -217,8 +220,8 @@ def predict(cfg: PredictConfig, log=print) -> Predictions:
         nonlocal rows
         writer = csv.writer(table)
         writer.writerow(header)
-        for start, chosen, images, unread in batches(names, pixels, classifier.image_shape,
-                                                     cfg.resize, cfg.batch):
+        for done, chosen, images, unread in batches(names, pixels, classifier.image_shape,
+                                                    cfg.resize, cfg.batch):
             for name, path in unread:
                 reason = unreadable(path) or 'not a readable image'
                 print(f'warning: --input={cfg.input}: skipped {name}: {reason}', file=sys.stderr)
@@ -232,7 +235,7 @@ def predict(cfg: PredictConfig, log=print) -> Predictions:
                         row += [classifier.class_names[c], f'{q[c]:.6f}']
                     writer.writerow(row)
             rows += len(chosen)
-            progress(min(start + cfg.batch, len(names)))
+            progress(done)
         # The list of skipped files lands before the CSV it belongs to; a stale one goes.
         if skipped:
             files.write_atomically(skipped_path(cfg.out), lambda f: csv.writer(f).writerows(

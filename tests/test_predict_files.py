@@ -135,7 +135,7 @@ def test_damaged_files_are_skipped_named_and_listed(tmp_path):
     jpeg = encode(np.random.RandomState(2).randint(0, 256, (40, 40, 3)).astype(np.uint8), 'JPEG')
     (tmp_path / 'photos' / 'b_cut.jpg').write_bytes(jpeg[:len(jpeg) // 2])
     assert image_lib.header(jpeg[:len(jpeg) // 2]) == (40, 40, 3)
-    (tmp_path / 'photos' / 'sub' / 'empty.png').write_bytes(b'')
+    (tmp_path / 'photos' / 'sub' / 'z_empty.png').write_bytes(b'')
     out = tmp_path / 'p.csv'
     done = subprocess.run([sys.executable, '-m', 'ssl_ema.predict', f'--model={model}',
                            f'--input={tmp_path / "photos"}', f'--out={out}', '--resize',
@@ -143,17 +143,17 @@ def test_damaged_files_are_skipped_named_and_listed(tmp_path):
                           timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     reason = 'not a readable image (truncated or corrupt?)'
-    for name in ('b_cut.jpg', 'sub/empty.png'):
+    for name in ('b_cut.jpg', 'sub/z_empty.png'):
         assert f'warning: --input={tmp_path / "photos"}: skipped {name}: {reason}' in done.stderr
     assert done.stdout.strip() == (
         f'{len(names)} images -> {out}; skipped 2 file(s) that could not be read as images, '
         f'listed in {tmp_path / "p.skipped.csv"} (exit status 2)')
     assert out.read_bytes() == clean.read_bytes()   # the others' rows, in order, as without them
     assert list(csv.reader(open(tmp_path / 'p.skipped.csv'))) == [
-        ['file', 'reason'], ['b_cut.jpg', reason], ['sub/empty.png', reason]]
+        ['file', 'reason'], ['b_cut.jpg', reason], ['sub/z_empty.png', reason]]
     # Repaired: exit status 0, and the stale list of skipped files goes.
     (tmp_path / 'photos' / 'b_cut.jpg').unlink()
-    (tmp_path / 'photos' / 'sub' / 'empty.png').unlink()
+    (tmp_path / 'photos' / 'sub' / 'z_empty.png').unlink()
     done = predict.predict(predict.PredictConfig(model=model, input=str(tmp_path / 'photos'),
                                                  out=str(out), resize=True), log=quiet)
     assert done.exit_status == 0 and not (tmp_path / 'p.skipped.csv').exists()
