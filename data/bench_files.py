@@ -17,8 +17,9 @@ test; issue 20's figures in runs/SPEED.md, "File-backed folders").
 5. Runs `python -m ssl_ema.predict --resize` over the whole folder with each of
    --predict_archs' classifiers at --image_size (untrained: its speed is a trained one's), between
    two timings of the pipeline's stream of step 3, and reports its images/s (over the command's
-   whole run, and between its 10% and 100% progress lines), the ratio to the stream's (the mean
-   of the two timings), and its peak resident memory.
+   whole run, and from its first progress line, after the first batch, to its last: TensorFlow's
+   import and the start-up excluded, as the stream's own timing excludes them), the ratio to the
+   stream's (the mean of the two timings), and its peak resident memory.
 """
 import os
 import pathlib
@@ -146,12 +147,13 @@ def tiny_export(out: str, shape, arch: str) -> None:
 
 def predict_rate(export: str, out: str):
     """`python -m ssl_ema.predict --resize` over --dir: (images, seconds of the whole command,
-    images/s between its 10% and 100% progress lines, peak resident memory in MB, exit status)."""
+    images/s from its first progress line (the first batch) to its last, peak resident memory in
+    MB, exit status)."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, '-m', 'ssl_ema.predict', f'--model={export}',
                                 f'--input={FLAGS.dir}', f'--out={out}', '--resize'],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    progress, peak = [], 0   # (images done, seconds): every 10% (stderr is not a terminal)
+    progress, peak = [], 0   # (images done, seconds): the first batch, then every 10%
     for line in process.stderr:
         if line.startswith('predict: '):
             progress.append((int(line.split()[1].split('/')[0]), time.perf_counter() - start))
@@ -241,8 +243,8 @@ def main(argv):
             log(f'python -m ssl_ema.predict --resize, {arch} classifier of '
                 f'{"x".join(map(str, shape))} images, over {n} images: {seconds:.1f} s, '
                 f'{n / seconds:.0f} images/s over the whole command ({n / seconds / mean:.2f}x the '
-                f'stream), {steady:.0f} images/s from 10% to 100% ({steady / mean:.2f}x); {rows} '
-                f'rows, exit status {status}; peak resident memory {peak} MB')
+                f'stream), {steady:.0f} images/s after the first batch ({steady / mean:.2f}x); '
+                f'{rows} rows, exit status {status}; peak resident memory {peak} MB')
     if FLAGS.workers > 1:
         workers = [subprocess.Popen([sys.executable, '-m', 'ssl_ema.data.bench_files',
                                      f'--share={r},{FLAGS.workers}', f'--dir={FLAGS.dir}',
