@@ -15,7 +15,8 @@ test; issue 20's figures in runs/SPEED.md, "File-backed folders").
    --start_arch, the default batch) and reports the time from the command's start to its first
    training step and the peak resident memory of every training process (VmHWM) at that moment.
 5. Runs `python -m ssl_ema.predict --resize` over the whole folder with each of
-   --predict_archs' classifiers at --image_size (untrained: its speed is a trained one's), between
+   --predict_archs' classifiers at --image_size (a .keras file, untrained: its speed is a trained
+   one's; data/ may not import the exporter of ssl_ema.core), between
    two timings of the pipeline's stream of step 3, and reports its images/s (over the command's
    whole run, and from its first progress line, after the first batch, to its last: TensorFlow's
    import and the start-up excluded, as the stream's own timing excludes them), the ratio to the
@@ -129,20 +130,19 @@ def peak_mb(pid: int) -> int:
         return 0
 
 
-def tiny_export(out: str, shape, arch: str) -> None:
-    """An export of an untrained `arch` classifier for `shape` images (what predict loads)."""
+def tiny_classifier(path: str, shape, arch: str) -> None:
+    """A .keras classifier (what predict takes besides an export) of an untrained `arch` for
+    `shape` uint8 images, with an export's parts: standardisation inside, softmax out."""
     import keras
-    from ssl_ema.core import classifier
     from ssl_ema.nn import backbones
-    names = [f'class{c}' for c in range(CLASSES)]
-    info = {'image_shape': list(shape), 'num_classes': CLASSES, 'class_names': names,
-            'mean': [127.5] * shape[-1], 'std': [64.] * shape[-1]}
     if arch == 'linear':
         inputs = keras.Input(shape)
         net = keras.Model(inputs, keras.layers.Dense(CLASSES)(keras.layers.Flatten()(inputs)))
     else:
         net = backbones.build(arch, shape, CLASSES, portable=True)
-    classifier.save(classifier.classifier(net, info), out, info)
+    images = keras.Input(shape, dtype='uint8')
+    x = keras.layers.Rescaling(1 / 64., offset=-127.5 / 64.)(images)
+    keras.Model(images, keras.layers.Softmax()(net(x))).save(path)
 
 
 def predict_rate(export: str, out: str):
@@ -232,8 +232,8 @@ def main(argv):
         timed = []
         with tempfile.TemporaryDirectory() as tmp:
             for arch in FLAGS.predict_archs:
-                tiny_export(f'{tmp}/{arch}', shape, arch)
-                timed.append((arch, *predict_rate(f'{tmp}/{arch}', f'{tmp}/p.csv'),
+                tiny_classifier(f'{tmp}/{arch}.keras', shape, arch)
+                timed.append((arch, *predict_rate(f'{tmp}/{arch}.keras', f'{tmp}/p.csv'),
                               sum(1 for _ in open(f'{tmp}/p.csv')) - 1))
         again = pipeline_rate(dataset, Share())
         mean = (one + again) / 2
