@@ -14,6 +14,13 @@ test; issue 20's figures in runs/SPEED.md, "File-backed folders").
 4. Starts `python -m ssl_ema.train` (and `ssl_ema.launch --workers=2`) on the folder (FixMatch,
    --start_arch, the default batch) and reports the time from the command's start to its first
    training step and the peak resident memory of every training process (VmHWM) at that moment.
+5. Runs `python -m ssl_ema.predict --resize` over the whole folder with each of
+   --predict_archs' classifiers at --image_size (a .keras file, untrained: its speed is a trained
+   one's; data/ may not import the exporter of ssl_ema.core), between
+   two timings of the pipeline's stream of step 3, and reports its images/s (over the command's
+   whole run, and from its first progress line, after the first batch, to its last: TensorFlow's
+   import and the start-up excluded, as the stream's own timing excludes them), the ratio to the
+   stream's (the mean of the two timings), and its peak resident memory.
 """
 import os
 import pathlib
@@ -43,6 +50,9 @@ flags.DEFINE_string('start_arch', 'small_cnn', 'Backbone of the start-up runs (a
                     'the figure is the data path\'s, not wrn28_2\'s activations).')
 flags.DEFINE_bool('start', True, 'Also time `ssl_ema.train` and `ssl_ema.launch` to their first '
                   'training step.')
+flags.DEFINE_list('predict_archs', ['linear', 'small_cnn'], 'Classifiers `ssl_ema.predict` is '
+                  'timed with over the folder (step 5; empty: skip it): `linear` (no convolution: '
+                  'the figure is predict\'s reading, decoding and writing) or a --arch.')
 FLAGS = flags.FLAGS
 CLASSES = 10
 
@@ -103,18 +113,56 @@ def first_step(command, log, label):
             pids += [int(p) for p in f.read().split()]
     except OSError:
         pass
-    peaks = []
-    for pid in pids:
-        try:
-            with open(f'/proc/{pid}/status') as f:
-                fields = dict(line.split(':', 1) for line in f if ':' in line)
-            peaks.append(int(fields['VmHWM'].split()[0]) // 1024)
-        except (OSError, KeyError):
-            pass
+    peaks = [p for p in map(peak_mb, pids) if p]
     process.terminate()   # SIGTERM: the run saves a checkpoint and stops
     process.wait(timeout=300)
     log(f'{label}: first step after {seconds:.1f} s; peak resident memory (MB) per process: '
         f'{peaks}')
+
+
+def peak_mb(pid: int) -> int:
+    """Peak resident memory (VmHWM) of process `pid` so far, MB; 0 if it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            fields = dict(line.split(':', 1) for line in f if ':' in line)
+        return int(fields['VmHWM'].split()[0]) // 1024
+    except (OSError, KeyError):
+        return 0
+
+
+def tiny_classifier(path: str, shape, arch: str) -> None:
+    """A .keras classifier (what predict takes besides an export) of an untrained `arch` for
+    `shape` uint8 images, with an export's parts: standardisation inside, softmax out."""
+    import keras
+    from ssl_ema.nn import backbones
+    if arch == 'linear':
+        inputs = keras.Input(shape)
+        net = keras.Model(inputs, keras.layers.Dense(CLASSES)(keras.layers.Flatten()(inputs)))
+    else:
+        net = backbones.build(arch, shape, CLASSES, portable=True)
+    images = keras.Input(shape, dtype='uint8')
+    x = keras.layers.Rescaling(1 / 64., offset=-127.5 / 64.)(images)
+    keras.Model(images, keras.layers.Softmax()(net(x))).save(path)
+
+
+def predict_rate(export: str, out: str):
+    """`python -m ssl_ema.predict --resize` over --dir: (images, seconds of the whole command,
+    images/s from its first progress line (the first batch) to its last, peak resident memory in
+    MB, exit status)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, '-m', 'ssl_ema.predict', f'--model={export}',
+                                f'--input={FLAGS.dir}', f'--out={out}', '--resize'],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress, peak = [], 0   # (images done, seconds): the first batch, then every 10%
+    for line in process.stderr:
+        if line.startswith('predict: '):
+            progress.append((int(line.split()[1].split('/')[0]), time.perf_counter() - start))
+            # VmHWM, not wait4's ru_maxrss: that counts this process's memory, forked before exec
+            peak = max(peak, peak_mb(process.pid))
+    process.wait()
+    seconds = time.perf_counter() - start
+    (first, t0), (last, t1) = progress[0], progress[-1]
+    return last, seconds, (last - first) / (t1 - t0), peak, process.returncode
 
 
 def resident_mb() -> int:
@@ -180,6 +228,23 @@ def main(argv):
     log(f'{FLAGS.arch} training step (batch {FLAGS.train_batch}, forward+backward+SGD, '
         f'{"x".join(map(str, shape))}): {step:.0f} images/s -> the pipeline delivers '
         f'{one / step:.1f}x that')
+    if FLAGS.predict_archs:
+        timed = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in FLAGS.predict_archs:
+                tiny_classifier(f'{tmp}/{arch}.keras', shape, arch)
+                timed.append((arch, *predict_rate(f'{tmp}/{arch}.keras', f'{tmp}/p.csv'),
+                              sum(1 for _ in open(f'{tmp}/p.csv')) - 1))
+        again = pipeline_rate(dataset, Share())
+        mean = (one + again) / 2
+        log(f'the pipeline\'s stream again after predict: {again:.0f} images/s (mean of before '
+            f'and after: {mean:.0f})')
+        for arch, n, seconds, steady, peak, status, rows in timed:
+            log(f'python -m ssl_ema.predict --resize, {arch} classifier of '
+                f'{"x".join(map(str, shape))} images, over {n} images: {seconds:.1f} s, '
+                f'{n / seconds:.0f} images/s over the whole command ({n / seconds / mean:.2f}x the '
+                f'stream), {steady:.0f} images/s after the first batch ({steady / mean:.2f}x); '
+                f'{rows} rows, exit status {status}; peak resident memory {peak} MB')
     if FLAGS.workers > 1:
         workers = [subprocess.Popen([sys.executable, '-m', 'ssl_ema.data.bench_files',
                                      f'--share={r},{FLAGS.workers}', f'--dir={FLAGS.dir}',

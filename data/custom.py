@@ -25,14 +25,15 @@ folder:PATH  one sub-folder per class holding image files (PNG, JPEG, BMP, GIF, 
 Without a test part, 10% of each class (at least one image of any class with two or more,
 chosen with the fixed seed 0, the same for every run and --seed) is carved out of the training
 images as the test part, so that test accuracies of runs on the same data are comparable.
-Horizontal flips are assumed label-preserving. `read_image` is how every command reads an image
-file. folder.py indexes and reads folders; this module holds what npz: and folder: share.
+Horizontal flips are assumed label-preserving. folder.py indexes and reads folders; this module
+holds what npz: and folder: share, and `unreadable`, which says why a file is not an image.
 """
 import os
 import pathlib
 import sys
 import zipfile
 import zlib
+from typing import Optional
 
 import numpy as np
 
@@ -175,31 +176,21 @@ def from_arrays(x, y, x_unlabeled=None, x_test=None, y_test=None, class_names=No
     return arrays
 
 
-class DamagedImage(DataError):
-    """An image file that cannot be decoded (truncated, corrupt, or not an image at all)."""
-
-
-def read_image(path) -> np.ndarray:
-    """One image file as uint8 [H, W, 1] or [H, W, 3]: PNG, JPEG, BMP, GIF (its first frame) or
-    WebP; palettes are expanded, 16-bit images scaled to 8 bits, alpha dropped. DamagedImage if
-    it cannot be decoded, DataError naming it if it cannot be read (permissions, a vanished file,
-    a symlink loop)."""
+def unreadable(path) -> Optional[str]:
+    """Why an image file cannot be read as an image (it cannot be opened, or does not decode:
+    truncated, corrupt, empty), or None if it can (images.decode_as_stored's pixels)."""
     import tensorflow as tf
+    from ssl_ema.data import images
     try:
         with open(path, 'rb') as f:
             contents = f.read()
     except OSError as e:
-        raise DataError(f'cannot read {path}: {e.strerror}') from None
+        return f'cannot be read ({e.strerror})'
     try:
-        image = tf.io.decode_image(contents, channels=0, dtype=tf.uint8,
-                                   expand_animations=False).numpy()
+        images.decode_as_stored(contents)
     except (tf.errors.OpError, ValueError):
-        raise DamagedImage(f'{path} is not a readable image (truncated or corrupt?)') from None
-    if image.shape[-1] == 4:            # drop alpha
-        image = image[..., :3]
-    elif image.shape[-1] == 2:          # grey + alpha
-        image = image[..., :1]
-    return image
+        return 'not a readable image (truncated or corrupt?)'
+    return None
 
 
 class _Skipped:

@@ -39,8 +39,8 @@ def _jpeg(data: bytes) -> Optional[Tuple[int, int, int]]:
 
 def header(data: bytes) -> Optional[Tuple[int, int, int]]:
     """(height, width, channels after decoding) from a file's first bytes, or None if they are not
-    the header of a PNG, JPEG, GIF, BMP or WebP image. Channels follow read_image's conversions:
-    alpha dropped, palettes expanded to RGB, grey stays 1."""
+    the header of a PNG, JPEG, GIF, BMP or WebP image. Channels follow decode_as_stored's
+    conversions: alpha dropped, palettes expanded to RGB, grey stays 1."""
     try:
         if data[:8] == b'\x89PNG\r\n\x1a\n' and data[12:16] == b'IHDR':
             w, h = struct.unpack('>II', data[16:24])
@@ -133,11 +133,35 @@ def decode(contents, size, channels: int):
     return out
 
 
-def resize_array(image: np.ndarray, size) -> np.ndarray:
-    """uint8 numpy [h, w, C] -> uint8 [H, W, C] by the same policy (predict --resize)."""
-    if image.shape[:2] == tuple(size):
-        return image
-    return to_uint8(cover_and_crop(image, size)).numpy()
+def decode_as_stored(contents):
+    """Encoded image bytes (tf.string) -> uint8 [h, w, 1 or 3] at the file's own size and
+    channels: PNG, JPEG, BMP, GIF (its first frame) or WebP; palettes expanded, 16-bit images
+    scaled to 8 bits, alpha dropped (grey + alpha -> grey, RGBA -> RGB). Raises on a damaged
+    image. What predict reads; training reads at the run's size and channels instead (decode)."""
+    import tensorflow as tf
+    image = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+    image = image[..., :tf.where(tf.shape(image)[-1] >= 3, 3, 1)]
+    image.set_shape([None, None, None])
+    return image
+
+
+def to_shape(image, shape, resize: bool = True):
+    """uint8 image(s) [(N,) h, w, 1 or 3] -> uint8 [(N,) H, W, C] for a model taking `shape`
+    (H, W, C): grey repeated to colour, colour turned grey (ITU-R 601 luma,
+    tf.image.rgb_to_grayscale, rounded) for a grey model; then, with `resize`, another size scaled
+    to cover H x W and centre-cropped (cover_and_crop). Works eagerly and inside tf.data."""
+    import tensorflow as tf
+    h, w, c = shape
+    image = tf.convert_to_tensor(image)
+    if c == 1:
+        image = tf.cond(tf.shape(image)[-1] == 1, lambda: image,
+                        lambda: to_uint8(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))))
+    else:
+        image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.repeat(image, c, axis=-1),
+                        lambda: image)
+    if resize:
+        image = to_uint8(cover_and_crop(image, (h, w)))
+    return image
 
 
 def resize_images(x: np.ndarray, size, chunk: int = 1024) -> np.ndarray:

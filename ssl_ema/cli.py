@@ -5,7 +5,9 @@ with `cli.run(main, ItsConfig)`: the flags are defined (listed by `--help`), par
 one `error:` line), read back into the dataclass (whose checks raise ConfigError), and
 `main(config)` calls the library. Whatever goes wrong becomes one line `error: <message>` and
 exit status 1 (ConfigError, DataError, RunError; a lost worker under multi-worker training),
-Ctrl-C or SIGTERM exit status 130, never a traceback. The library itself never exits.
+Ctrl-C or SIGTERM exit status 130, never a traceback. A command that finished but left something
+out says so by the `exit_status` of what it returns (predict: 2 when it skipped unreadable files);
+otherwise the status is 0. The library itself never exits.
 """
 import dataclasses
 import os
@@ -73,11 +75,11 @@ def main(command: Callable, config_cls=None) -> Callable:
         cfg = None
         try:
             if config_cls is None:
-                command()
+                result = command()
             else:
                 cfg = hparams.from_flags(config_cls)
-                command(cfg)
-            _exit(0, cfg)
+                result = command(cfg)
+            _exit(getattr(result, 'exit_status', 0), cfg)
         except (ConfigError, DataError, RunError) as e:
             _exit(f'error: {e}', cfg)
         except tf.errors.OpError as e:   # a collective failed: another worker died or hung

@@ -245,3 +245,15 @@ def test_a_run_recorded_before_image_size_existed_still_resumes(tmp_path):
     with pytest.raises(ConfigError, match='made with --image_size=, not --image_size=16'):
         check_compatible(str(tmp_path), run_record(tiny_config(image_size='16'),
                                                    algorithms.create('mean_teacher')), quiet)
+
+
+def test_damaged_files_at_the_end_are_flagged_too(tmp_path):
+    """A finite read ending in damaged files: every one flagged, grey, none left as garbage."""
+    for i in range(5):
+        (tmp_path / f'{i}.png').write_bytes(_encode(np.full((4, 4, 3), 10 * i, np.uint8), 'PNG'))
+    for i in (1, 3, 4):
+        (tmp_path / f'{i}.png').write_bytes(b'')
+    images = FileImages(tmp_path, [f'{i}.png' for i in range(5)], (4, 4), 3)
+    x, ok = images.decode(with_ok=True, warn=False)
+    assert ok.tolist() == [True, False, True, False, False]
+    assert x[:, 0, 0, 0].tolist() == [0, 128, 20, 128, 128]

@@ -180,7 +180,7 @@ def test_predict_refuses_another_size_unless_resize(run_dir, tmp_path):
     assert not out.exists()
     config = predict.PredictConfig(model=f'{run_dir}/export', input=str(tmp_path / 'big.png'),
                                    out=str(out), resize=True)
-    assert predict.predict(config, log=quiet) == 1
+    assert predict.predict(config, log=quiet).images == 1
     assert len(list(csv.reader(open(out)))) == 2
 
 
@@ -189,14 +189,16 @@ def test_predict_inputs(run_dir, in_training, digits_data, tmp_path):
     out = tmp_path / 'p.csv'
     config = predict.PredictConfig(model=f'{run_dir}/export/saved_model',
                                    input=str(tmp_path / 'x.npz'), out=str(out), top_k=20)
-    assert predict.predict(config, log=quiet) == 5
+    assert predict.predict(config, log=quiet).images == 5
     rows = list(csv.DictReader(open(out)))
     assert rows[0]['file'] == 'x.npz:x_test[0]' and 'class_10' in rows[0]   # top_k <= 10 classes
     assert [int(r['class_id']) for r in rows] == list(in_training['ema'][:5].argmax(1))
-    (tmp_path / 'broken.png').write_bytes(b'not a png')
-    with pytest.raises(DataError, match='broken.png'):
-        predict.predict(predict.PredictConfig(model=f'{run_dir}/export', input=str(tmp_path),
-                                              out=str(out)), log=quiet)
+    (tmp_path / 'broken.png').write_bytes(b'not a png')   # the folder's only image: skipped
+    done = predict.predict(predict.PredictConfig(model=f'{run_dir}/export', input=str(tmp_path),
+                                                 out=str(out)), log=quiet)
+    assert (done.images, done.skipped, done.exit_status) == (
+        0, [('broken.png', 'not a readable image (truncated or corrupt?)')], 2)
+    assert len(list(csv.reader(open(out)))) == 1   # the header
     with pytest.raises(DataError, match='no such folder'):
         predict.image_sources(str(tmp_path / 'nothing*.png'))
     with pytest.raises(ConfigError, match='--model=.* is not an export directory'):
