@@ -34,6 +34,11 @@ class Distill(Algorithm):
         0, 'Keep only the this many most confident pool images of each predicted class '
         '(Noisy Student\'s class-balanced selection); 0: every image.')
     temperature: float = hparam(1., 'Temperature of soft pseudo-labels (p^(1/T), normalised).')
+    propagation_neighbours: int = hparam(
+        0, 'k > 0: the pool\'s labels come from label propagation over the k-nearest-neighbour '
+        'graph of the teacher\'s features of the labeled and pool images (Iscen et al. 2019, '
+        'core/pool.py; its per-image certainty weights the loss); 0: the teacher\'s '
+        'classifier.')
     teacher_model: str = hparam('ema', 'The teacher\'s classifier that labels the pool: ema '
                                 '(what it exports) or raw.')
     init: str = hparam('fresh', 'The student starts from random weights (fresh, Noisy Student) '
@@ -49,8 +54,9 @@ class Distill(Algorithm):
             if getattr(self, name) not in valid:
                 raise ConfigError(f'--{name}={getattr(self, name)} is unknown; valid: '
                                   f'{", ".join(valid)}')
-        if self.per_class < 0 or self.temperature <= 0:
-            raise ConfigError('--per_class must be >= 0 and --temperature > 0')
+        if self.per_class < 0 or self.temperature <= 0 or self.propagation_neighbours < 0:
+            raise ConfigError('--per_class and --propagation_neighbours must be >= 0 and '
+                              '--temperature > 0')
         self.targets = self.weights = None   # set by with_targets before training
 
     @property

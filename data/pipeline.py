@@ -219,6 +219,13 @@ class SSLData:
             return Normalized(self._unlabeled_x, self.normalize)
         return _Sliced(self._unlabeled_x, self.normalize)
 
+    def labeled_images(self):
+        """(the labeled images normalised, not augmented, read by slices; their labels)."""
+        images = (Normalized(self._labeled_x, self.normalize)
+                  if isinstance(self._labeled_x, FileImages)
+                  else _Sliced(self._labeled_x, self.normalize))
+        return images, self.arrays.y_train[self.split.labeled]
+
     def eval_arrays(self) -> dict:
         """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented. File-backed images are
         decoded a slice at a time when read (files.Normalized), in-memory ones at once."""

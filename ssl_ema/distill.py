@@ -7,8 +7,6 @@ applies to the student (--arch, --train_kimg, --lr, ...). The round's directory 
 TEACHER/rounds/distill_<arch>[_<flags>] and rounds chain (core/distilling.py). From Python:
 `ssl_ema.distill(run, **settings)`.
 """
-import dataclasses
-
 from absl import flags
 
 from ssl_ema import cli
@@ -23,8 +21,7 @@ flags.DEFINE_string('teacher_run', None, 'The finished run directory whose class
 
 def main(cfg: TrainConfig):
     algorithm = hparams.from_flags(ROUNDS['distill'])
-    explicit = [f.name for f in dataclasses.fields(TrainConfig) if flags.FLAGS[f.name].present]
-    distilling.distill(cfg, algorithm, flags.FLAGS.teacher_run, explicit=explicit)
+    distilling.distill(cfg, algorithm, flags.FLAGS.teacher_run, explicit=hparams.given_flags())
 
 
 def _define_flags():

@@ -7,17 +7,15 @@ run from Python: `ssl_ema.fit(**flags)` (ssl_ema/api.py); both call core/fitting
 import dataclasses
 import sys
 
-from absl import flags
-
 from ssl_ema import algorithms, cli
+from ssl_ema.base import hparams
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.core import fitting
 
 
 def main(cfg: TrainConfig):
-    explicit = {name for name in flags.FLAGS if flags.FLAGS[name].present}
     recipe, name, settings, hyperparameters = fitting.recipe_defaults(
-        cfg.recipe, cfg.dataset, cfg.algorithm, explicit)
+        cfg.recipe, cfg.dataset, cfg.algorithm, hparams.given_flags())
     cfg = dataclasses.replace(cfg, algorithm=name, recipe=recipe.name, **settings)
     algorithm = algorithms.create(cfg.algorithm, **hyperparameters)
     for name in algorithms.base.ignored_flags(algorithm):

@@ -57,6 +57,14 @@ def from_flags(cls, **overrides):
     return cls(**values)
 
 
+def given_flags() -> set:
+    """The names of the flags given on the command line or in a flagfile (none if the flags are
+    not parsed: the library used from Python)."""
+    if not flags.FLAGS.is_parsed():
+        return set()
+    return {name for name in flags.FLAGS if flags.FLAGS[name].present}
+
+
 def parse_flags(argv):
     """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`: a bad flag (unknown name,
     wrong type) exits with one `error:` line, like every other bad input, not absl's two."""

@@ -88,12 +88,32 @@ def label_pool(teacher: run_dir.RunDir, algorithm, data, log=print):
     from ssl_ema.core import classifier
     info = classifier.classifier_info(teacher)
     net, checkpoint, step = classifier.restore_backbone(teacher, info, algorithm.teacher_model)
-    probs = pool.predict_pool(net, data)
+    probs, certainty = pool.predict_pool(net, data), None
+    if algorithm.propagation_neighbours:
+        labeled, labels = data.labeled_images()
+        flip = data.arrays.flip
+        probs, certainty = pool.propagate(
+            pool.embed(net, labeled, flip), labels, pool.embed(net, data.pool_images(), flip),
+            data.num_classes, k=algorithm.propagation_neighbours)
     targets, weights = pool.pseudo_labels(probs, algorithm.pseudo_labels, algorithm.per_class,
-                                          algorithm.temperature)
-    log(f'labelled the pool ({len(probs)} images) with the {algorithm.teacher_model} classifier '
-        f'of {checkpoint} (step {step}): {int(weights.sum())} pseudo-labels kept')
-    return probs, targets, weights, checkpoint
+                                          algorithm.temperature, certainty)
+    how = (f'label propagation ({algorithm.propagation_neighbours} neighbours) over the features'
+           if algorithm.propagation_neighbours else 'the classifier')
+    accuracy = hidden_accuracy(targets, weights, data)
+    log(f'labelled the pool ({len(probs)} images) with {how} of the {algorithm.teacher_model} '
+        f'model of {checkpoint} (step {step}): {int((weights > 0).sum())} pseudo-labels kept, '
+        f'{accuracy:.2f}% right by the pool\'s hidden labels (a diagnostic only)')
+    return probs, targets, weights, checkpoint, accuracy
+
+
+def hidden_accuracy(targets, weights, data) -> float:
+    """Percentage of the kept pseudo-labels that equal the pool images' own labels, where the
+    dataset has them (the training images the split left unlabeled; not extra unlabeled ones):
+    reported, never used for training or choosing."""
+    hidden = data.arrays.y_train[data.split.unlabeled]
+    kept = weights[:len(hidden)] > 0
+    right = targets[:len(hidden)].argmax(1) == hidden
+    return float(100. * right[kept].mean()) if kept.any() else float('nan')
 
 
 def prepare(train_dir: str, teacher: run_dir.RunDir, algorithm, data, trainer, log=print):
@@ -106,16 +126,17 @@ def prepare(train_dir: str, teacher: run_dir.RunDir, algorithm, data, trainer, l
     if os.path.exists(path) and saved:   # (without flags.json the round never started)
         with np.load(path) as z:
             targets, weights, checkpoint = z['targets'], z['weights'], str(z['checkpoint'])
+            accuracy = float(z['hidden_accuracy'])
         if not os.path.exists(checkpoint + '.index') or fingerprint(teacher, checkpoint) != (
                 saved.get('teacher', {}).get('fingerprint')):
             raise ConfigError(f'--teacher_run={teacher.train_dir} changed after the round in '
                               f'{train_dir} started (its flags, split or checkpoint {checkpoint}'
                               '): use another --train_dir, or restore the teacher')
     else:
-        probs, targets, weights, checkpoint = label_pool(teacher, algorithm, data, log)
+        probs, targets, weights, checkpoint, accuracy = label_pool(teacher, algorithm, data, log)
         files.write_atomically(path, lambda f: np.savez(
             f, probabilities=probs, targets=targets, weights=weights,
-            checkpoint=np.array(checkpoint)))
+            checkpoint=np.array(checkpoint), hidden_accuracy=np.array(accuracy)))
     if len(targets) != data.unlabeled_size:
         raise ConfigError(f'{path} labels {len(targets)} pool images, the pool has '
                           f'{data.unlabeled_size}: the teacher\'s data changed; use another '
@@ -132,7 +153,8 @@ def prepare(train_dir: str, teacher: run_dir.RunDir, algorithm, data, trainer, l
         for model in (trainer.student, trainer.ema.model):
             model.set_weights(net.get_weights())
     return {'train_dir': os.path.abspath(teacher.train_dir), 'checkpoint': checkpoint,
-            'fingerprint': fingerprint(teacher, checkpoint)}
+            'fingerprint': fingerprint(teacher, checkpoint),
+            'pseudo_label_accuracy': accuracy}
 
 
 def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(),

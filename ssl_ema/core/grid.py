@@ -12,7 +12,7 @@ from ssl_ema.algorithms import ALGORITHMS, create
 from ssl_ema.base import hparams
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.core import run_dir
+from ssl_ema.core import fitting, run_dir
 
 
 @dataclasses.dataclass
@@ -55,6 +55,13 @@ def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = N
     runs = []
     for name in dict.fromkeys(algorithms):
         values = dict(settings or {}, **(per_algorithm or {}).get(name, {}))
+        # --recipe's defaults where no flag was given, as ssl_ema.train applies them (the grid
+        # names its algorithms: a recipe's own is not used).
+        cfg = hparams.from_flags(TrainConfig, **{k: v for k, v in values.items()
+                                                 if k in config_fields})
+        recipe, _, defaults, hyperparameters = fitting.recipe_defaults(
+            cfg.recipe, cfg.dataset, name, hparams.given_flags() | set(values) | {'algorithm'})
+        values = dict(defaults, **hyperparameters, **values, recipe=recipe.name)
         own = ALGORITHMS[name].__dataclass_fields__
         algorithm = create(name, **{k: v for k, v in values.items() if k in own})
         for labels in label_counts:

@@ -32,12 +32,13 @@ def predict_pool(model, data, flip=None, batch_size: int = 1024) -> np.ndarray:
 
 
 def pseudo_labels(probs: np.ndarray, kind: str = 'soft', per_class: int = 0,
-                  temperature: float = 1.):
+                  temperature: float = 1., certainty=None):
     """(targets [N, K], weights [N]) from the teacher's probabilities on the pool.
 
     kind='soft': the probabilities themselves, sharpened by `temperature` (p^(1/T), normalised;
     SimCLRv2's distillation loss, arXiv 2006.10029 Eq. 2, uses the teacher's softmax at T = 1).
-    kind='hard': one-hot arg-max. `per_class` > 0 keeps, for each class, only the `per_class`
+    kind='hard': one-hot arg-max. `certainty` (label propagation's, per image): the weights start
+    from it instead of 1 (Iscen et al.'s per-image weight). `per_class` > 0 keeps, for each class, only the `per_class`
     images most confidently predicted as it (weight 0 for the rest), a class-balanced selection
     as Noisy Student's (arXiv 1911.04252, Sec. 3.1: the most confident images of each class; it
     also duplicates images of rare classes, which we do not); 0 keeps every image."""
@@ -47,13 +48,71 @@ def pseudo_labels(probs: np.ndarray, kind: str = 'soft', per_class: int = 0,
     else:
         powered = probs ** (1. / temperature)
         targets = powered / powered.sum(1, keepdims=True)
-    weights = np.ones(len(probs))
+    weights = np.ones(len(probs)) if certainty is None else np.asarray(certainty, np.float64)
     if per_class:
-        weights[:] = 0.
+        chosen = np.zeros(len(probs))
         predicted, confidence = probs.argmax(1), probs.max(1)
         for c in range(probs.shape[1]):
             members = np.flatnonzero(predicted == c)
             # Most confident first; ties by index, so the selection is a pure function of probs.
             order = members[np.lexsort((members, -confidence[members]))]
-            weights[order[:per_class]] = 1.
+            chosen[order[:per_class]] = 1.
+        weights = weights * chosen
     return targets.astype(np.float32), weights.astype(np.float32)
+
+
+def features_model(model):
+    """The model's penultimate features: the input of its last Dense layer (every classifier of
+    ours, and every backbone nn/custom_backbones.py completes, ends with pooling then one Dense),
+    as a Keras model of the same input."""
+    import keras
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise ValueError(f'{model.name} has no Dense classification layer to take features from')
+    return keras.Model(model.inputs, dense[-1].input)
+
+
+def embed(model, images, flip: bool, batch_size: int = 1024) -> np.ndarray:
+    """L2-normalised penultimate features of `images` (sliceable, normalised), summed over the
+    image and its mirror image when `flip`."""
+    features = features_model(model)
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        f = tf.cast(features(x, training=False), tf.float32)
+        if flip:
+            f += tf.cast(features(tf.reverse(x, [2]), training=False), tf.float32)
+        return tf.math.l2_normalize(f, axis=-1)
+    return np.concatenate([run(tf.constant(images[s:s + batch_size])).numpy()
+                           for s in range(0, len(images), batch_size)])
+
+
+def propagate(labeled_features, labels, pool_features, num_classes: int, k: int = 50,
+              alpha: float = 0.99, gamma: float = 3., iterations: int = 20):
+    """Label propagation over the k-nearest-neighbour graph of the labeled and pool features
+    (Iscen et al., CVPR 2019, arXiv 1904.04717, Sec. 3.2; Zhou et al. 2004): affinities
+    w_ij = max(0, cos)^gamma (Eq. 9), W symmetrised and normalised W_n = D^-1/2 W D^-1/2, then
+    (I - alpha W_n) Z = Y solved by conjugate gradient per class (Eq. 10, `iterations` steps, as
+    theirs). Returns the pool's class scores Z, each row normalised to sum to 1 (a soft
+    pseudo-label), and each pool image's certainty 1 - H(z) / log K (their Eq. 11 weight)."""
+    import scipy.sparse as sparse
+    from scipy.sparse.linalg import cg
+    from sklearn.neighbors import NearestNeighbors
+    x = np.concatenate([labeled_features, pool_features]).astype(np.float32)
+    n, k = len(x), min(k, len(x) - 1)
+    distances, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    cosine = 1. - distances[:, 1:] ** 2 / 2.   # unit vectors: |a - b|^2 = 2 - 2 cos
+    w = sparse.csr_matrix((np.maximum(cosine, 0.).ravel() ** gamma,
+                           (np.repeat(np.arange(n), k), neighbours[:, 1:].ravel())), shape=(n, n))
+    w = w + w.T
+    d = 1. / np.sqrt(np.asarray(w.sum(1)).ravel() + 1e-12)
+    system = sparse.eye(n) - alpha * sparse.diags(d) @ w @ sparse.diags(d)
+    z = np.zeros((n, num_classes))
+    for c in range(num_classes):
+        y = np.zeros(n)
+        y[:len(labels)][np.asarray(labels) == c] = 1.
+        z[:, c], _ = cg(system, y, maxiter=iterations)
+    z = np.maximum(z[len(labels):], 0.) + 1e-12
+    probs = z / z.sum(1, keepdims=True)
+    certainty = 1. + (probs * np.log(probs)).sum(1) / np.log(num_classes)
+    return probs.astype(np.float32), certainty.astype(np.float32)
