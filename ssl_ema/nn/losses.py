@@ -6,6 +6,8 @@ import math
 
 import tensorflow as tf
 
+from ssl_ema.nn import draws
+
 
 def cross_entropy(labels, logits):
     """Mean cross-entropy of integer labels."""
@@ -132,12 +134,12 @@ def mixup(rng, alpha, *tensors):
     mixed example stays closer to its own row. Every tensor (images, targets) gets the same
     partners and weights. `rng` is the run's tf.random.Generator. Returns the mixed tensors."""
     n = tf.shape(tensors[0])[0]
-    seeds = rng.make_seeds(2)
-    # Beta(a, a) = X / (X + Y) for X, Y ~ Gamma(a): tf.random.Generator has no beta or gamma.
-    x, y = (tf.random.stateless_gamma([n], seeds[:, i], alpha) for i in range(2))
-    weight = x / (x + y)
+    # Beta(a, a) = X / (X + Y) = sigmoid(log X - log Y) for X, Y ~ Gamma(a) (tf.random.Generator
+    # has no beta; draws.py: the same draws with and without XLA).
+    log_x, log_y = draws.log_gamma(rng, [n], alpha), draws.log_gamma(rng, [n], alpha)
+    weight = tf.sigmoid(log_x - log_y)
     weight = tf.maximum(weight, 1. - weight)
-    partner = tf.argsort(rng.uniform([n]))
+    partner = tf.argsort(draws.uniform(rng, [n]))
     return [mix(t, tf.gather(t, partner), weight) for t in tensors]
 
 
@@ -183,8 +185,11 @@ def flexmatch_learning_effect(selected, num_classes, warmup=True):
     the threshold warm-up (Sec. 3.3) counting the unused images (-1) among the candidates of the
     max. While no image (or every image) has been selected, beta stays as the caller had it:
     returns (beta, whether it was updated), as USB's FlexMatchThresholdingHook.update."""
-    counts = tf.math.bincount(tf.cast(selected, tf.int32) + 1, minlength=num_classes + 1,
-                              maxlength=num_classes + 1, dtype=tf.float32)
+    # A segment sum, not tf.math.bincount: its output size is computed at run time, which XLA
+    # (--jit_compile) cannot compile.
+    selected = tf.cast(selected, tf.int32)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(selected, tf.float32), selected + 1,
+                                          num_classes + 1)
     largest = tf.reduce_max(counts if warmup else counts[1:])
     update = tf.reduce_max(counts) < tf.cast(tf.size(selected), tf.float32)
     return counts[1:] / tf.maximum(largest, 1.), update
