@@ -159,45 +159,24 @@ def test_vat_default_xi_is_above_float32_rounding(digits_data):
     assert cosine(direction(xi), direction(1e-6)) < 0.5
 
 
-def round_to_bfloat16(v):
-    return tf.cast(tf.cast(v, tf.bfloat16), tf.float32)   # its gradient is the identity
-
-
-def round_to_tf32(v, bits=10):
-    """float32 rounded to a `bits`-bit mantissa (TF32's 10), to nearest even; the gradient passes
-    as it does through the hardware's rounding of a convolution's inputs."""
-    drop = 23 - bits
-    i = tf.bitcast(v, tf.int32)
-    half = (1 << (drop - 1)) - 1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(i, drop), 1)
-    rounded = tf.bitcast(tf.bitwise.bitwise_and(i + half, ~((1 << drop) - 1)), tf.float32)
-    return v + tf.stop_gradient(rounded - v)
-
-
-@pytest.mark.parametrize('rounding, resolution', [(round_to_bfloat16, 2. ** -8),
-                                                  (round_to_tf32, 2. ** -11)])
+@pytest.mark.parametrize('rounding, resolution', [('bfloat16', 2. ** -8), ('tf32', 2. ** -11)])
 def test_vat_direction_survives_low_precision_inputs(rounding, resolution, digits_data):
     """bfloat16 (--precision=mixed_*) and TF32 (float32 convolutions on Ampere+ GPUs) round the
     model's inputs: x + xi d rounds to x and Eq. 12's finite difference returns rounding noise.
     With the step raised to what that precision resolves, the direction under rounded inputs is
     float32's (emulated here: the inputs are rounded, the rest computes in float32)."""
     import keras
+    from ssl_ema.bench.gpu_check import cosine, round_to_bfloat16, round_to_tf32, vat_direction
     keras.utils.set_random_seed(0)
     student = backbones.build('small_cnn', (8, 8, 1), 10)
     x = tf.constant(digits_data.eval_arrays()['test'][0][:64], tf.float32)
     noise = tf.random.stateless_normal(x.shape, [1, 2])
-    exact = lambda v: call_keeping_statistics(student, v)   # noqa: E731
-    rounded = lambda v: exact(rounding(v))   # noqa: E731
+    rounding = {'bfloat16': round_to_bfloat16, 'tf32': round_to_tf32}[rounding]
     xi = algorithms.ALGORITHMS['vat']().vat_xi
-
-    def direction(f, resolution):
-        r = losses.vat_perturbation(f, x, f(x), noise, xi, 1., resolution=resolution)
-        return tf.reshape(r, [x.shape[0], -1]).numpy()
-
-    def cosine(a, b):   # mean over images (each direction has unit norm)
-        return float(np.mean(np.sum(a * b, axis=1)))
-
-    float32 = direction(exact, 0.)
-    assert cosine(direction(rounded, resolution), float32) > 0.9
-    assert cosine(direction(rounded, 0.), float32) < 0.8   # xi's own step: rounding noise
+    float32 = vat_direction(student, x, noise, xi)
+    assert cosine(vat_direction(student, x, noise, xi, rounding, resolution), float32) > 0.9
+    # xi's own step under the rounding: noise (the fault)
+    assert cosine(vat_direction(student, x, noise, xi, rounding), float32) < 0.8
     # float32 itself keeps xi's step: its resolution changes nothing
-    np.testing.assert_allclose(direction(exact, 2. ** -24), float32, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vat_direction(student, x, noise, xi, resolution=2. ** -24),
+                               float32, rtol=1e-5, atol=1e-6)
