@@ -156,6 +156,18 @@ def replica_concat(x):
     return tf.distribute.get_replica_context().all_gather(x, axis=0)
 
 
+def scatter_last(state, index, values, mask):
+    """`state` with state[index[i]] = values[i] for every i where mask[i]; where an index repeats
+    (a global batch straddling two epochs holds an image twice), its last masked-in copy in batch
+    order wins. Static-shaped, so it compiles with XLA (tf.boolean_mask's data-dependent shape
+    does not), and deterministic (tensor_scatter_nd_update leaves the winner of duplicates
+    unspecified): each entry of `state` takes the value at the last position that writes it."""
+    positions = tf.range(tf.shape(index)[0])
+    last = tf.math.unsorted_segment_max(tf.where(mask, positions, -1), index, tf.shape(state)[0])
+    # Entries no position writes get the dtype's smallest value from the segment max, or -1.
+    return tf.where(last >= 0, tf.gather(values, tf.maximum(last, 0)), state)
+
+
 def target_logits(algorithm, teacher, x, student_logits):
     """The logits that targets or pseudo-labels come from, gradient stopped: the student's own
     (`student_logits`, already computed on `x`) with --teacher=student; with --teacher=ema the

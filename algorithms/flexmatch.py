@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (Losses, State, WeakStrong, hparam, register, replica_concat,
-                                     teacher_field)
+                                     scatter_last, teacher_field)
 
 
 @register('flexmatch')
@@ -40,13 +40,12 @@ class FlexMatch(WeakStrong):
         mask = tf.cast(max_probs >= tf.gather(threshold, classes), tf.float32)
         hard = tf.one_hot(classes, tf.shape(probs)[-1])
         pseudo = losses.soft_cross_entropy(hard, strong_logits, mask)
-        # The whole batch's confident predictions (every replica's) enter the per-image record.
+        # The whole batch's confident predictions (every replica's) enter the per-image record;
+        # an image twice in the batch (two epochs) keeps its last confident copy's class.
         confident = replica_concat(tf.cast(max_probs >= self.confidence_threshold, tf.int32)) > 0
         index = replica_concat(tf.cast(batch.unlabeled_index, tf.int32))
         label = replica_concat(classes)
-        selected = tf.tensor_scatter_nd_update(
-            batch.state['selected'], tf.boolean_mask(index, confident)[:, None],
-            tf.boolean_mask(label, confident))
+        selected = scatter_last(batch.state['selected'], index, label, confident)
         beta, update = losses.flexmatch_learning_effect(
             selected, probs.shape[-1], self.threshold_warmup)
         beta = tf.where(update, beta, batch.state['beta'])

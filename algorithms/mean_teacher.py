@@ -12,7 +12,7 @@ independently for student and teacher.
 """
 import tensorflow as tf
 
-from ssl_ema.nn import losses
+from ssl_ema.nn import draws, losses
 from ssl_ema.algorithms.base import Algorithm, Losses, forward, hparam, register
 
 
@@ -29,7 +29,7 @@ class MeanTeacher(Algorithm):
 
     def __call__(self, student, teacher, batch):
         noise = self.input_noise * batch.pixel_scale
-        student_view, teacher_view = (v + noise * batch.rng.normal(tf.shape(v))
+        student_view, teacher_view = (v + noise * draws.normal(batch.rng, tf.shape(v))
                                       for v in batch.unlabeled)
         xe, (logits,) = forward(student, batch, student_view, passes=self.bn_passes)
         target = tf.stop_gradient(tf.nn.softmax(teacher(teacher_view, training=True)))

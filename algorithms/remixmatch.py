@@ -24,7 +24,7 @@ pass; the anchors' interleaved passes let only the last of them move the statist
 """
 import tensorflow as tf
 
-from ssl_ema.nn import losses
+from ssl_ema.nn import draws, losses
 from ssl_ema.algorithms.base import (Algorithm, Losses, State, concat_forward, hparam, register,
                                      replica_mean, target_logits, teacher_field)
 from ssl_ema.nn.backbones import call_keeping_statistics
@@ -87,7 +87,7 @@ class ReMixMatch(Algorithm):
         xe = losses.soft_cross_entropy(targets[:n], labeled_logits)
         mixed = losses.soft_cross_entropy(targets[n:], unlabeled_logits)
         pre_mixup = losses.soft_cross_entropy(guess, call_keeping_statistics(student, strong[0]))
-        turns = batch.rng.uniform([tf.shape(weak)[0]], 0, 4, dtype=tf.int32)
+        turns = draws.integers(batch.rng, [tf.shape(weak)[0]], 4)
         _, rotation_logits = call_keeping_statistics(batch.heads, losses.rotate(strong[0], turns))
         rotation = losses.cross_entropy(turns, rotation_logits)
         ramped = self.consistency_weight * mixed + self.pre_mixup_weight * pre_mixup

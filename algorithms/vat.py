@@ -18,6 +18,12 @@ whatever `--input_norm` feeds the model: the anchors' eps = 6 is the same pertur
 eps is given for a 32x32x3 image (3,072 values, the anchors' every dataset); other image sizes
 scale it by sqrt(values / 3072), keeping the per-value strength the same (on 8x8 digits, 6
 becomes 0.87).
+
+Precision: xi = 1e-3 over 3,072 values is ~2e-5 per value, below what bfloat16 (--precision=
+mixed_*) or TF32 (float32 convolutions on Ampere and newer GPUs) resolve: x + r would round to x
+and the power iteration return rounding noise. Below float32 each image's step is raised to what
+the model's compute precision resolves, and the difference is central (`losses.vat_perturbation`;
+docs/gpu.md). The metric `xi_raised` is the share of images whose step was raised (0 in float32).
 """
 import math
 
@@ -64,8 +70,12 @@ class VAT(Algorithm):
         unlabeled = lambda v: call_keeping_statistics(student, v)  # noqa: E731
         logits = unlabeled(x)
         eps = self.vat_eps * math.sqrt(math.prod(x.shape[1:]) / 3072)
-        r_adv = losses.vat_perturbation(unlabeled, x, logits, batch.rng.normal(tf.shape(x)),
-                                        self.vat_xi, eps, batch.pixel_scale)
+        noise, resolution = batch.rng.normal(tf.shape(x)), losses.compute_resolution(student)
+        r_adv = losses.vat_perturbation(unlabeled, x, logits, noise, self.vat_xi, eps,
+                                        batch.pixel_scale, resolution)
+        # The share of images whose step xi the compute precision could not resolve (raised).
+        step, unit = losses.vat_step(x, losses.l2_normalize(noise), self.vat_xi,
+                                     batch.pixel_scale, resolution)
         target = tf.stop_gradient(teacher(x) if self.vat_target == 'ema' else logits)
         pair = (target, unlabeled(x + r_adv))
         consistency = losses.kl_divergence(*(pair if self.vat_kl == 'target_student'
@@ -73,4 +83,6 @@ class VAT(Algorithm):
         entropy = losses.entropy(logits)
         return Losses(xe, batch.ramp * self.consistency_weight * consistency
                       + self.entmin_weight * entropy,
-                      {'consistency': consistency, 'entropy': entropy})
+                      {'consistency': consistency, 'entropy': entropy,
+                       'xi_raised': tf.reduce_mean(tf.cast(step > self.vat_xi * unit,
+                                                           tf.float32))})

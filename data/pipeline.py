@@ -121,7 +121,11 @@ class SSLData:
         # input noise and VAT's epsilon are defined in those units whatever the normalisation.
         self.pixel_scale = (127.5 / self.std).astype(np.float32)
         x = self.arrays.x_train
-        self._labels = tf.constant(self.arrays.y_train[self.split.labeled])
+        # Eager constants live on the default device, which is the first GPU when there is one:
+        # the whole training set would take GPU memory and feed tf.data from there. The host holds
+        # them; each batch gathered from them goes to the devices with the batch.
+        with tf.device('/cpu:0'):
+            self._labels = tf.constant(self.arrays.y_train[self.split.labeled])
         self._labeled_x = x[self.split.labeled]
         pool = x[self.split.unlabeled]
         extra = self.arrays.x_extra
@@ -130,8 +134,9 @@ class SSLData:
                 [pool, np.asarray(extra)])
         self._unlabeled_x = pool
         if not isinstance(x, FileImages):   # the in-memory source: tensors, gathered per batch
-            self._labeled_x = tf.constant(self._labeled_x)
-            self._unlabeled_x = tf.constant(self._unlabeled_x)
+            with tf.device('/cpu:0'):
+                self._labeled_x = tf.constant(self._labeled_x)
+                self._unlabeled_x = tf.constant(self._unlabeled_x)
 
     @property
     def num_classes(self):

@@ -6,7 +6,8 @@ one that evaluates and writes the run directory). The chief's output is streamed
 worker's goes to a temporary log, shown if that worker fails. When a worker fails, the others are
 stopped and the launcher exits non-zero naming it; Ctrl-C stops them all (a SIGTERM each, which
 makes them save a checkpoint together first). The same command then resumes from the last
-checkpoint. On a cluster, run the training command itself on every machine (docs/distributed.md: SLURM).
+checkpoint. Each worker sees one GPU of its own (--gpus; memory growth on). On a cluster, run the
+training command itself on every machine (docs/distributed.md: SLURM).
 """
 import ctypes
 import json
@@ -20,7 +21,12 @@ import time
 
 from absl import app, flags
 
+from ssl_ema.base.machine import process_environments, visible_gpus
+
 flags.DEFINE_integer('workers', 2, 'Worker processes to start on this machine.')
+flags.DEFINE_string('gpus', None, 'Comma-separated GPU ids the workers are spread over, one '
+                    'each (round-robin; default: $CUDA_VISIBLE_DEVICES, else every GPU of this '
+                    'machine; none: the environment is left as it is).')
 flags.DEFINE_float('stop_grace_s', 60., 'Seconds a worker gets to exit (after Ctrl-C: to save '
                    'a checkpoint) before it is killed.')
 FLAGS = flags.FLAGS
@@ -58,13 +64,15 @@ def _die_with_parent():
 def start_workers(train_args: list, log_dir: str) -> list:
     command = [sys.executable, '-m', 'ssl_ema.train', *train_args, '--distribute=multi_worker']
     workers = []
+    # One GPU per worker: all of them on every GPU would each take every GPU's memory.
+    environments = process_environments(FLAGS.workers, visible_gpus(gpus=FLAGS.gpus))
     for index, tf_config in enumerate(tf_configs(free_ports(FLAGS.workers))):
         log = None if index == 0 else open(os.path.join(log_dir, f'worker{index}.log'), 'wb')
         # A worker's scratch files go under log_dir, removed at the end even if it was killed.
         tmp = os.path.join(log_dir, f'worker{index}.tmp')
         os.mkdir(tmp)
         workers.append(subprocess.Popen(
-            command, env=dict(os.environ, TF_CONFIG=tf_config, TMPDIR=tmp), stdout=log,
+            command, env=dict(environments[index], TF_CONFIG=tf_config, TMPDIR=tmp), stdout=log,
             stderr=subprocess.STDOUT if log else None, start_new_session=True,
             preexec_fn=_die_with_parent))
         if log:

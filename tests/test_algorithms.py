@@ -124,10 +124,10 @@ def test_vat_power_iteration_differentiates_the_function_its_target_came_from(mo
     seen = {}
     original = losses.vat_perturbation
 
-    def spy(logits_fn, x, target_logits, noise, xi, eps, scale=1.):
+    def spy(logits_fn, x, target_logits, noise, xi, eps, scale=1., resolution=0.):
         seen['gap'] = float(tf.reduce_max(tf.abs(logits_fn(x) - target_logits)))
         seen['scale'] = float(tf.reduce_max(tf.abs(target_logits)))
-        return original(logits_fn, x, target_logits, noise, xi, eps, scale)
+        return original(logits_fn, x, target_logits, noise, xi, eps, scale, resolution)
 
     monkeypatch.setattr(losses, 'vat_perturbation', spy)
     student = backbones.build('small_cnn', (8, 8, 1), 10)
@@ -157,3 +157,26 @@ def test_vat_default_xi_is_above_float32_rounding(digits_data):
     assert cosine(direction(xi), direction(xi / 10)) > 0.95
     assert cosine(direction(xi), direction(xi * 10)) > 0.95
     assert cosine(direction(xi), direction(1e-6)) < 0.5
+
+
+@pytest.mark.parametrize('rounding, resolution', [('bfloat16', 2. ** -8), ('tf32', 2. ** -11)])
+def test_vat_direction_survives_low_precision_inputs(rounding, resolution, digits_data):
+    """bfloat16 (--precision=mixed_*) and TF32 (float32 convolutions on Ampere+ GPUs) round the
+    model's inputs: x + xi d rounds to x and Eq. 12's finite difference returns rounding noise.
+    With the step raised to what that precision resolves, the direction under rounded inputs is
+    float32's (emulated here: the inputs are rounded, the rest computes in float32)."""
+    import keras
+    from ssl_ema.bench.gpu_check import cosine, round_to_bfloat16, round_to_tf32, vat_direction
+    keras.utils.set_random_seed(0)
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    x = tf.constant(digits_data.eval_arrays()['test'][0][:64], tf.float32)
+    noise = tf.random.stateless_normal(x.shape, [1, 2])
+    rounding = {'bfloat16': round_to_bfloat16, 'tf32': round_to_tf32}[rounding]
+    xi = algorithms.ALGORITHMS['vat']().vat_xi
+    float32 = vat_direction(student, x, noise, xi)
+    assert cosine(vat_direction(student, x, noise, xi, rounding, resolution), float32) > 0.9
+    # xi's own step under the rounding: noise (the fault)
+    assert cosine(vat_direction(student, x, noise, xi, rounding), float32) < 0.8
+    # float32 itself keeps xi's step: its resolution changes nothing
+    np.testing.assert_allclose(vat_direction(student, x, noise, xi, resolution=2. ** -24),
+                               float32, rtol=1e-5, atol=1e-6)

@@ -166,3 +166,27 @@ def test_npz_not_a_file(tmp_path):
 def test_unknown_dataset_lists_the_valid_ones():
     msg = _message('imagenet')
     assert 'cifar10' in msg and 'fashion_mnist' in msg and 'npz:' in msg
+
+
+HOST_ARRAYS = '''
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from ssl_ema import data
+with tf.device('/cpu:1'):   # a default device that is not the host's, as the first GPU is
+    dataset = data.build('digits', labels=50, valid=200, seed=1)
+print(dataset._labels.device, dataset._labeled_x.device, dataset._unlabeled_x.device)
+'''
+
+
+def test_in_memory_images_stay_on_the_host():
+    """The in-memory source's eager tensors (the whole labeled and unlabeled parts) are made on
+    the host's CPU:0, not on the default device (a GPU's memory); one process, since the CPU
+    must be split into two logical devices before TensorFlow starts."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, '-c', HOST_ARRAYS], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    devices = result.stdout.split()
+    assert len(devices) == 3 and all(d.endswith('/device:CPU:0') for d in devices), devices

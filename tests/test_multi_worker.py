@@ -148,3 +148,51 @@ def test_launcher_refuses_another_strategy():
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == ('error: --distribute=mirrored: the launcher '
                                                    'trains with --distribute=multi_worker; drop it')
+
+
+def test_each_local_process_gets_its_own_gpu():
+    """ssl_ema.launch's workers and benchmark --jobs' trainings: one GPU each from what the
+    parent sees (round-robin past the last), memory growth on unless the user chose; no GPU, the
+    environment untouched."""
+    from ssl_ema.base.machine import process_environments, visible_gpus
+    assert visible_gpus({'CUDA_VISIBLE_DEVICES': '2,5'}) == ['2', '5']
+    assert visible_gpus({'CUDA_VISIBLE_DEVICES': '2,5'}, gpus='1, 3') == ['1', '3']   # --gpus
+    assert visible_gpus({'CUDA_VISIBLE_DEVICES': ''}) == []
+    assert visible_gpus({'CUDA_VISIBLE_DEVICES': '-1'}) == []
+    assert visible_gpus({}, device_files=['/dev/nvidia10', '/dev/nvidiactl', '/dev/nvidia2',
+                                          '/dev/nvidia-uvm', '/dev/nvidia0']) == ['0', '2', '10']
+    parent = {'CUDA_VISIBLE_DEVICES': '2,5', 'PATH': '/bin'}
+    plan = process_environments(3, visible_gpus(parent), parent)
+    assert [env['CUDA_VISIBLE_DEVICES'] for env in plan] == ['2', '5', '2']
+    assert all(env['TF_FORCE_GPU_ALLOW_GROWTH'] == 'true' and env['PATH'] == '/bin'
+               for env in plan)
+    chosen = dict(parent, TF_FORCE_GPU_ALLOW_GROWTH='false')
+    assert process_environments(1, ['0'], chosen)[0]['TF_FORCE_GPU_ALLOW_GROWTH'] == 'false'
+    assert process_environments(2, visible_gpus({}, device_files=[]), {'PATH': '/bin'}) == [
+        {'PATH': '/bin'}, {'PATH': '/bin'}]
+
+
+def test_grid_jobs_take_the_gpu_of_their_slot(monkeypatch, tmp_path):
+    """benchmark --jobs=2 over two GPUs: the runs alternate, a run taking the GPU that the
+    finished one left (the environments each training process was started with)."""
+    from ssl_ema.core import grid
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env, **kwargs):
+            started.append(env['CUDA_VISIBLE_DEVICES'])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(grid.subprocess, 'Popen', Finished)
+    monkeypatch.setattr(grid, 'train_command', lambda run: ['true'])
+    monkeypatch.setattr(grid, 'run_status', lambda *args: ('done', 1))
+    monkeypatch.setattr(grid, '_ema_test', lambda train_dir: '')
+    runs = [grid.GridRun(tiny_config(train_dir=str(tmp_path / str(i))), None, str(i), 'new')
+            for i in range(3)]
+    assert grid.run_grid(runs, jobs=2, log=lambda line: None, poll_seconds=0.,
+                         gpus=['0', '1']) == []
+    assert started == ['0', '1', '0']

@@ -12,6 +12,7 @@ from ssl_ema.algorithms import ALGORITHMS, create
 from ssl_ema.base import hparams
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError
+from ssl_ema.base.machine import process_environments, visible_gpus
 from ssl_ema.core import fitting, run_dir
 
 
@@ -117,11 +118,14 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else '(no output)'
 
 
-def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float = 0.5) -> List[GridRun]:
+def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float = 0.5,
+             gpus: Optional[List[str]] = None) -> List[GridRun]:
     """Train every run that is not done, `jobs` processes at a time; return the runs that failed.
 
     Each run's output goes to <train_dir>/train.log. Ctrl-C or SIGTERM (KeyboardInterrupt here)
-    sends SIGTERM to the running trainings, which save a checkpoint, and is re-raised.
+    sends SIGTERM to the running trainings, which save a checkpoint, and is re-raised. Each of
+    the `jobs` slots has its own GPU of `gpus` (default: machine.visible_gpus(); round-robin,
+    memory growth on), and a run takes the GPU of the slot it fills.
     """
     count = len(runs)
     pending = []
@@ -133,10 +137,12 @@ def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float 
             pending.append((i, run))
     running, failed = {}, []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
+    slot_envs = process_environments(jobs, visible_gpus() if gpus is None else gpus, env)
     try:
         while pending or running:
             while pending and len(running) < jobs:
                 i, run = pending.pop(0)
+                slot = min(set(range(jobs)) - {r[4] for r in running.values()})
                 os.makedirs(run.cfg.train_dir, exist_ok=True)
                 log_path = os.path.join(run.cfg.train_dir, 'train.log')
                 with open(log_path, 'a') as log_file:
@@ -145,8 +151,8 @@ def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float 
                     log_file.flush()
                     # Own session: a Ctrl-C reaches only this process, which forwards one SIGTERM.
                     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                               env=env, start_new_session=True)
-                running[process] = (i, run, time.time(), log_path)
+                                               env=slot_envs[slot], start_new_session=True)
+                running[process] = (i, run, time.time(), log_path, slot)
                 what = (f'resume    {run.name} from step {run.step}/{run.cfg.total_steps}'
                         if run.status == 'resume' else
                         f'train     {run.name} ({run.cfg.total_steps} steps)')
@@ -155,7 +161,7 @@ def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float 
             for process in list(running):
                 if process.poll() is None:
                     continue
-                i, run, start, log_path = running.pop(process)
+                i, run, start, log_path, _ = running.pop(process)
                 status, _ = run_status(run.cfg.train_dir, run.cfg.total_steps)
                 if process.returncode == 0 and status == 'done':
                     log(f'[{i}/{count}] finished  {run.name} in {time.time() - start:.0f} s: '

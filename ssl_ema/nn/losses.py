@@ -6,6 +6,8 @@ import math
 
 import tensorflow as tf
 
+from ssl_ema.nn import draws
+
 
 def cross_entropy(labels, logits):
     """Mean cross-entropy of integer labels."""
@@ -22,9 +24,12 @@ def kl_divergence(p_logits, q_logits):
     """KL(p || q) with p = softmax(p_logits), q = softmax(q_logits), summed over classes and
     averaged over the batch. VAT's paper puts the target first (Miyato et al. 2018, Eq. 4:
     KL(target || student)); the anchors' vat.py puts the student first."""
+    return tf.reduce_mean(_kl_per_example(p_logits, q_logits))
+
+
+def _kl_per_example(p_logits, q_logits):
     p = tf.nn.softmax(p_logits)
-    return tf.reduce_mean(tf.reduce_sum(
-        p * (tf.nn.log_softmax(p_logits) - tf.nn.log_softmax(q_logits)), axis=-1))
+    return tf.reduce_sum(p * (tf.nn.log_softmax(p_logits) - tf.nn.log_softmax(q_logits)), -1)
 
 
 def entropy(logits):
@@ -71,7 +76,12 @@ def l2_normalize(d):
     return d / tf.sqrt(1e-6 + tf.reduce_sum(tf.square(d), axes, keepdims=True))
 
 
-def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps, scale=1.):
+# Steps resolved by the compute precision: the finite difference is at least this many times
+# the largest rounding error of the perturbed input (||x|| times the unit roundoff).
+RESOLVED_STEPS = 8
+
+
+def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps, scale=1., resolution=0.):
     """The virtual adversarial perturbation r_adv (Miyato et al. 2018, Eqs. 11-13).
 
     One power iteration: from the random direction d = `noise`, r = xi * d / ||d||, and
@@ -79,13 +89,71 @@ def vat_perturbation(logits_fn, x, target_logits, noise, xi, eps, scale=1.):
     r, xi and eps are in pixel units, `scale` model-input units per pixel unit (per channel;
     the anchors' pixels are in [-1, 1]), so the norms are taken where the anchors take them and
     ||r_adv|| = eps in pixel units. Returned in model-input units, gradient stopped.
+
+    Eq. 12 approximates H d by a finite difference, so x + r must differ from x in the precision
+    the model computes with: `resolution` is its unit roundoff (compute_resolution), and each
+    image's step is raised where xi is below it (vat_step). A step that large leaves the
+    quadratic region of the KL, so below float32 the difference is central (one more pass):
+    its error is third-order in the step (measured on digits under bfloat16-rounded inputs:
+    cosine 0.96 with float32's direction, against 0.91 one-sided and 0.28 at xi's own step,
+    tests/test_algorithms.py). There the KL is divided by the step: g's direction is unchanged,
+    and its values stay far from float16's underflow (Keras' loss scale multiplies the training
+    loss, not this inner objective). In float32 it is Eq. 12 exactly as the anchors compute it.
     """
-    r = xi * l2_normalize(noise)
-    with tf.GradientTape() as tape:
-        tape.watch(r)
-        divergence = kl_divergence(tf.stop_gradient(target_logits), logits_fn(x + scale * r))
+    d, target = l2_normalize(noise), tf.stop_gradient(target_logits)
+    if resolution <= FLOAT32_ROUNDOFF:   # Eq. 12 as the paper and the anchors (test_parity.py)
+        r = xi * d
+        with tf.GradientTape() as tape:
+            tape.watch(r)
+            divergence = kl_divergence(target, logits_fn(x + scale * r))
+    else:
+        step, unit = vat_step(x, d, xi, scale, resolution)
+        r = step / unit * d
+        with tf.GradientTape() as tape:
+            tape.watch(r)
+            # Central: grad KL(r) - grad KL(-r) = 2 H r + O(r^3), per image over its step.
+            divergence = tf.reduce_sum(
+                (_kl_per_example(target, logits_fn(x + scale * r))
+                 + _kl_per_example(target, logits_fn(x - scale * r))) / tf.reshape(step, [-1]))
     g = tape.gradient(divergence, r)
     return tf.stop_gradient(scale * eps * l2_normalize(g))
+
+
+# The finite difference's step is at least this many times the largest rounding error of the
+# perturbed input, ||x|| times the unit roundoff. Measured on digits (the probe behind
+# tests/test_algorithms.py's low-precision test): cosine with float32's direction under
+# bfloat16-rounded inputs 0.96 at 2 and 4, 0.91 at 8, 0.83 at 16 (larger steps leave the
+# quadratic region); under TF32-rounded inputs 0.99 at 2 to 8.
+RESOLVED_STEPS = 4
+FLOAT32_ROUNDOFF = 2. ** -24
+
+
+def vat_step(x, d, xi, scale=1., resolution=0.):
+    """(step, unit): each image's finite-difference step ||scale r|| in model-input units,
+    max(xi ||scale d||, RESOLVED_STEPS * resolution * ||x||), and ||scale d|| (d of unit norm in
+    pixel units). The step stays xi's in float32 at the default xi; bfloat16 raises it to
+    ||x|| / 64, TF32 and float16 to ||x|| / 512, where xi's would round away (shape [n, 1, ...])."""
+    axes = list(range(1, len(x.shape)))
+    unit = tf.sqrt(tf.reduce_sum(tf.square(scale * d), axes, keepdims=True))
+    floor = RESOLVED_STEPS * resolution * tf.sqrt(tf.reduce_sum(tf.square(x), axes, keepdims=True))
+    return tf.stop_gradient(tf.maximum(xi * unit, floor)), unit
+
+
+def compute_resolution(model):
+    """The unit roundoff of the values `model` computes with, for VAT's finite difference: the
+    coarsest of its layers' compute dtypes (bfloat16 2^-8, float16 2^-11, float32 2^-24), where
+    float32 convolutions and matrix products round their inputs to TF32's 10-bit mantissa
+    (2^-11) on an Ampere or newer GPU with TF32 enabled (TensorFlow's default)."""
+    roundoff = {'bfloat16': 2. ** -8, 'float16': 2. ** -11}
+    dtypes = {getattr(layer, 'compute_dtype', None) for layer in model.layers} - {None}
+    resolution = max([roundoff.get(str(d), FLOAT32_ROUNDOFF) for d in dtypes]
+                     or [FLOAT32_ROUNDOFF])
+    if resolution < 2. ** -11 and tf.config.experimental.tensor_float_32_execution_enabled():
+        for gpu in tf.config.list_physical_devices('GPU'):
+            capability = tf.config.experimental.get_device_details(gpu).get('compute_capability')
+            if capability and capability >= (8, 0):
+                return 2. ** -11
+    return resolution
 
 
 def soft_cross_entropy(target_probs, logits, mask=None):
@@ -132,12 +200,12 @@ def mixup(rng, alpha, *tensors):
     mixed example stays closer to its own row. Every tensor (images, targets) gets the same
     partners and weights. `rng` is the run's tf.random.Generator. Returns the mixed tensors."""
     n = tf.shape(tensors[0])[0]
-    seeds = rng.make_seeds(2)
-    # Beta(a, a) = X / (X + Y) for X, Y ~ Gamma(a): tf.random.Generator has no beta or gamma.
-    x, y = (tf.random.stateless_gamma([n], seeds[:, i], alpha) for i in range(2))
-    weight = x / (x + y)
+    # Beta(a, a) = X / (X + Y) = sigmoid(log X - log Y) for X, Y ~ Gamma(a) (tf.random.Generator
+    # has no beta; draws.py: the same draws with and without XLA).
+    log_x, log_y = draws.log_gamma(rng, [n], alpha), draws.log_gamma(rng, [n], alpha)
+    weight = tf.sigmoid(log_x - log_y)
     weight = tf.maximum(weight, 1. - weight)
-    partner = tf.argsort(rng.uniform([n]))
+    partner = tf.argsort(draws.uniform(rng, [n]))
     return [mix(t, tf.gather(t, partner), weight) for t in tensors]
 
 
@@ -183,8 +251,11 @@ def flexmatch_learning_effect(selected, num_classes, warmup=True):
     the threshold warm-up (Sec. 3.3) counting the unused images (-1) among the candidates of the
     max. While no image (or every image) has been selected, beta stays as the caller had it:
     returns (beta, whether it was updated), as USB's FlexMatchThresholdingHook.update."""
-    counts = tf.math.bincount(tf.cast(selected, tf.int32) + 1, minlength=num_classes + 1,
-                              maxlength=num_classes + 1, dtype=tf.float32)
+    # A segment sum, not tf.math.bincount: its output size is computed at run time, which XLA
+    # (--jit_compile) cannot compile.
+    selected = tf.cast(selected, tf.int32)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(selected, tf.float32), selected + 1,
+                                          num_classes + 1)
     largest = tf.reduce_max(counts if warmup else counts[1:])
     update = tf.reduce_max(counts) < tf.cast(tf.size(selected), tf.float32)
     return counts[1:] / tf.maximum(largest, 1.), update

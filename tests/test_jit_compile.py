@@ -1,0 +1,128 @@
+"""--jit_compile: every algorithm's training step compiles with XLA and computes what the step
+without it does; the stateful algorithms' scatters are static-shaped with a defined winner."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ssl_ema import algorithms
+from ssl_ema.algorithms import base
+from ssl_ema.nn import draws
+
+NAMES = sorted(algorithms.ALGORITHMS)
+
+# Hyperparameters that keep every confidence far from its threshold on a fresh model (the largest
+# class probability of 10 classes is ~0.1-0.3 there): FlexMatch's tau = 0 selects every image, so
+# its per-image state and class rates move; the others' 0.95 selects none.
+OVERRIDES = {'flexmatch': {'confidence_threshold': 0.}}
+
+STEPS = '''
+import json, sys, tempfile
+import numpy as np
+from ssl_ema import algorithms, data
+from ssl_ema.base.config import TrainConfig
+from ssl_ema.core.loop import Trainer
+
+dataset = data.build('digits', labels=50, valid=200, seed=1)
+overrides = json.loads(sys.argv[1])
+out = {}
+for name in sys.argv[2:]:
+    for jit in (False, True):
+        cfg = TrainConfig(algorithm=name, batch=16, uratio=2, train_steps=2, arch='small_cnn',
+                          jit_compile=jit)
+        algorithm = algorithms.ALGORITHMS[name](**overrides.get(name, {}))
+        trainer = Trainer(cfg, algorithm, dataset, tempfile.mkdtemp())
+        before = [np.array(v) for v in trainer.trainable]
+        iterator = trainer.batches(0)   # a pure function of (seed, step): the same two batches
+        metrics = [{k: float(v) for k, v in trainer.train_step(iterator).items()}
+                   for _ in range(2)]   # the second step uses the state the first one left
+        out[f'{name}/{jit}'] = {
+            'metrics': metrics,
+            'updates': [(np.array(v) - b).tolist() for v, b in zip(trainer.trainable, before)],
+            'weights': [np.array(v).tolist() for v in trainer.trainable],
+            'state': {k: np.array(v).tolist() for k, v in trainer.state.items()}}
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def steps_with_and_without_xla():
+    """Two training steps of every algorithm with and without --jit_compile, in one process."""
+    result = subprocess.run([sys.executable, '-c', STEPS, json.dumps(OVERRIDES), *NAMES],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xla):
+    plain, xla = (steps_with_and_without_xla[f'{name}/{jit}'] for jit in (False, True))
+    if name == 'vat':
+        # VAT's random direction is tf.random's Generator.normal (test_parity.py pins it to the
+        # anchors' draw), whose values differ under XLA (see nn/draws.py): only the terms that
+        # do not depend on it can be compared.
+        for key in ('loss/labeled', 'algorithm/entropy'):
+            np.testing.assert_allclose(xla['metrics'][0][key], plain['metrics'][0][key],
+                                       rtol=1e-4, err_msg=key)
+        return
+    for step, (a, b) in enumerate(zip(plain['metrics'], xla['metrics'])):
+        assert a.keys() == b.keys(), (name, step)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6,
+                                       err_msg=f'{name} step {step} {key}')
+    for a, b in zip(plain['weights'], xla['weights']):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
+    # The two steps' updates themselves (the weights alone barely move in two steps), to 1e-4 of
+    # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
+    scale = max(np.abs(a).max() for a in map(np.array, plain['updates']))
+    for a, b in zip(plain['updates'], xla['updates']):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    for key, value in plain['state'].items():
+        np.testing.assert_allclose(xla['state'][key], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=f'{name} {key}')
+    if name == 'flexmatch':   # the test exercised the per-image state
+        assert np.sum(np.array(plain['state']['selected']) >= 0) == 2 * 16 * 2
+
+
+def test_scatter_last_gives_repeated_indices_a_defined_winner():
+    """A global batch straddling two epochs can hold one pool index twice: of its masked-in
+    copies the last in batch order wins, masked-out copies write nothing (the same under XLA)."""
+    state = tf.constant([-1, -1, -1, -1, 7])
+    index = tf.constant([2, 0, 2, 3, 2, 3])
+    values = tf.constant([10, 11, 12, 13, 14, 15])
+    mask = tf.constant([True, True, True, True, False, False])
+    expected = [11, -1, 12, 13, 7]   # index 2: 10 then 12 (14 masked out); index 3: 13 (15 out)
+    np.testing.assert_array_equal(base.scatter_last(state, index, values, mask), expected)
+    compiled = tf.function(base.scatter_last, jit_compile=True)
+    np.testing.assert_array_equal(compiled(state, index, values, mask), expected)
+
+
+@pytest.mark.parametrize('alpha', [0.3, 0.75, 2.])
+def test_gamma_draws_have_the_gamma_mean_and_variance(alpha):
+    """Mixup's Beta coefficients come from Gamma draws XLA can compile (tf.random's gamma has no
+    XLA kernel): Gamma(alpha, 1) has mean and variance alpha."""
+    n = 40000
+    values = np.exp(draws.log_gamma(tf.random.Generator.from_seed(0), [n], alpha).numpy())
+    assert np.all(values > 0)
+    assert abs(values.mean() - alpha) < 4 * math.sqrt(alpha / n), values.mean()   # 4 std errors
+    assert abs(values.var() / alpha - 1.) < 0.1, values.var()
+
+
+def test_draws_are_the_same_under_xla():
+    """Uniforms, integers, normals and Gamma draws from one generator state, with and without
+    XLA (tf.random's own float draws differ)."""
+    def every_draw(rng):
+        return (draws.uniform(rng, [1000]), tf.cast(draws.integers(rng, [1000], 4), tf.float32),
+                draws.normal(rng, [1000]), draws.log_gamma(rng, [1000], 0.75))
+    plain = every_draw(tf.random.Generator.from_seed(5))
+    rng = tf.random.Generator.from_seed(5)
+    compiled = tf.function(lambda: every_draw(rng), jit_compile=True)()
+    for a, b in zip(plain, compiled):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    normals = plain[2].numpy()
+    assert abs(normals.mean()) < 0.15 and abs(normals.std() - 1.) < 0.1
+    assert set(np.unique(plain[1])) == {0., 1., 2., 3.}
