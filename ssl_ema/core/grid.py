@@ -59,7 +59,9 @@ def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = N
         # --recipe's defaults where no flag was given, as ssl_ema.train applies them (the grid
         # names its algorithms: a recipe's own is not used).
         cfg = hparams.from_flags(TrainConfig, **{k: v for k, v in values.items()
-                                                 if k in config_fields})
+                                                 if k in config_fields},
+                                 algorithm=name, labels=label_counts[0], seed=seeds[0],
+                                 train_dir=None)
         recipe, _, defaults, hyperparameters = fitting.recipe_defaults(
             cfg.recipe, cfg.dataset, name, hparams.given_flags() | set(values) | {'algorithm'})
         values = dict(defaults, **hyperparameters, **values, recipe=recipe.name)
