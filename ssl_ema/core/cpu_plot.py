@@ -8,8 +8,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from ssl_ema.base import files
-from ssl_ema.core import run_dir
+from ssl_ema.core import figures, run_dir
 
 
 def cpu_curve(train_dir: str, summary: dict) -> List[tuple]:
@@ -32,14 +31,9 @@ def cpu_curve(train_dir: str, summary: dict) -> List[tuple]:
 def plot_cpu_time(records, path: str, row_labels) -> Dict[str, List[str]]:
     """Draw cpu_time.png from the benchmark's records (report.load_runs, each with its
     'cpu_curve'); `row_labels`: (dataset, variant) -> row. Returns each panel's curves."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     panels = sorted({(r['config']['dataset'], r['config']['labels']) for r in records
                      if r['cpu_curve']})
-    columns = max(1, min(3, len(panels)))
-    figure, axes = plt.subplots(-(-max(1, len(panels)) // columns), columns,
-                                figsize=(5.5 * columns, 4), squeeze=False)
+    figure, axes = figures.panels(len(panels), 5.5, 4)
     drawn = {}
     for ax, (dataset, labels) in zip(axes.flat, panels):
         runs = [r for r in records if (r['config']['dataset'], r['config']['labels']) == (
@@ -54,16 +48,8 @@ def plot_cpu_time(records, path: str, row_labels) -> Dict[str, List[str]]:
             if len(curves) > 1:
                 ax.fill_between(cpu.mean(0), acc.min(0), acc.max(0), color=f'C{k}', alpha=0.2)
         ax.set_title(f'{dataset}, {labels} labels')
-        drawn[ax.get_title()] = [line.get_label() for line in ax.get_lines()]
-        ax.set_xlabel('CPU-seconds (every thread, start-up and evaluations included)')
-        ax.set_ylabel('EMA test accuracy (%)')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis('off')
-    figure.suptitle('EMA test accuracy against CPU time: mean over seeds, min-max shaded',
-                    fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.96))
-    files.write_atomically(path, lambda f: figure.savefig(f, format='png', dpi=100))
-    plt.close(figure)
+        figures.label(ax, 'CPU-seconds (every thread, start-up and evaluations included)',
+                      'EMA test accuracy (%)', drawn)
+    figures.save(figure, axes, len(panels), 'EMA test accuracy against CPU time: mean over '
+                 'seeds, min-max shaded', path)
     return drawn

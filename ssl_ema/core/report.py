@@ -12,7 +12,7 @@ import numpy as np
 
 from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError, one_line
-from ssl_ema.core import cpu_plot, run_dir
+from ssl_ema.core import cpu_plot, figures, run_dir
 
 RESULT_FILES = ('results.csv', 'results.md', 'curves.png', 'cpu_time.png')
 SPLITS, MODELS, STATS = ('valid', 'test'), ('raw', 'ema'), ('last', 'median_last_20')
@@ -180,17 +180,11 @@ def plot_curves(records, path: str) -> Dict[str, List[str]]:
     """Test accuracy against training kimg, EMA solid and raw dashed (any other tracked average
     dotted or dash-dotted), one colour per label count (the mean over seeds at the evaluations
     they share), one panel per table row. Returns each panel's title and its curves' labels."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     rows = _row_labels(records)
     panels = list(dict.fromkeys((r['config']['dataset'], rows[r['config']['dataset'],
                                                               r['variant']]) for r in records))
     several_datasets = len({d for d, _ in panels}) > 1
-    columns = min(3, len(panels))
-    lines = -(-len(panels) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.6 * lines),
-                                squeeze=False)
+    figure, axes = figures.panels(len(panels), 5, 3.6)
     drawn = {}
     for ax, (dataset, row) in zip(axes.flat, panels):
         runs = [r for r in records if r['config']['dataset'] == dataset
@@ -210,18 +204,10 @@ def plot_curves(records, path: str) -> Dict[str, List[str]]:
                 ax.plot(kimg, mean, linestyle=style, color=f'C{color}',
                         label=f'{n} labels, {CURVE_NAMES.get(model, model)}')
         ax.set_title(f'{row} ({dataset})' if several_datasets else row)
-        drawn[ax.get_title()] = [line.get_label() for line in ax.get_lines()]
-        ax.set_xlabel('training kimg (thousands of labeled images)')
-        ax.set_ylabel('test accuracy (%)')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis('off')
-    figure.suptitle('Test accuracy while training: EMA (solid), raw student (dashed), other '
-                    'averages dotted, mean over seeds', fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.98))   # leave the top strip to the title
-    files.write_atomically(path, lambda f: figure.savefig(f, format='png', dpi=100))
-    plt.close(figure)
+        figures.label(ax, 'training kimg (thousands of labeled images)', 'test accuracy (%)',
+                      drawn)
+    figures.save(figure, axes, len(panels), 'Test accuracy while training: EMA (solid), raw '
+                 'student (dashed), other averages dotted, mean over seeds', path)
     return drawn
 
 
