@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 
 from ssl_ema.nn import losses
-from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.nn.backbones import call_keeping_statistics, features
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
 
@@ -101,7 +101,7 @@ class Algorithm:
     # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
-    heads: Dict[str, int] = {}   # extra dense heads on the penultimate features: name -> units
+    heads: Dict[str, int] = {}   # extra dense heads on the pooled features: name -> units
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
         """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
@@ -175,11 +175,11 @@ def teacher_field(default='student'):
 
 def with_heads(student, heads: Dict[str, int]):
     """A model sharing every layer of `student` that returns [logits, *one output per head], each
-    head a new Dense layer on the student's penultimate features (its global-average-pooled
-    features: every backbone ends with pooling then one Dense). E.g. ReMixMatch's rotation head."""
+    head a new Dense layer on the student's pooled features (its layer named 'features', found by
+    name: nn/backbones.features). E.g. ReMixMatch's rotation head."""
     import keras
-    features = student.layers[-2].output
-    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(features)
+    pooled = features(student)
+    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(pooled)
                                       for name, units in heads.items()]
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 
