@@ -31,7 +31,7 @@ SHARED_HELP = {
     'ramp_up': 'Shape of the consistency weight\'s ramp-up over --warmup_fraction of training: '
                'linear (the anchors\' for every algorithm that ramps; their fixmatch.py and '
                'uda.py keep a constant weight), sigmoid (exp(-5(1-t)^2), the Pi-model, Mean '
-               'Teacher and ICT papers) or none.',
+               'Teacher and ICT papers), cosine (1/2 - cos(pi t)/2, AdaMatch\'s mu(t)) or none.',
     'bn_passes': 'joint: labeled and unlabeled images go through one training-mode pass (batch '
                  'norm normalises over all of them and its moving statistics follow all of them, '
                  'as FixMatch); separate: one pass per batch, and only the labeled pass moves '
