@@ -66,6 +66,11 @@ VALID = {
     'n_sigma': (lambda v: v > 0, '> 0'),
     'strong_views': (lambda v: v >= 1, '>= 1'),
     'prediction_window': (lambda v: v >= 0, '>= 0'),
+    'threshold_scale': (lambda v: v > 0, '> 0'),
+    'threshold_decay': (lambda v: v >= 1, '>= 1'),
+    'min_threshold': (lambda v: v >= 0, '>= 0'),
+    'supervised_fraction': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'threshold_every_fraction': (lambda v: v > 0, '> 0'),
 }
 
 

@@ -167,7 +167,7 @@ def tsa_cross_entropy(labels, logits, threshold):
     return tf.reduce_sum(per_example * keep) / tf.maximum(tf.reduce_sum(keep), 1.)
 
 
-# ---- the newer algorithms' pieces (FlexMatch, FreeMatch, SoftMatch, ReMixMatch, AdaMatch) ------
+# ---- the newer algorithms' pieces (FlexMatch, FreeMatch, SoftMatch, ReMixMatch, AdaMatch, Dash)
 
 def moving_average(average, value, momentum):
     """momentum * average + (1 - momentum) * value: the running averages FreeMatch (Sec. 3.2),
@@ -188,6 +188,14 @@ def relative_threshold(labeled_probs, tau):
     images of their largest class probability, so the bar follows how confident the model is on
     images whose labels it is taught."""
     return tau * tf.reduce_mean(tf.reduce_max(labeled_probs, axis=-1))
+
+
+def dash_threshold(rho_hat, stage, scale, decay, floor):
+    """Dash's dynamic loss threshold (Xu et al. 2021, Algorithm 1): rho = C gamma^-k rho_hat
+    at stage k (0 when training on unlabeled images starts; negative k counts as 0), never
+    below rho_min (`floor`, USB's)."""
+    stage = tf.maximum(tf.cast(stage, tf.float32), 0.)
+    return tf.maximum(scale * tf.pow(decay, -stage) * rho_hat, floor)
 
 
 def flexmatch_learning_effect(selected, num_classes, warmup=True):
