@@ -41,6 +41,9 @@ SHARED_HELP = {
     'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
                'being trained) or ema (the EMA of its weights, in inference mode).',
     'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
+    'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
+                         'class distribution is the mean of the last this many batches\' mean '
+                         'predictions; 0: a moving average with --state_momentum instead.',
 }
 
 TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
