@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 
 from ssl_ema.nn import losses
-from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.nn.backbones import call_keeping_statistics, features
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
 
@@ -31,7 +31,7 @@ SHARED_HELP = {
     'ramp_up': 'Shape of the consistency weight\'s ramp-up over --warmup_fraction of training: '
                'linear (the anchors\' for every algorithm that ramps; their fixmatch.py and '
                'uda.py keep a constant weight), sigmoid (exp(-5(1-t)^2), the Pi-model, Mean '
-               'Teacher and ICT papers) or none.',
+               'Teacher and ICT papers), cosine (1/2 - cos(pi t)/2, AdaMatch\'s mu(t)) or none.',
     'bn_passes': 'joint: labeled and unlabeled images go through one training-mode pass (batch '
                  'norm normalises over all of them and its moving statistics follow all of them, '
                  'as FixMatch); separate: one pass per batch, and only the labeled pass moves '
@@ -41,6 +41,9 @@ SHARED_HELP = {
     'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
                'being trained) or ema (the EMA of its weights, in inference mode).',
     'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
+    'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
+                         'class distribution is the mean of the last this many batches\' mean '
+                         'predictions; 0: a moving average with --state_momentum instead.',
 }
 
 TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
@@ -66,6 +69,11 @@ VALID = {
     'n_sigma': (lambda v: v > 0, '> 0'),
     'strong_views': (lambda v: v >= 1, '>= 1'),
     'prediction_window': (lambda v: v >= 0, '>= 0'),
+    'threshold_scale': (lambda v: v > 0, '> 0'),
+    'threshold_decay': (lambda v: v >= 1, '>= 1'),
+    'min_threshold': (lambda v: v >= 0, '>= 0'),
+    'supervised_fraction': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'threshold_every_fraction': (lambda v: v > 0, '> 0'),
 }
 
 
@@ -101,7 +109,7 @@ class Algorithm:
     # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
-    heads: Dict[str, int] = {}   # extra dense heads on the penultimate features: name -> units
+    heads: Dict[str, int] = {}   # extra dense heads on the pooled features: name -> units
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
         """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
@@ -187,11 +195,11 @@ def teacher_field(default='student'):
 
 def with_heads(student, heads: Dict[str, int]):
     """A model sharing every layer of `student` that returns [logits, *one output per head], each
-    head a new Dense layer on the student's penultimate features (its global-average-pooled
-    features: every backbone ends with pooling then one Dense). E.g. ReMixMatch's rotation head."""
+    head a new Dense layer on the student's pooled features (its layer named 'features', found by
+    name: nn/backbones.features). E.g. ReMixMatch's rotation head."""
     import keras
-    features = student.layers[-2].output
-    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(features)
+    pooled = features(student)
+    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(pooled)
                                       for name, units in heads.items()]
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 

@@ -55,3 +55,34 @@ def run(cfg, algorithm, log=quiet, **kwargs):
     accuracy summary (accuracy.json)."""
     from ssl_ema.core import fitting, run_dir
     return run_dir.read_summary(fitting.fit(cfg, algorithm, log=log, **kwargs))
+
+
+def logged_values(lines, key):
+    """The values of `key=` in the training log's lines."""
+    return [float(line.split(f' {key}=')[1].split()[0]) for line in lines if f' {key}=' in line]
+
+
+def check_learns(cfg, algorithm, data, tmp_path):
+    """Train `cfg`: the labeled loss falls below half its first value, the unlabeled loss is
+    alive (positive and changing: USB's Mean Teacher's was always zero), and both the raw and the
+    EMA model reach 60% on the test set (chance is 10% on digits). Returns the summary."""
+    from ssl_ema.core.loop import Trainer
+    logged = []
+    summary = Trainer(cfg, algorithm, data, str(tmp_path)).train(log=logged.append)
+    labeled, unlabeled = logged_values(logged, 'labeled'), logged_values(logged, 'unlabeled')
+    assert np.mean(labeled[-3:]) < 0.5 * labeled[0], labeled
+    assert max(unlabeled) > 0 and len(set(unlabeled)) > 5, unlabeled
+    assert summary['ema']['test']['last'] > 60, summary
+    assert summary['raw']['test']['last'] > 60, summary
+    return summary
+
+
+def check_resumes(cfg, algorithm, data, tmp_path, stop_at):
+    """straight_and_resumed: the resumed run ends with the straight one's weights and algorithm
+    state. Returns the straight Trainer."""
+    straight, resumed, _ = straight_and_resumed(cfg, algorithm, data, tmp_path, stop_at)
+    for a, b in zip(weights_of(straight.student), weights_of(resumed.student)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for key, value in straight.state.items():
+        np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-5)
+    return straight

@@ -40,3 +40,30 @@ def test_call_keeping_statistics_is_a_training_pass_that_leaves_the_moving_avera
     # the same logits as an ordinary training pass (batch statistics), which does move them
     np.testing.assert_allclose(logits, model(x, training=True), rtol=1e-5, atol=1e-5)
     assert any(not np.allclose(b, np.array(v)) for b, v in zip(before, model.non_trainable_weights))
+
+
+@pytest.mark.parametrize('precision', ['float32', 'mixed_bfloat16'])
+def test_extra_heads_read_the_pooled_features_found_by_name(precision):
+    """ReMixMatch's rotation head (algorithms/base.with_heads) reads the pooled features, not the
+    logits, whatever follows the classifier's Dense (mixed precision adds a float32 'logits'
+    layer), for our backbones and for a keras.Model the user brings (a feature map, or features
+    already); a backbone that keeps its own head has no pooled features and is refused."""
+    import keras
+    from ssl_ema.algorithms import base
+    from ssl_ema.base.errors import ConfigError
+    feature_map = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(6, 3)], name='map')
+    flat = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()], name='flat')
+    for model, width in [(backbones.build('small_cnn', (8, 8, 1), 10, precision=precision), 128),
+                         (backbones.build('wrn10_1', (8, 8, 1), 10, precision=precision), 64),
+                         (backbones.build('auto', (8, 8, 1), 10, precision=precision,
+                                          model=feature_map), 6),
+                         (backbones.build('auto', (8, 8, 1), 10, precision=precision,
+                                          model=flat), 64)]:
+        heads = base.with_heads(model, {'rotation': 4})
+        assert backbones.features(model).shape[-1] == width
+        assert heads.get_layer('head_rotation').kernel.shape == (width, 4)
+        assert [o.shape[-1] for o in heads(np.zeros((2, 8, 8, 1), np.float32))] == [10, 4]
+    own_head = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                 keras.layers.Dense(10)], name='own')
+    with pytest.raises(ConfigError, match="no layer named 'features'.*keeps its own head"):
+        base.with_heads(backbones.build('auto', (8, 8, 1), 10, model=own_head), {'rotation': 4})

@@ -337,9 +337,10 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         # the newer algorithms: FixMatch's constant weight, ReMixMatch the
                         # anchors' linear ramp (remixmatch_no_cta.py)
                         'flexmatch': 'none', 'freematch': 'none', 'softmatch': 'none',
-                        'remixmatch': 'linear'}
+                        'remixmatch': 'linear', 'adamatch': 'cosine',   # AdaMatch's mu(t)
+                        'dash': 'none'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
     assert algorithms.ALGORITHMS['remixmatch'](ramp_up='sigmoid').ramp_up == 'sigmoid'
     from ssl_ema.base.errors import ConfigError
-    with pytest.raises(ConfigError, match='--ramp_up=cosine is invalid for --algorithm=pi_model'):
-        algorithms.ALGORITHMS['pi_model'](ramp_up='cosine')
+    with pytest.raises(ConfigError, match='--ramp_up=step is invalid for --algorithm=pi_model'):
+        algorithms.ALGORITHMS['pi_model'](ramp_up='step')

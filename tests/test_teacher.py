@@ -24,7 +24,8 @@ def confident_teacher(student, label):
 
 def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
-                             'flexmatch', 'freematch', 'softmatch', 'remixmatch'}
+                             'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
+                             'dash'}
 
 
 @pytest.mark.parametrize('name', TEACHING)

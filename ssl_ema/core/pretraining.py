@@ -51,9 +51,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 def pooled_features(classifier: keras.Model) -> keras.Model:
     """The part of a backbone classifier (ssl_ema.nn.backbones) up to its global pooling: images
-    -> pooled features, sharing the classifier's layers."""
-    pooling = [l for l in classifier.layers if isinstance(l, keras.layers.GlobalAveragePooling2D)]
-    return keras.Model(classifier.input, pooling[-1].output, name=f'{classifier.name}_features')
+    -> pooled features (its 'features' layer), sharing the classifier's layers."""
+    return keras.Model(classifier.input, backbones.features(classifier),
+                       name=f'{classifier.name}_features')
 
 
 class Pretrainer:

@@ -29,6 +29,7 @@ from ssl_ema.base.hparams import parse_floats
 LEAK = 0.1
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 _BATCH_NORM = {'layer': batch_norm.BatchNorm}   # what _bn_act builds; build() may swap it
+FEATURES = custom_backbones.FEATURES   # the layer whose output the classification head reads
 
 
 def _conv(filters, kernel, strides=1, padding='same', use_bias=False):
@@ -74,7 +75,7 @@ def wide_resnet(input_shape, num_classes, depth=28, width=2, bn_momentum=0.999, 
         for _ in range(blocks - 1):
             x = residual(x, filters, 1)
     x = _bn_act(x, bn_momentum)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURES)(x)
     outputs = layers.Dense(num_classes, kernel_initializer='glorot_normal')(x)
     return keras.Model(inputs, outputs, name=f'wrn{depth}_{width}')
 
@@ -96,7 +97,7 @@ def cnn13(input_shape, num_classes, dropout=0.5, bn_momentum=0.99):
     x = _conv_bn_act(x, 512, 3, 'valid' if min(x.shape[1:3]) >= 3 else 'same', bn_momentum)
     x = _conv_bn_act(x, 256, 1, bn_momentum=bn_momentum)
     x = _conv_bn_act(x, 128, 1, bn_momentum=bn_momentum)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURES)(x)
     outputs = layers.Dense(num_classes)(x)
     return keras.Model(inputs, outputs, name='cnn13')
 
@@ -109,7 +110,7 @@ def small_cnn(input_shape, num_classes, bn_momentum=0.9):
         x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
         x = layers.MaxPooling2D(2, 2, padding='same')(x)
     x = _conv_bn_act(x, 128, 3, bn_momentum=bn_momentum)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURES)(x)
     outputs = layers.Dense(num_classes)(x)
     return keras.Model(inputs, outputs, name='small_cnn')
 
@@ -133,6 +134,19 @@ def call_keeping_statistics(model, x):
         for v, value in zip(stats, saved):
             v.assign(value)
     return logits
+
+
+def features(model):
+    """The [N, C] features `model`'s classification head reads: the output of its layer named
+    'features' (the global average pooling in our backbones and in the classifier around a
+    backbone the user brings). Found by name, never by position: under --precision=mixed_* a
+    float32 'logits' layer follows the head, and a user's backbone adds layers of its own."""
+    try:
+        return model.get_layer(FEATURES).output
+    except ValueError:
+        raise ConfigError(f'the model {model.name} has no layer named {FEATURES!r} (the pooled '
+                          'features under its classification head): a backbone that keeps its '
+                          'own head has none; give it without its head') from None
 
 
 def _layers(model):

@@ -17,6 +17,7 @@ backbone (`classifier`):
   -> the backbone
   -> `features`:   global average pooling of a feature map [N, H, W, C] or of a token
                    sequence [N, T, C] (timm's 'avg' pool); a [N, C] output is kept as it is
+                   (an identity layer of that name: extra heads find the features by name)
   -> `head`:       a new Dense layer sized to the dataset's classes, in float32.
 
 A backbone whose own output already has the dataset's number of classes keeps it (no pooling, no
@@ -30,8 +31,8 @@ subclassed models whose get_config()/from_config() rebuild them (the EMA clones 
 export and evaluation rebuild it). Each must have one image input [N, H, W, C] (channels last) and
 one output. Anything else is refused with one line naming what is missing.
 
-Limits: a backbone that keeps its own head has no separate `features` layer, so an algorithm's
-extra heads (ReMixMatch's rotation head, algorithms/base.with_heads) sit on its logits; a
+Limits: a backbone that keeps its own head has no `features` layer, so an algorithm with extra
+heads on the features (ReMixMatch's rotation head, algorithms/base.with_heads) refuses it; a
 [N, C] output with C equal to the number of classes is taken for logits. Under a multi-replica
 strategy batch norm is synchronised (as the toolkit's own backbones): two mirrored replicas train a
 .keras backbone as one device does (tests/test_distribute.py). --precision edits the layers' dtype
@@ -54,6 +55,7 @@ from ssl_ema.nn import batch_norm
 
 KERAS, KERAS_HUB = 'keras:', 'keras_hub:'
 HEAD = 'head'   # the new classification head's layer name (its own learning rate: --head_lr)
+FEATURES = 'features'   # the layer whose output the head reads (the extra heads' input too)
 # keras-hub requires tensorflow-text, which requires the full `tensorflow` wheel (572 MB, and it
 # overwrites tensorflow-cpu's files); keras_hub imports and runs without it (measured: 0.32.0).
 INSTALL_HUB = ('pip install "ssl_ema[keras_hub]" (with tensorflow-cpu: pip install --no-deps '
@@ -274,8 +276,10 @@ def classifier(backbone, input_shape, num_classes: int, normalization=None, prep
     else:
         pools = {4: layers.GlobalAveragePooling2D, 3: layers.GlobalAveragePooling1D}
         if rank in pools:
-            y = pools[rank](name='features')(y)
-        elif rank != 2:
+            y = pools[rank](name=FEATURES)(y)
+        elif rank == 2:   # features already: named so, as every backbone's (backbones.features)
+            y = layers.Identity(name=FEATURES)(y)
+        else:
             raise ConfigError(f'{what}: its output has shape {tuple(y.shape)}; a classifier '
                               'needs features [N, C], a feature map or a token sequence')
         outputs = layers.Dense(num_classes, dtype='float32', name=HEAD)(y)

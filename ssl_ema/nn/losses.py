@@ -59,7 +59,15 @@ def constant_rampup(progress, length):
     return tf.ones_like(progress)
 
 
-RAMPUPS = {'linear': linear_rampup, 'sigmoid': sigmoid_rampup, 'none': constant_rampup}
+def cosine_rampup(progress, length):
+    """1/2 - cos(pi t) / 2 with t = min(1, progress / length): AdaMatch's warm-up mu(t) = 1/2 -
+    cos(min(pi, 2 pi t / T)) / 2 (Berthelot et al. 2022, Sec. 3.4) when length is 1/2;
+    1 everywhere when length is 0."""
+    return 0.5 - 0.5 * tf.cos(math.pi * linear_rampup(progress, length))
+
+
+RAMPUPS = {'linear': linear_rampup, 'sigmoid': sigmoid_rampup, 'cosine': cosine_rampup,
+           'none': constant_rampup}
 
 
 def fixmatch_cosine(progress):
@@ -227,7 +235,7 @@ def tsa_cross_entropy(labels, logits, threshold):
     return tf.reduce_sum(per_example * keep) / tf.maximum(tf.reduce_sum(keep), 1.)
 
 
-# ---- the newer algorithms' pieces (FlexMatch, FreeMatch, SoftMatch, ReMixMatch) ----------------
+# ---- the newer algorithms' pieces (FlexMatch, FreeMatch, SoftMatch, ReMixMatch, AdaMatch, Dash)
 
 def moving_average(average, value, momentum):
     """momentum * average + (1 - momentum) * value: the running averages FreeMatch (Sec. 3.2),
@@ -241,6 +249,21 @@ def align_distribution(probs, p_target, p_model):
     ratios is the anchors' and USB's guard against empty classes."""
     aligned = probs * (p_target + 1e-6) / (p_model + 1e-6)
     return aligned / tf.reduce_sum(aligned, axis=-1, keepdims=True)
+
+
+def relative_threshold(labeled_probs, tau):
+    """AdaMatch's relative confidence threshold (Sec. 3.3): tau times the mean over the labeled
+    images of their largest class probability, so the bar follows how confident the model is on
+    images whose labels it is taught."""
+    return tau * tf.reduce_mean(tf.reduce_max(labeled_probs, axis=-1))
+
+
+def dash_threshold(rho_hat, stage, scale, decay, floor):
+    """Dash's dynamic loss threshold (Xu et al. 2021, Algorithm 1): rho = C gamma^-k rho_hat
+    at stage k (0 when training on unlabeled images starts; negative k counts as 0), never
+    below rho_min (`floor`, USB's)."""
+    stage = tf.maximum(tf.cast(stage, tf.float32), 0.)
+    return tf.maximum(scale * tf.pow(decay, -stage) * rho_hat, floor)
 
 
 def flexmatch_learning_effect(selected, num_classes, warmup=True):
