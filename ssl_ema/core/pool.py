@@ -62,14 +62,11 @@ def pseudo_labels(probs: np.ndarray, kind: str = 'soft', per_class: int = 0,
 
 
 def features_model(model):
-    """The model's penultimate features: the input of its last Dense layer (every classifier of
-    ours, and every backbone nn/custom_backbones.py completes, ends with pooling then one Dense),
-    as a Keras model of the same input."""
+    """The model's pooled features (its layer named 'features', nn/backbones.features) as a
+    Keras model of the same input."""
     import keras
-    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    if not dense:
-        raise ValueError(f'{model.name} has no Dense classification layer to take features from')
-    return keras.Model(model.inputs, dense[-1].input)
+    from ssl_ema.nn import backbones
+    return keras.Model(model.inputs, backbones.features(model))
 
 
 def embed(model, images, flip: bool, batch_size: int = 1024) -> np.ndarray:
