@@ -44,9 +44,9 @@ def open_teacher(teacher_dir: str) -> run_dir.RunDir:
     if record is None or 'algorithm' not in record['config']:
         raise ConfigError(f'--teacher_run={teacher_dir} is not a training run directory (no '
                           f'{run_dir.RECORD} of ssl_ema.train or ssl_ema.distill)')
-    if run_dir.trained_steps(teacher_dir) < run_dir.recorded_total_steps(record):
-        raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step '
-                          f'{run_dir.trained_steps(teacher_dir)} of '
+    if not run_dir.finished(teacher_dir, record):
+        step = (run_dir.read_summary(teacher_dir) or {}).get('step', 0)
+        raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step {step} of '
                           f'{run_dir.recorded_total_steps(record)}): finish it first by running '
                           'its command again')
     return run_dir.RunDir(teacher_dir, record)

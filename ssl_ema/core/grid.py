@@ -30,8 +30,8 @@ def run_status(train_dir: str, total_steps: int):
     """('done', step) if the run in train_dir reached total_steps, ('resume', step) if it started,
     ('new', 0) otherwise; step is that of its last evaluation. A run with self-training rounds is
     done when they are (run_dir.finished)."""
-    step = run_dir.trained_steps(train_dir)
-    if step >= total_steps and run_dir.finished(train_dir):
+    step = (run_dir.read_summary(train_dir) or {}).get('step', 0)
+    if run_dir.finished(train_dir):
         return 'done', step
     if os.path.exists(os.path.join(train_dir, run_dir.RECORD)):
         return 'resume', step

@@ -78,23 +78,19 @@ def recorded_total_steps(record: dict) -> int:
     return hparams.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
 
 
-def trained_steps(train_dir: str) -> int:
-    """The step of the run's last evaluation (0 before the first)."""
-    history = read_history(train_dir)
-    return history[-1]['step'] if history else 0
-
-
 def finished(train_dir: str, record: Optional[dict] = None) -> bool:
-    """True if the run in train_dir reached its length and, where it trains self-training rounds
-    after it (--self_training_kimg, not supervised), they are done: its accuracy.json lists them
-    (core/distilling.run_rounds)."""
+    """True if the run in train_dir is done: its accuracy.json reached its length (written after
+    its last evaluation and checkpoint) and, where self-training rounds follow it
+    (--self_training_kimg, not supervised), lists them (core/distilling.run_rounds publishes
+    them last)."""
     record = record or read_run_record(train_dir)
-    if not record or trained_steps(train_dir) < recorded_total_steps(record):
+    summary = read_summary(train_dir) or {}
+    if not record:
         return False
     c = record['config']
     if c.get('self_training_kimg') and c.get('algorithm') not in ('supervised', 'distill'):
-        return 'rounds' in (read_summary(train_dir) or {})
-    return True
+        return 'rounds' in summary
+    return summary.get('step', 0) >= recorded_total_steps(record)
 
 
 def read_run_record(train_dir: str) -> Optional[dict]:
