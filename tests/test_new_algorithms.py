@@ -17,6 +17,7 @@ from ssl_ema.core.ema import EMA
 from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
+STATEFUL = NEW + ['adamatch', 'dash']   # every algorithm with state (the replica check)
 
 
 
@@ -261,13 +262,13 @@ print(json.dumps(out))
 def two_replica_runs():
     """Two steps of every new algorithm on one device and on two (one process: the CPU split
     into two logical devices must happen before TensorFlow starts)."""
-    result = subprocess.run([sys.executable, '-c', MIRRORED, *NEW], capture_output=True,
+    result = subprocess.run([sys.executable, '-c', MIRRORED, *STATEFUL], capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('name', NEW)
+@pytest.mark.parametrize('name', STATEFUL)
 def test_two_replicas(name, two_replica_runs):
     """Under --distribute=mirrored the algorithm state the replicas keep is the one one device
     computes on the same global batch (cross-replica statistics, not the first replica's half);
