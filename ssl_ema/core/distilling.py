@@ -44,7 +44,7 @@ def open_teacher(teacher_dir: str) -> run_dir.RunDir:
     if record is None or 'algorithm' not in record['config']:
         raise ConfigError(f'--teacher_run={teacher_dir} is not a training run directory (no '
                           f'{run_dir.RECORD} of ssl_ema.train or ssl_ema.distill)')
-    if not run_dir.finished(teacher_dir, record):
+    if not run_dir.trained(teacher_dir, record):
         step = (run_dir.read_summary(teacher_dir) or {}).get('step', 0)
         raise ConfigError(f'--teacher_run={teacher_dir} is unfinished (step {step} of '
                           f'{run_dir.recorded_total_steps(record)}): finish it first by running '

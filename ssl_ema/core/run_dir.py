@@ -78,6 +78,15 @@ def recorded_total_steps(record: dict) -> int:
     return hparams.total_steps(c['train_kimg'], c['train_steps'], c['batch'])
 
 
+def trained(train_dir: str, record: Optional[dict] = None) -> bool:
+    """True if the run in train_dir trained to its length: its accuracy.json (written after the
+    last evaluation's checkpoint) says so, or lists the self-training rounds that followed."""
+    record = record or read_run_record(train_dir)
+    summary = read_summary(train_dir) or {}
+    return bool(record) and ('rounds' in summary or
+                             summary.get('step', 0) >= recorded_total_steps(record))
+
+
 def finished(train_dir: str, record: Optional[dict] = None) -> bool:
     """True if the run in train_dir is done: its accuracy.json reached its length (written after
     its last evaluation and checkpoint) and, where self-training rounds follow it
