@@ -16,11 +16,11 @@ class TrainConfig(Length):
     algorithm: str = hparam('mean_teacher', 'SSL algorithm (its own flags are listed under its '
                             'module in --helpfull).')
     recipe: str = hparam('auto', 'Named defaults measured for a budget (ssl_ema/base/recipes.py, '
-                         'runs/RECIPE.md): budget (FixMatch with an EMA teacher and a '
-                         'self-training round: Fashion-MNIST-sized data at 250 labels in about '
-                         'an hour of CPU), none (the toolkit\'s defaults, every run before '
-                         'recipes), or auto: budget for fashion_mnist and your own data (npz:, '
-                         'folder:, arrays), none for every other dataset. Flags you give win.')
+                         'runs/RECIPE.md): budget (FixMatch with an EMA teacher, threshold 0.8, '
+                         'uratio 2, 128 kimg: Fashion-MNIST-sized data at 250 labels within an '
+                         'hour of CPU), none (the toolkit\'s defaults, every run before '
+                         'recipes), or auto: budget for fashion_mnist, none for every other '
+                         'dataset. Flags you give win.')
     dataset: str = hparam('digits', 'Dataset; digits is embedded in scikit-learn (no download).')
     data_dir: Optional[str] = hparam(None, 'Where dataset files live (default: tensorflow-datasets\''
                                      ' own directory).', run_defining=False)
@@ -59,7 +59,7 @@ class TrainConfig(Length):
     self_training_kimg: float = hparam(
         0., 'Length in kimg of each self-training round that --recipe adds after the run '
         '(core/distilling.py: the run\'s classifier labels the pool, a new student learns it); '
-        '0: no round. The budget recipe sets it (runs/RECIPE.md).', run_defining=False)
+        '0: no round (runs/RECIPE.md measures what one adds).', run_defining=False)
     eval_every_kimg: float = hparam(2., 'Evaluate raw and EMA models (and checkpoint) every this '
                                     'many thousand labeled images.', run_defining=False)
     log_every_steps: int = hparam(100, 'Print a progress line every this many steps.',
