@@ -1,6 +1,5 @@
 """The self-training round (ssl_ema.distill): pseudo-labels are the teacher's, the student learns
 them, a round resumes exactly, and bad teachers are refused in one line."""
-import dataclasses
 import json
 import os
 import shutil
