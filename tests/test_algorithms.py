@@ -180,3 +180,29 @@ def test_vat_direction_survives_low_precision_inputs(rounding, resolution, digit
     # float32 itself keeps xi's step: its resolution changes nothing
     np.testing.assert_allclose(vat_direction(student, x, noise, xi, resolution=2. ** -24),
                                float32, rtol=1e-5, atol=1e-6)
+
+
+def test_fixmatch_without_the_students_weak_pass_trains_on_the_emas_labels_only():
+    """--nostudent_weak_pass: the student's one pass holds labeled + strong images, and the loss
+    is the cross-entropy of the strong view against the EMA's confident weak-view labels."""
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    teacher = EMA(student, 0.99)
+    teacher.model.set_weights([w + 0.1 for w in student.get_weights()])
+    batch = tiny_batch(('weak', 'strong'))
+    sizes = []
+
+    def counted(x, training=False):
+        sizes.append(int(x.shape[0]))
+        return student(x, training=training)
+
+    algorithm = algorithms.ALGORITHMS['fixmatch'](teacher='ema', student_weak_pass=False,
+                                                  confidence_threshold=0.)
+    out = algorithm(counted, teacher, batch)
+    assert sizes == [4 + 8]                                   # labeled + strong, one pass
+    weak, strong = batch.unlabeled
+    logits = student(tf.concat([batch.labeled_x, strong], 0), training=True)
+    want = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        tf.argmax(teacher(weak), 1), logits[4:]))
+    np.testing.assert_allclose(float(out.unlabeled), float(want), rtol=1e-5)
+    with pytest.raises(ConfigError, match='--nostudent_weak_pass needs --teacher=ema'):
+        algorithms.ALGORITHMS['fixmatch'](student_weak_pass=False)
