@@ -16,11 +16,11 @@ from ssl_ema.core import fitting, run_dir
 
 
 def test_auto_picks_the_measured_recipe_only_where_it_was_measured():
-    assert recipes.resolve('auto', 'fashion_mnist').name == 'budget'
+    assert recipes.resolve('auto', 'fashion_mnist').name == 'hour'
     for dataset in ('digits', 'cifar10', 'svhn', 'imagenet'):
         assert recipes.resolve('auto', dataset).name == 'none'
     assert recipes.resolve('none', 'fashion_mnist').name == 'none'
-    with pytest.raises(ConfigError, match='--recipe=fast is unknown; valid: auto, none, budget'):
+    with pytest.raises(ConfigError, match='--recipe=fast is unknown; valid: auto, none, budget, hour'):
         recipes.resolve('fast', 'digits')
     with pytest.raises(ConfigError, match='--recipe=fast is unknown'):
         TrainConfig(recipe='fast')
@@ -36,6 +36,12 @@ def test_flags_given_win_over_the_recipe():
     _, name, settings, hyperparameters = fitting.recipe_defaults(
         'budget', 'fashion_mnist', 'mean_teacher', explicit={'algorithm', 'lr_decay'})
     assert name == 'mean_teacher' and 'lr_decay' not in settings and hyperparameters == {}
+    # hour's student skips the weak view only with the recipe's own EMA teacher
+    _, _, _, hyperparameters = fitting.recipe_defaults('hour', 'fashion_mnist', 'fixmatch', set())
+    assert hyperparameters['student_weak_pass'] is False and hyperparameters['teacher'] == 'ema'
+    _, _, _, hyperparameters = fitting.recipe_defaults('hour', 'fashion_mnist', 'fixmatch',
+                                                       explicit={'teacher'})
+    assert 'teacher' not in hyperparameters and 'student_weak_pass' not in hyperparameters
     _, name, settings, _ = fitting.recipe_defaults('budget', 'fashion_mnist', 'supervised',
                                                    explicit={'algorithm'})
     assert name == 'supervised' and settings['train_kimg'] == recipe.settings['train_kimg']

@@ -16,11 +16,11 @@ class TrainConfig(Length):
     algorithm: str = hparam('mean_teacher', 'SSL algorithm (its own flags are listed under its '
                             'module in --helpfull).')
     recipe: str = hparam('auto', 'Named defaults measured for a budget (ssl_ema/base/recipes.py, '
-                         'runs/RECIPE.md): budget (FixMatch with an EMA teacher, threshold 0.8, '
-                         'uratio 2, 128 kimg: Fashion-MNIST-sized data at 250 labels within an '
-                         'hour of CPU), none (the toolkit\'s defaults, every run before '
-                         'recipes), or auto: budget for fashion_mnist, none for every other '
-                         'dataset. Flags you give win.')
+                         'runs/RECIPE.md): hour (FixMatch with an EMA teacher, threshold 0.8, '
+                         'uratio 2, 448 kimg: Fashion-MNIST-sized data at 250 labels in an hour '
+                         'of CPU), budget (the same at 128 kimg, the student\'s weak pass kept), '
+                         'none (the toolkit\'s defaults, every run before recipes), or auto: hour '
+                         'for fashion_mnist, none for every other dataset. Flags you give win.')
     dataset: str = hparam('digits', 'Dataset; digits is embedded in scikit-learn (no download).')
     data_dir: Optional[str] = hparam(None, 'Where dataset files live (default: tensorflow-datasets\''
                                      ' own directory).', run_defining=False)
