@@ -41,6 +41,11 @@ SHARED_HELP = {
     'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
                'being trained) or ema (the EMA of its weights, in inference mode).',
     'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
+    'similarity_temperature': 'Temperature t of the softmax over cosine similarities of the '
+                              'projection head\'s embeddings (softmax(z . m / t)).',
+    'smoothing_alpha': 'Weight alpha of the model\'s own prediction in a pseudo-label smoothed by '
+                       'its memory neighbours\' labels (alpha p + (1 - alpha) neighbours).',
+    'projection_units': 'Width of the normalised projection head\'s embeddings.',
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
                          'class distribution is the mean of the last this many batches\' mean '
                          'predictions; 0: a moving average with --state_momentum instead.',
@@ -74,6 +79,14 @@ VALID = {
     'min_threshold': (lambda v: v >= 0, '>= 0'),
     'supervised_fraction': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'threshold_every_fraction': (lambda v: v > 0, '> 0'),
+    'similarity_temperature': (lambda v: v > 0, '> 0'),
+    'smoothing_alpha': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'projection_units': (lambda v: v >= 1, '>= 1'),
+    'instance_weight': (lambda v: v >= 0, '>= 0'),
+    'contrast_weight': (lambda v: v >= 0, '>= 0'),
+    'contrast_threshold': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'bank_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'queue_size': (lambda v: v >= 1, '>= 1'),
 }
 
 
@@ -91,6 +104,10 @@ class Batch:
     state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # see Algorithm.state
     unlabeled_index: tf.Tensor = None  # each unlabeled image's index in the pool (needs_indices)
     heads: object = None               # the student with the algorithm's `heads` (see with_heads)
+    # Each labeled image's index in the labeled set (needs_labeled_indices), and its views named
+    # by the algorithm's `labeled_views` (labeled_x is the run's --augment view).
+    labeled_index: tf.Tensor = None
+    labeled_views: Tuple[tf.Tensor, ...] = ()
 
 
 @dataclasses.dataclass
@@ -109,14 +126,24 @@ class Algorithm:
     # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
-    heads: Dict[str, int] = {}   # extra dense heads on the pooled features: name -> units
+    # True: batch.labeled_index holds the labeled images' indices in the labeled set, and
+    # `state` takes the labeled set's size as a third argument (a per-labeled-image bank).
+    needs_labeled_indices = False
+    # Augmentations of each labeled image besides labeled_x's (e.g. ('strong',)), in
+    # batch.labeled_views; each draws its own seed, and labeled_x stays as without them.
+    labeled_views: Tuple[str, ...] = ()
+    # Extra heads on the pooled features: name -> units (a Dense head) or Projection(units).
+    heads: Dict[str, object] = {}
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
-        """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
-        one variable of each, checkpoints it and hands its value in `batch.state`; the algorithm
-        returns the new values in `Losses.state`. Under tf.distribute the new values must be the
-        same on every replica: compute them from statistics reduced with `replica_mean` or
-        `replica_concat` (the trainer keeps the first replica's)."""
+        """The algorithm's state (running averages, thresholds, banks, queues): name -> State.
+        The trainer makes one variable of each, checkpoints it and hands its value in
+        `batch.state`; the algorithm returns the new values in `Losses.state`. Under
+        tf.distribute the new values must be the same on every replica: compute them from
+        statistics reduced with `replica_mean` or `replica_concat` (the trainer keeps the first
+        replica's). A per-image bank is a State of [images, ...] updated by `scatter_last`; a FIFO
+        queue a State of [rows, ...] and an int32 pointer updated by `enqueue`. With
+        `needs_labeled_indices` the trainer calls state(num_classes, pool_size, labeled_size)."""
         return {}
 
     def __post_init__(self):
@@ -146,10 +173,19 @@ class State:
     dtype: tf.DType = tf.float32
 
 
-def initial_state(algorithm, num_classes: int, pool_size: int) -> Dict[str, tf.Tensor]:
+def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
+                   ) -> Dict[str, State]:
+    """algorithm.state(...), with the labeled set's size for the algorithms that index it."""
+    if algorithm.needs_labeled_indices:
+        return algorithm.state(num_classes, pool_size, labeled_size)
+    return algorithm.state(num_classes, pool_size)
+
+
+def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
+                  ) -> Dict[str, tf.Tensor]:
     """The algorithm's declared state at its initial values (the trainer's variables start so)."""
-    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
-            for name, s in algorithm.state(num_classes, pool_size).items()}
+    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype)) for name, s in
+            declared_state(algorithm, num_classes, pool_size, labeled_size).items()}
 
 
 def replica_mean(x):
@@ -173,7 +209,31 @@ def scatter_last(state, index, values, mask):
     positions = tf.range(tf.shape(index)[0])
     last = tf.math.unsorted_segment_max(tf.where(mask, positions, -1), index, tf.shape(state)[0])
     # Entries no position writes get the dtype's smallest value from the segment max, or -1.
-    return tf.where(last >= 0, tf.gather(values, tf.maximum(last, 0)), state)
+    # Rows of a bank [n, ...] are written whole.
+    written = tf.reshape(last >= 0, [-1] + [1] * (len(state.shape) - 1))
+    return tf.where(written, tf.gather(values, tf.maximum(last, 0)), state)
+
+
+def enqueue(queue, pointer, rows):
+    """A FIFO queue `queue` [size, ...] with `rows` [n, ...] written at rows pointer, pointer+1,
+    ... modulo size (over the oldest rows), and the pointer moved on by n: (queue, pointer).
+    Static-shaped (XLA), and with n > size the last rows win (scatter_last). CoMatch's memory
+    bank; USB truncates a write that passes the end instead of wrapping, the same when the size
+    is a multiple of n (as in their configs)."""
+    size, n = tf.shape(queue)[0], tf.shape(rows)[0]
+    positions = (pointer + tf.range(n, dtype=pointer.dtype)) % size
+    queue = scatter_last(queue, positions, tf.cast(rows, queue.dtype), tf.ones([n], tf.bool))
+    return queue, (pointer + n) % size
+
+
+def align_to_uniform(probs, window):
+    """Distribution alignment to a uniform target over a window of batch means (USB's
+    DistAlignQueueHook with p_target 'uniform': SimMatch's and CoMatch's): the window [W, C] of
+    the last batches' mean predictions, oldest first, takes this batch's (every replica's), and
+    probs * (1/C) / mean(window) is renormalised. Returns (aligned probs, the new window)."""
+    window = tf.concat([window[1:], replica_mean(tf.reduce_mean(probs, 0))[None]], 0)
+    uniform = tf.fill(tf.shape(probs)[-1:], 1. / probs.shape[-1])
+    return losses.align_distribution(probs, uniform, tf.reduce_mean(window, 0)), window
 
 
 def target_logits(algorithm, teacher, x, student_logits):
@@ -193,14 +253,34 @@ def teacher_field(default='student'):
     return hparam(default, 'Model whose predictions become the targets: student or ema.')
 
 
-def with_heads(student, heads: Dict[str, int]):
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A normalised projection head: Dense(width of the features) - ReLU - Dense(units), its
+    output L2-normalised (SimCLR's MLP; SimMatch's and CoMatch's, USB's SimMatch_Net/CoMatch_Net
+    without use_epass's three averaged copies)."""
+    units: int
+
+
+def with_heads(student, heads: Dict[str, object]):
     """A model sharing every layer of `student` that returns [logits, *one output per head], each
-    head a new Dense layer on the student's pooled features (its layer named 'features', found by
-    name: nn/backbones.features). E.g. ReMixMatch's rotation head."""
+    head new layers on the student's pooled features (its layer named 'features', found by name:
+    nn/backbones.features; a backbone that keeps its own head has none and is refused with a
+    ConfigError). A head is `units` (one Dense layer named head_<name>: ReMixMatch's rotation
+    head) or Projection(units) (layers head_<name>_hidden and head_<name>, unit-length output).
+    Only the algorithms that declare heads get this model: every other one's student, its
+    checkpoint and its export are the classifier alone."""
     import keras
     pooled = features(student)
-    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(pooled)
-                                      for name, units in heads.items()]
+    outputs = [student.outputs[0]]
+    for name, head in heads.items():
+        if isinstance(head, Projection):
+            hidden = keras.layers.Dense(pooled.shape[-1], activation='relu',
+                                        name=f'head_{name}_hidden')(pooled)
+            projected = keras.layers.Dense(head.units, name=f'head_{name}')(hidden)
+            outputs.append(keras.layers.UnitNormalization(name=f'head_{name}_normalized')(
+                projected))
+        else:
+            outputs.append(keras.layers.Dense(head, name=f'head_{name}')(pooled))
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 
 
@@ -241,6 +321,20 @@ def concat_forward(model, *parts):
     algorithms that feed transformed labeled images, like MixMatch's mixup, or no labeled ones)."""
     logits = model(tf.concat(parts, 0), training=True)
     return tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
+
+
+def concat_forward_heads(model, *parts):
+    """concat_forward for a model with heads (batch.heads): one training-mode pass over all of
+    `parts`; returns, for each output (logits, then each head's), its value on each part."""
+    outputs = model(tf.concat(parts, 0), training=True)
+    sizes = [tf.shape(p)[0] for p in parts]
+    return [tf.split(out, sizes, 0) for out in outputs]
+
+
+def replica_offset(rows):
+    """Where this replica's `rows` [n, ...] start in the global batch replica_concat makes."""
+    context = tf.distribute.get_replica_context()
+    return tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(rows)[0]
 
 
 def register(name: str, registry=None):
