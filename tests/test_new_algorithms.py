@@ -17,7 +17,8 @@ from ssl_ema.core.ema import EMA
 from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
-STATEFUL = NEW + ['adamatch', 'dash']   # every algorithm with state (the replica check)
+# every algorithm with state (the replica check)
+STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch']
 
 
 
@@ -177,11 +178,12 @@ class Model:
 def random_batch(algorithm, num_classes=10, heads=None, seed=0):
     rng = tf.random.Generator.from_seed(seed)
     x = lambda n, i=0: tf.random.stateless_uniform((n, 8, 8, 1), [seed, n + i])  # noqa: E731
-    state = base.initial_state(algorithm, num_classes, 16)
+    state = base.initial_state(algorithm, num_classes, 16, 4)
     views = tuple(x(8, i) for i in range(len(algorithm.views)))
     return Batch(x(4), tf.constant([0, 1, 2, 3]), views,
                  tf.constant(1.), rng, tf.constant(.5), state=state,
-                 unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads)
+                 unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads,
+                 labeled_index=tf.range(4) if algorithm.needs_labeled_indices else None)
 
 
 # ---- learning, backbones, replicas, resuming --------------------------------------------------
@@ -238,7 +240,8 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 # ReMixMatch: one step (its mixup partners are drawn per replica, so the weights, and the
 # predictions of the next step, differ from one device's), and its guesses from the EMA model,
 # whose inference-mode predictions do not depend on how the batch is split.
-SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1)}
+# CoMatch: a queue the first step fills (48 rows), so the second smooths with it.
+SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2)}
 out = {}
 for name in sys.argv[1:]:
     overrides, steps = SETTINGS.get(name, ({}, 2))
