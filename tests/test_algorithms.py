@@ -107,6 +107,8 @@ def test_no_gradient_reaches_the_teacher_and_it_stays_unchanged(name):
     batch = tiny_batch(algorithm.views)   # and what the newer algorithms ask for (state, ...)
     batch.state = algorithms.base.initial_state(algorithm, 10, 8, 4)
     batch.unlabeled_index, batch.labeled_index = tf.range(8), tf.range(4)
+    batch.labeled_views = tuple(batch.labeled_x + 0.02 * (i + 1)
+                                for i in range(len(algorithm.labeled_views)))
     batch.heads = algorithms.base.with_heads(student, algorithm.heads) if algorithm.heads else None
     with tf.GradientTape(persistent=True) as tape:
         out = algorithm(student, teacher, batch)

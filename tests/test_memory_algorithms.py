@@ -279,7 +279,7 @@ def test_runs_mixed_precision_with_the_ema_teacher_on_a_custom_backbone(name, di
     own = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, activation='relu'),
                             keras.layers.Conv2D(8, 3)], name='own')
     cfg = tiny_config(algorithm=name, train_steps=6, eval_every_kimg=0.09375, log_every_steps=1,
-                      precision='mixed_bfloat16')
+                      precision='mixed_bfloat16', backbone_scale='0.0039')
     algorithm = algorithms.ALGORITHMS[name](teacher='ema', **SETTINGS[name])
     logged = []
     trainer = Trainer(cfg, algorithm, digits_data, str(tmp_path), backbone=own)
@@ -287,4 +287,5 @@ def test_runs_mixed_precision_with_the_ema_teacher_on_a_custom_backbone(name, di
     assert trainer.heads.get_layer('head_projection_hidden').kernel.shape == (8, 8)
     unlabeled = logged_values(logged, 'unlabeled')
     assert len(unlabeled) == 6 and all(np.isfinite(unlabeled)) and max(unlabeled) > 0
+    assert max(logged_values(logged, 'labeled')) < 10   # trains, does not diverge
     assert all(np.all(np.isfinite(np.array(v))) for v in trainer.state.values())

@@ -183,7 +183,8 @@ def random_batch(algorithm, num_classes=10, heads=None, seed=0):
     return Batch(x(4), tf.constant([0, 1, 2, 3]), views,
                  tf.constant(1.), rng, tf.constant(.5), state=state,
                  unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads,
-                 labeled_index=tf.range(4) if algorithm.needs_labeled_indices else None)
+                 labeled_index=tf.range(4) if algorithm.needs_labeled_indices else None,
+                 labeled_views=tuple(x(4, i + 1) for i in range(len(algorithm.labeled_views))))
 
 
 # ---- learning, backbones, replicas, resuming --------------------------------------------------
