@@ -46,6 +46,8 @@ SHARED_HELP = {
     'smoothing_alpha': 'Weight alpha of the model\'s own prediction in a pseudo-label smoothed by '
                        'its memory neighbours\' labels (alpha p + (1 - alpha) neighbours).',
     'projection_units': 'Width of the normalised projection head\'s embeddings.',
+    'threshold_warmup': 'FlexMatch\'s threshold warm-up: unused images count in the '
+                        'normalisation of the learning effect (Sec. 3.3).',
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
                          'class distribution is the mean of the last this many batches\' mean '
                          'predictions; 0: a moving average with --state_momentum instead '
@@ -300,6 +302,25 @@ class WeakStrong(Algorithm):
         return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
 
 
+class EmbeddingMemory(Algorithm):
+    """SimMatch's and CoMatch's shared frame: a normalised projection head of the field
+    `projection_units` (Projection), and distribution alignment to uniform over the last
+    `prediction_window` (>= 1) batches (align_to_uniform), whose window is the state 'p_model'."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prediction_window < 1:
+            raise ConfigError(f'--prediction_window={self.prediction_window} is invalid for '
+                              f'--algorithm={self.name}: it must be >= 1')
+
+    @property
+    def heads(self):
+        return {'projection': Projection(self.projection_units)}
+
+    def alignment_state(self, num_classes):
+        return {'p_model': State((self.prediction_window, num_classes), 1. / num_classes)}
+
+
 def forward(model, batch: Batch, *unlabeled, passes='joint'):
     """Run `model` in training mode on the labeled images and the `unlabeled` batches.
 
@@ -358,7 +379,8 @@ def define_algorithm_flags(registry=None, shared_help=None, module_name=__name__
     for name, cls in sorted(registry.items()):
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append((name, f))
-    define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
+    define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string,
+              bool: flags.DEFINE_boolean}
     for field, owned in owners.items():
         if len(owned) > 1 and field not in flags.FLAGS:
             help_text = shared_help.get(field, owned[0][1].metadata['help'])

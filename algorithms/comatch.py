@@ -35,14 +35,14 @@ embeddings stay the student's (gradient stopped): heads are not averaged (core/e
 import tensorflow as tf
 
 from ssl_ema.nn import losses, memory
-from ssl_ema.algorithms.base import (Algorithm, ConfigError, Losses, Projection, State,
-                                     align_to_uniform, concat_forward_heads, enqueue, hparam,
-                                     register, replica_concat, replica_offset, target_logits,
+from ssl_ema.algorithms.base import (EmbeddingMemory, Losses, State, align_to_uniform,
+                                     concat_forward_heads, enqueue, hparam, register,
+                                     replica_concat, replica_offset, target_logits,
                                      teacher_field)
 
 
 @register('comatch')
-class CoMatch(Algorithm):
+class CoMatch(EmbeddingMemory):
     views = ('weak', 'strong', 'strong')
     ramp_up = 'none'
     consistency_weight: float = hparam(1., 'lambda_u: weight of the pseudo-label loss (USB\'s '
@@ -64,18 +64,8 @@ class CoMatch(Algorithm):
                                     'last this many batches (USB\'s da_len), >= 1.')
     teacher: str = teacher_field()
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.prediction_window < 1:
-            raise ConfigError(f'--prediction_window={self.prediction_window} is invalid for '
-                              '--algorithm=comatch: it must be >= 1')
-
-    @property
-    def heads(self):
-        return {'projection': Projection(self.projection_units)}
-
     def state(self, num_classes, pool_size):
-        return {'p_model': State((self.prediction_window, num_classes), 1. / num_classes),
+        return {**self.alignment_state(num_classes),
                 'queue_embeddings': State((self.queue_size, self.projection_units), 0.),
                 'queue_probs': State((self.queue_size, num_classes), 0.),
                 'queue_pointer': State((), 0, tf.int32),

@@ -34,13 +34,13 @@ the student's (gradient stopped): heads are not averaged (core/ema.py).
 import tensorflow as tf
 
 from ssl_ema.nn import losses, memory
-from ssl_ema.algorithms.base import (Algorithm, ConfigError, Losses, Projection, State,
-                                     align_to_uniform, concat_forward_heads, hparam, register,
-                                     replica_concat, scatter_last, target_logits, teacher_field)
+from ssl_ema.algorithms.base import (EmbeddingMemory, Losses, State, align_to_uniform,
+                                     concat_forward_heads, hparam, register, replica_concat,
+                                     scatter_last, target_logits, teacher_field)
 
 
 @register('simmatch')
-class SimMatch(Algorithm):
+class SimMatch(EmbeddingMemory):
     views = ('weak', 'strong')
     ramp_up = 'none'
     needs_labeled_indices = True
@@ -61,18 +61,8 @@ class SimMatch(Algorithm):
                                     'last this many batches (USB\'s da_len), >= 1.')
     teacher: str = teacher_field()
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.prediction_window < 1:
-            raise ConfigError(f'--prediction_window={self.prediction_window} is invalid for '
-                              '--algorithm=simmatch: it must be >= 1')
-
-    @property
-    def heads(self):
-        return {'projection': Projection(self.projection_units)}
-
     def state(self, num_classes, pool_size, labeled_size):
-        return {'p_model': State((self.prediction_window, num_classes), 1. / num_classes),
+        return {**self.alignment_state(num_classes),
                 'bank': State((labeled_size, self.projection_units), 0.),
                 'bank_labels': State((labeled_size,), -1, tf.int32)}
 

@@ -1,7 +1,7 @@
 """SimMatch and CoMatch, and the framework pieces they stand on: the projection head, labeled
 views and indices, FIFO queues and row banks. Their math on hand-worked values, their state after
 known updates, resuming, and a run with mixed precision, an EMA teacher and a custom backbone.
-(Two replicas: tests/test_new_algorithms.py's batched subprocess; XLA: tests/test_jit_compile.py.)"""
+(Two replicas: tests/test_new_algorithms.py's batched subprocess; XLA: test_jit_compile.py.)"""
 import math
 
 import keras

@@ -18,7 +18,7 @@ from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
 # every algorithm with state (the replica check)
-STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch']
+STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch']
 
 
 
@@ -289,14 +289,15 @@ def test_two_replicas(name, two_replica_runs):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch'])
+@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch'])
 def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data, tmp_path):
-    """FlexMatch's per-image state (int) and class rates, ReMixMatch's distributions and its
-    rotation head come back from the checkpoint: a resumed run ends where a straight one does."""
+    """FlexMatch's per-image state (int) and class rates (SequenceMatch's too), ReMixMatch's
+    distributions and its rotation head come back from the checkpoint: a resumed run ends where a
+    straight one does."""
     cfg = tiny_config(algorithm=name, train_steps=12, eval_every_kimg=0.09375, log_every_steps=2)
     # a threshold low enough that images get selected (and the per-image state moves) this early
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.2}
-                                               if name == 'flexmatch' else {}))
+                                               if name != 'remixmatch' else {}))
     straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 8)
     for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
                     weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):
