@@ -14,9 +14,13 @@ import tensorflow as tf
 from absl import flags
 
 from ssl_ema.nn import losses
-from ssl_ema.nn.backbones import call_keeping_statistics, features
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.nn.heads import Projection, with_heads  # noqa: F401
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
+# An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
+from ssl_ema.algorithms.state import (State, declared_state, enqueue, initial_state,  # noqa: F401
+                                      replica_concat, replica_mean, replica_offset, scatter_last)
 
 ALGORITHMS: Dict[str, type] = {}
 
@@ -169,66 +173,6 @@ def check_hyperparameters(obj, valid: dict, flag: str) -> None:
                               f'--{flag}={obj.name}: it must be {rule}')
 
 
-@dataclasses.dataclass(frozen=True)
-class State:
-    shape: Tuple[int, ...]
-    initial: float
-    dtype: tf.DType = tf.float32
-
-
-def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
-                   ) -> Dict[str, State]:
-    """algorithm.state(...), with the labeled set's size for the algorithms that index it."""
-    if algorithm.needs_labeled_indices:
-        return algorithm.state(num_classes, pool_size, labeled_size)
-    return algorithm.state(num_classes, pool_size)
-
-
-def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
-                  ) -> Dict[str, tf.Tensor]:
-    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
-    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype)) for name, s in
-            declared_state(algorithm, num_classes, pool_size, labeled_size).items()}
-
-
-def replica_mean(x):
-    """Mean of `x` over the replicas of a tf.distribute step (`x` itself on one device). The
-    per-replica batches are equal, so the mean of per-replica means is the global batch's."""
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, x)
-
-
-def replica_concat(x):
-    """`x` of every replica concatenated along the batch axis, in replica order: the global
-    batch, the same on every replica."""
-    return tf.distribute.get_replica_context().all_gather(x, axis=0)
-
-
-def scatter_last(state, index, values, mask):
-    """`state` with state[index[i]] = values[i] for every i where mask[i]; where an index repeats
-    (a global batch straddling two epochs holds an image twice), its last masked-in copy in batch
-    order wins. Static-shaped, so it compiles with XLA (tf.boolean_mask's data-dependent shape
-    does not), and deterministic (tensor_scatter_nd_update leaves the winner of duplicates
-    unspecified): each entry of `state` takes the value at the last position that writes it."""
-    positions = tf.range(tf.shape(index)[0])
-    last = tf.math.unsorted_segment_max(tf.where(mask, positions, -1), index, tf.shape(state)[0])
-    # Entries no position writes get the dtype's smallest value from the segment max, or -1.
-    # Rows of a bank [n, ...] are written whole.
-    written = tf.reshape(last >= 0, [-1] + [1] * (len(state.shape) - 1))
-    return tf.where(written, tf.gather(values, tf.maximum(last, 0)), state)
-
-
-def enqueue(queue, pointer, rows):
-    """A FIFO queue `queue` [size, ...] with `rows` [n, ...] written at rows pointer, pointer+1,
-    ... modulo size (over the oldest rows), and the pointer moved on by n: (queue, pointer).
-    Static-shaped (XLA), and with n > size the last rows win (scatter_last). CoMatch's memory
-    bank; USB truncates a write that passes the end instead of wrapping, the same when the size
-    is a multiple of n (as in their configs)."""
-    size, n = tf.shape(queue)[0], tf.shape(rows)[0]
-    positions = (pointer + tf.range(n, dtype=pointer.dtype)) % size
-    queue = scatter_last(queue, positions, tf.cast(rows, queue.dtype), tf.ones([n], tf.bool))
-    return queue, (pointer + n) % size
-
-
 def align_to_uniform(probs, window):
     """Distribution alignment to a uniform target over a window of batch means (USB's
     DistAlignQueueHook with p_target 'uniform': SimMatch's and CoMatch's): the window [W, C] of
@@ -254,37 +198,6 @@ def target_logits(algorithm, teacher, x, student_logits):
 def teacher_field(default='student'):
     """The --teacher field of an algorithm that makes targets from a model's prediction."""
     return hparam(default, 'Model whose predictions become the targets: student or ema.')
-
-
-@dataclasses.dataclass(frozen=True)
-class Projection:
-    """A normalised projection head: Dense(width of the features) - ReLU - Dense(units), its
-    output L2-normalised (SimCLR's MLP; SimMatch's and CoMatch's, USB's SimMatch_Net/CoMatch_Net
-    without use_epass's three averaged copies)."""
-    units: int
-
-
-def with_heads(student, heads: Dict[str, object]):
-    """A model sharing every layer of `student` that returns [logits, *one output per head], each
-    head new layers on the student's pooled features (its layer named 'features', found by name:
-    nn/backbones.features; a backbone that keeps its own head has none and is refused with a
-    ConfigError). A head is `units` (one Dense layer named head_<name>: ReMixMatch's rotation
-    head) or Projection(units) (layers head_<name>_hidden and head_<name>, unit-length output).
-    Only the algorithms that declare heads get this model: every other one's student, its
-    checkpoint and its export are the classifier alone."""
-    import keras
-    pooled = features(student)
-    outputs = [student.outputs[0]]
-    for name, head in heads.items():
-        if isinstance(head, Projection):
-            hidden = keras.layers.Dense(pooled.shape[-1], activation='relu',
-                                        name=f'head_{name}_hidden')(pooled)
-            projected = keras.layers.Dense(head.units, name=f'head_{name}')(hidden)
-            outputs.append(keras.layers.UnitNormalization(name=f'head_{name}_normalized')(
-                projected))
-        else:
-            outputs.append(keras.layers.Dense(head, name=f'head_{name}')(pooled))
-    return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 
 
 class WeakStrong(Algorithm):
@@ -351,12 +264,6 @@ def concat_forward_heads(model, *parts):
     outputs = model(tf.concat(parts, 0), training=True)
     sizes = [tf.shape(p)[0] for p in parts]
     return [tf.split(out, sizes, 0) for out in outputs]
-
-
-def replica_offset(rows):
-    """Where this replica's `rows` [n, ...] start in the global batch replica_concat makes."""
-    context = tf.distribute.get_replica_context()
-    return tf.cast(context.replica_id_in_sync_group, tf.int32) * tf.shape(rows)[0]
 
 
 def register(name: str, registry=None):
