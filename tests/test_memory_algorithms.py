@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import check_resumes, logged_values, tiny_config
+from conftest import logged_values, straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.core.loop import Trainer
@@ -129,6 +129,11 @@ def test_pseudo_label_graph_and_its_contrastive_loss():
     expected = -(np.array(graph) * log_softmax).sum(1).mean()
     np.testing.assert_allclose(float(memory.graph_contrastive_loss(graph, z1, z2, .5)), expected,
                                rtol=1e-5)
+    # both views learn, the gathered one too (CoMatch gathers the columns over replicas)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([z1, z2])
+        loss = memory.graph_contrastive_loss(graph, z1, base.replica_concat(z2), .5)
+    assert all(np.any(tape.gradient(loss, z) != 0) for z in (z1, z2))
 
 
 class Heads:
@@ -257,18 +262,20 @@ SETTINGS = {'simmatch': {}, 'comatch': {'queue_size': 100}}   # full after three
 @pytest.mark.parametrize('name', MEMORY)
 def test_interrupted_run_resumes_to_the_same_weights_heads_and_memory(name, digits_data,
                                                                       tmp_path):
-    cfg = tiny_config(algorithm=name, train_steps=8, eval_every_kimg=0.0625, log_every_steps=1)
+    cfg = tiny_config(algorithm=name, train_steps=8, eval_every_kimg=0.125, log_every_steps=1)
     algorithm = algorithms.ALGORITHMS[name](**SETTINGS[name])
-    straight = check_resumes(cfg, algorithm, digits_data, tmp_path, 6)
-    # the memory was in use before the interruption and after it (SimMatch's from step 5, once
-    # 4 steps of 16 of 50 labels filled it; CoMatch's from step 4, after three of 48 rows), and
-    # the heads came back too
+    straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 6)
+    # weights, heads and memory: the memory was in use before the interruption and after it
+    # (SimMatch's from step 5, once 4 steps of 16 of 50 labels filled it; CoMatch's from step 4,
+    # after three of 48 rows)
+    for a, b in zip(weights_of(straight.student) + straight.head_variables,
+                    weights_of(resumed.student) + resumed.head_variables):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+    for key, value in straight.state.items():
+        np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
     assert all(np.any(np.array(v) != s.initial) for v, s in zip(
         straight.state.values(), base.declared_state(algorithm, 10, 1, 50).values()))
-    resumed = Trainer(cfg, algorithm, digits_data, str(tmp_path / 'resumed'))
-    resumed.restore()
-    for a, b in zip(straight.head_variables, resumed.head_variables):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', MEMORY)
