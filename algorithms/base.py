@@ -14,9 +14,13 @@ import tensorflow as tf
 from absl import flags
 
 from ssl_ema.nn import losses
-from ssl_ema.nn.backbones import call_keeping_statistics, features
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.nn.heads import Projection, with_heads  # noqa: F401
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
+# An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
+from ssl_ema.algorithms.state import (State, declared_state, enqueue, initial_state,  # noqa: F401
+                                      replica_concat, replica_mean, replica_offset, scatter_last)
 
 ALGORITHMS: Dict[str, type] = {}
 
@@ -41,9 +45,17 @@ SHARED_HELP = {
     'teacher': 'Model whose predictions become the targets or pseudo-labels: student (the model '
                'being trained) or ema (the EMA of its weights, in inference mode).',
     'state_momentum': 'Momentum of the algorithm\'s running averages of its predictions.',
+    'similarity_temperature': 'Temperature t of the softmax over cosine similarities of the '
+                              'projection head\'s embeddings (softmax(z . m / t)).',
+    'smoothing_alpha': 'Weight alpha of the model\'s own prediction in a pseudo-label smoothed by '
+                       'its memory neighbours\' labels (alpha p + (1 - alpha) neighbours).',
+    'projection_units': 'Width of the normalised projection head\'s embeddings.',
+    'threshold_warmup': 'FlexMatch\'s threshold warm-up: unused images count in the '
+                        'normalisation of the learning effect (Sec. 3.3).',
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
                          'class distribution is the mean of the last this many batches\' mean '
-                         'predictions; 0: a moving average with --state_momentum instead.',
+                         'predictions; 0: a moving average with --state_momentum instead '
+                         '(adamatch, remixmatch; simmatch and comatch need >= 1).',
 }
 
 TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
@@ -74,6 +86,14 @@ VALID = {
     'min_threshold': (lambda v: v >= 0, '>= 0'),
     'supervised_fraction': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'threshold_every_fraction': (lambda v: v > 0, '> 0'),
+    'similarity_temperature': (lambda v: v > 0, '> 0'),
+    'smoothing_alpha': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'projection_units': (lambda v: v >= 1, '>= 1'),
+    'instance_weight': (lambda v: v >= 0, '>= 0'),
+    'contrast_weight': (lambda v: v >= 0, '>= 0'),
+    'contrast_threshold': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'bank_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'queue_size': (lambda v: v >= 1, '>= 1'),
 }
 
 
@@ -91,6 +111,10 @@ class Batch:
     state: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)   # see Algorithm.state
     unlabeled_index: tf.Tensor = None  # each unlabeled image's index in the pool (needs_indices)
     heads: object = None               # the student with the algorithm's `heads` (see with_heads)
+    # Each labeled image's index in the labeled set (needs_labeled_indices), and its views named
+    # by the algorithm's `labeled_views` (labeled_x is the run's --augment view).
+    labeled_index: tf.Tensor = None
+    labeled_views: Tuple[tf.Tensor, ...] = ()
 
 
 @dataclasses.dataclass
@@ -109,14 +133,24 @@ class Algorithm:
     # paper's default); FixMatch and UDA keep 'none'.
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
-    heads: Dict[str, int] = {}   # extra dense heads on the pooled features: name -> units
+    # True: batch.labeled_index holds the labeled images' indices in the labeled set, and
+    # `state` takes the labeled set's size as a third argument (a per-labeled-image bank).
+    needs_labeled_indices = False
+    # Augmentations of each labeled image besides labeled_x's (e.g. ('strong',)), in
+    # batch.labeled_views; each draws its own seed, and labeled_x stays as without them.
+    labeled_views: Tuple[str, ...] = ()
+    # Extra heads on the pooled features: name -> units (a Dense head) or Projection(units).
+    heads: Dict[str, object] = {}
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
-        """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
-        one variable of each, checkpoints it and hands its value in `batch.state`; the algorithm
-        returns the new values in `Losses.state`. Under tf.distribute the new values must be the
-        same on every replica: compute them from statistics reduced with `replica_mean` or
-        `replica_concat` (the trainer keeps the first replica's)."""
+        """The algorithm's state (running averages, thresholds, banks, queues): name -> State.
+        The trainer makes one variable of each, checkpoints it and hands its value in
+        `batch.state`; the algorithm returns the new values in `Losses.state`. Under
+        tf.distribute the new values must be the same on every replica: compute them from
+        statistics reduced with `replica_mean` or `replica_concat` (the trainer keeps the first
+        replica's). A per-image bank is a State of [images, ...] updated by `scatter_last`; a FIFO
+        queue a State of [rows, ...] and an int32 pointer updated by `enqueue`. With
+        `needs_labeled_indices` the trainer calls state(num_classes, pool_size, labeled_size)."""
         return {}
 
     def __post_init__(self):
@@ -139,41 +173,14 @@ def check_hyperparameters(obj, valid: dict, flag: str) -> None:
                               f'--{flag}={obj.name}: it must be {rule}')
 
 
-@dataclasses.dataclass(frozen=True)
-class State:
-    shape: Tuple[int, ...]
-    initial: float
-    dtype: tf.DType = tf.float32
-
-
-def initial_state(algorithm, num_classes: int, pool_size: int) -> Dict[str, tf.Tensor]:
-    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
-    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
-            for name, s in algorithm.state(num_classes, pool_size).items()}
-
-
-def replica_mean(x):
-    """Mean of `x` over the replicas of a tf.distribute step (`x` itself on one device). The
-    per-replica batches are equal, so the mean of per-replica means is the global batch's."""
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, x)
-
-
-def replica_concat(x):
-    """`x` of every replica concatenated along the batch axis, in replica order: the global
-    batch, the same on every replica."""
-    return tf.distribute.get_replica_context().all_gather(x, axis=0)
-
-
-def scatter_last(state, index, values, mask):
-    """`state` with state[index[i]] = values[i] for every i where mask[i]; where an index repeats
-    (a global batch straddling two epochs holds an image twice), its last masked-in copy in batch
-    order wins. Static-shaped, so it compiles with XLA (tf.boolean_mask's data-dependent shape
-    does not), and deterministic (tensor_scatter_nd_update leaves the winner of duplicates
-    unspecified): each entry of `state` takes the value at the last position that writes it."""
-    positions = tf.range(tf.shape(index)[0])
-    last = tf.math.unsorted_segment_max(tf.where(mask, positions, -1), index, tf.shape(state)[0])
-    # Entries no position writes get the dtype's smallest value from the segment max, or -1.
-    return tf.where(last >= 0, tf.gather(values, tf.maximum(last, 0)), state)
+def align_to_uniform(probs, window):
+    """Distribution alignment to a uniform target over a window of batch means (USB's
+    DistAlignQueueHook with p_target 'uniform': SimMatch's and CoMatch's): the window [W, C] of
+    the last batches' mean predictions, oldest first, takes this batch's (every replica's), and
+    probs * (1/C) / mean(window) is renormalised. Returns (aligned probs, the new window)."""
+    window = tf.concat([window[1:], replica_mean(tf.reduce_mean(probs, 0))[None]], 0)
+    uniform = tf.fill(tf.shape(probs)[-1:], 1. / probs.shape[-1])
+    return losses.align_distribution(probs, uniform, tf.reduce_mean(window, 0)), window
 
 
 def target_logits(algorithm, teacher, x, student_logits):
@@ -193,17 +200,6 @@ def teacher_field(default='student'):
     return hparam(default, 'Model whose predictions become the targets: student or ema.')
 
 
-def with_heads(student, heads: Dict[str, int]):
-    """A model sharing every layer of `student` that returns [logits, *one output per head], each
-    head a new Dense layer on the student's pooled features (its layer named 'features', found by
-    name: nn/backbones.features). E.g. ReMixMatch's rotation head."""
-    import keras
-    pooled = features(student)
-    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(pooled)
-                                      for name, units in heads.items()]
-    return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
-
-
 class WeakStrong(Algorithm):
     """FixMatch's family (FlexMatch, FreeMatch, SoftMatch): targets from a weak view of each
     unlabeled image train the prediction on a strong view, with a constant unlabeled weight."""
@@ -217,6 +213,25 @@ class WeakStrong(Algorithm):
         weak, strong = batch.unlabeled
         xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
         return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
+
+
+class EmbeddingMemory(Algorithm):
+    """SimMatch's and CoMatch's shared frame: a normalised projection head of the field
+    `projection_units` (Projection), and distribution alignment to uniform over the last
+    `prediction_window` (>= 1) batches (align_to_uniform), whose window is the state 'p_model'."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prediction_window < 1:
+            raise ConfigError(f'--prediction_window={self.prediction_window} is invalid for '
+                              f'--algorithm={self.name}: it must be >= 1')
+
+    @property
+    def heads(self):
+        return {'projection': Projection(self.projection_units)}
+
+    def alignment_state(self, num_classes):
+        return {'p_model': State((self.prediction_window, num_classes), 1. / num_classes)}
 
 
 def forward(model, batch: Batch, *unlabeled, passes='joint'):
@@ -243,6 +258,14 @@ def concat_forward(model, *parts):
     return tf.split(logits, [tf.shape(p)[0] for p in parts], 0)
 
 
+def concat_forward_heads(model, *parts):
+    """concat_forward for a model with heads (batch.heads): one training-mode pass over all of
+    `parts`; returns, for each output (logits, then each head's), its value on each part."""
+    outputs = model(tf.concat(parts, 0), training=True)
+    sizes = [tf.shape(p)[0] for p in parts]
+    return [tf.split(out, sizes, 0) for out in outputs]
+
+
 def register(name: str, registry=None):
     """Class decorator: a dataclass named `name` in ALGORITHMS (or `registry`)."""
     def wrap(cls):
@@ -263,7 +286,8 @@ def define_algorithm_flags(registry=None, shared_help=None, module_name=__name__
     for name, cls in sorted(registry.items()):
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append((name, f))
-    define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string}
+    define = {float: flags.DEFINE_float, int: flags.DEFINE_integer, str: flags.DEFINE_string,
+              bool: flags.DEFINE_boolean}
     for field, owned in owners.items():
         if len(owned) > 1 and field not in flags.FLAGS:
             help_text = shared_help.get(field, owned[0][1].metadata['help'])

@@ -35,11 +35,20 @@ class FlexMatch(WeakStrong):
 
     def __call__(self, student, teacher, batch):
         xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
+        mask, hard, threshold, state = self.curriculum(probs, batch)
+        pseudo = losses.soft_cross_entropy(hard, strong_logits, mask)
+        return Losses(xe, self.consistency_weight * pseudo,
+                      {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
+                       'mean_threshold': tf.reduce_mean(threshold)}, state)
+
+    def curriculum(self, probs, batch):
+        """The mask of the weak-view predictions `probs` under this batch's class thresholds,
+        their hard pseudo-labels, the thresholds, and the state's update (SequenceMatch uses
+        the same curriculum). Returns (mask, hard labels, thresholds, new state)."""
         max_probs, classes = tf.reduce_max(probs, -1), tf.argmax(probs, -1, output_type=tf.int32)
         threshold = losses.flexmatch_threshold(batch.state['beta'], self.confidence_threshold)
         mask = tf.cast(max_probs >= tf.gather(threshold, classes), tf.float32)
         hard = tf.one_hot(classes, tf.shape(probs)[-1])
-        pseudo = losses.soft_cross_entropy(hard, strong_logits, mask)
         # The whole batch's confident predictions (every replica's) enter the per-image record;
         # an image twice in the batch (two epochs) keeps its last confident copy's class.
         confident = replica_concat(tf.cast(max_probs >= self.confidence_threshold, tf.int32)) > 0
@@ -49,7 +58,4 @@ class FlexMatch(WeakStrong):
         beta, update = losses.flexmatch_learning_effect(
             selected, probs.shape[-1], self.threshold_warmup)
         beta = tf.where(update, beta, batch.state['beta'])
-        return Losses(xe, self.consistency_weight * pseudo,
-                      {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
-                       'mean_threshold': tf.reduce_mean(threshold)},
-                      state={'selected': selected, 'beta': beta})
+        return mask, hard, threshold, {'selected': selected, 'beta': beta}

@@ -1,7 +1,8 @@
 """Augmentations on batches of float32 images [B, H, W, C] in [0, 1], driven by stateless seeds.
 
 The pipeline augments before it normalises, so every op sees pixel values in [0, 1] and returns
-values in [0, 1]: `weak` and `none` here, `strong` (RandAugment + Cutout) in randaugment.py.
+values in [0, 1]: `weak`, `medium`, `strong` and `none` here (RandAugment and Cutout in
+randaugment.py).
 
 Every random choice is a pure function of a seed of shape [2], so a batch can be rebuilt exactly
 from (run seed, step): that is what makes a resumed run identical to an uninterrupted one. Each
@@ -56,9 +57,18 @@ def strong(images, seed, flip=True, rows=None):
                   rows=rows)
 
 
+def medium(images, seed, flip=True, rows=None):
+    """weak, then RandAugment with one op (strong's has NUM_OPS = 2), then Cutout: SequenceMatch's
+    medium view (USB's datasets/cv_datasets/cifar.py transform_medium, RandAugment(1, 5) against
+    its strong view's (3, 5); USB's RandAugment ends with Cutout)."""
+    s = _seeds(seed, 3)
+    return cutout(rand_augment(weak(images, s[0], flip=flip, rows=rows), s[1], num_ops=1,
+                               rows=rows), s[2], rows=rows)
+
+
 def none(images, seed, flip=True, rows=None):
     del seed, flip, rows
     return images
 
 
-AUGMENTATIONS = {'weak': weak, 'strong': strong, 'none': none}
+AUGMENTATIONS = {'weak': weak, 'medium': medium, 'strong': strong, 'none': none}

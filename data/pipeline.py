@@ -176,15 +176,27 @@ class SSLData:
         return out, tf.constant([self.seed, stream], tf.int64), (None if rows == batch else
                                                                  (batch, first))
 
-    def labeled(self, batch: int, start_step: int = 0, share: Share = ONE_DEVICE
-                ) -> tf.data.Dataset:
-        """(images, labels) per step, with the run's --augment: this share's rows of each batch."""
+    def labeled(self, batch: int, start_step: int = 0, share: Share = ONE_DEVICE,
+                views: Sequence[str] = (), indices: bool = False) -> tf.data.Dataset:
+        """(images, labels) per step, with the run's --augment: this share's rows of each batch.
+        `views` (e.g. ('strong',): DeFixMatch's) add more augmentations of the same images, each
+        with a seed of its own (the first view's is unchanged), and `indices` the images' indices
+        in the labeled set: (images, labels, *views[, indices])."""
         steps, base, rows = self._batches(self._labeled_x, batch, _LABELED, start_step, share)
 
         def make(step, idx, x):
             seed = tf.random.experimental.stateless_fold_in(base, step)
-            return self._augment(self.augment, x, seed, rows), tf.gather(self._labels, idx)
+            out = (self._augment(self.augment, x, seed, rows), tf.gather(self._labels, idx))
+            out += tuple(self._augment(self.augment if v == 'weak' else v, x,
+                                       tf.random.experimental.stateless_fold_in(seed, i + 1), rows)
+                         for i, v in enumerate(views))
+            return out + (idx,) if indices else out
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    @property
+    def labeled_size(self) -> int:
+        """Images in the labeled set (the range of the indices `labeled` can yield)."""
+        return int(len(self.split.labeled))
 
     @property
     def unlabeled_size(self) -> int:
@@ -210,10 +222,12 @@ class SSLData:
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0,
-              indices: bool = False, share: Share = ONE_DEVICE):
-        """((labeled images, labels), unlabeled views [+ indices]) per step, prefetched: this
-        share's rows of each global batch."""
-        return tf.data.Dataset.zip((self.labeled(batch, start_step, share),
+              indices: bool = False, share: Share = ONE_DEVICE, labeled_views: Sequence[str] = (),
+              labeled_indices: bool = False):
+        """((labeled images, labels[, labeled views][, labeled indices]), unlabeled views
+        [+ indices]) per step, prefetched: this share's rows of each global batch."""
+        return tf.data.Dataset.zip((self.labeled(batch, start_step, share, labeled_views,
+                                                 labeled_indices),
                                     self.unlabeled(batch * uratio, views, start_step, indices,
                                                    share))).prefetch(tf.data.AUTOTUNE)
 

@@ -17,8 +17,12 @@ NAMES = sorted(algorithms.ALGORITHMS)
 
 # Hyperparameters that keep every confidence far from its threshold on a fresh model (the largest
 # class probability of 10 classes is ~0.1-0.3 there): FlexMatch's tau = 0 selects every image, so
-# its per-image state and class rates move; the others' 0.95 selects none.
-OVERRIDES = {'flexmatch': {'confidence_threshold': 0.}}
+# its per-image state and class rates move (SequenceMatch's too; DeFixMatch's two pseudo-label
+# terms are live); the others' 0.95 selects none. CoMatch's queue is full after the first step
+# (48 rows), so the second step smooths with it.
+OVERRIDES = {'flexmatch': {'confidence_threshold': 0.},
+             'sequencematch': {'confidence_threshold': 0.},
+             'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48}}
 
 STEPS = '''
 import json, sys, tempfile

@@ -17,7 +17,8 @@ from ssl_ema.core.ema import EMA
 from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
-STATEFUL = NEW + ['adamatch', 'dash']   # every algorithm with state (the replica check)
+# every algorithm with state (the replica check)
+STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch']
 
 
 
@@ -177,11 +178,13 @@ class Model:
 def random_batch(algorithm, num_classes=10, heads=None, seed=0):
     rng = tf.random.Generator.from_seed(seed)
     x = lambda n, i=0: tf.random.stateless_uniform((n, 8, 8, 1), [seed, n + i])  # noqa: E731
-    state = base.initial_state(algorithm, num_classes, 16)
+    state = base.initial_state(algorithm, num_classes, 16, 4)
     views = tuple(x(8, i) for i in range(len(algorithm.views)))
     return Batch(x(4), tf.constant([0, 1, 2, 3]), views,
                  tf.constant(1.), rng, tf.constant(.5), state=state,
-                 unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads)
+                 unlabeled_index=tf.range(8) if algorithm.needs_indices else None, heads=heads,
+                 labeled_index=tf.range(4) if algorithm.needs_labeled_indices else None,
+                 labeled_views=tuple(x(4, i + 1) for i in range(len(algorithm.labeled_views))))
 
 
 # ---- learning, backbones, replicas, resuming --------------------------------------------------
@@ -238,7 +241,8 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 # ReMixMatch: one step (its mixup partners are drawn per replica, so the weights, and the
 # predictions of the next step, differ from one device's), and its guesses from the EMA model,
 # whose inference-mode predictions do not depend on how the batch is split.
-SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1)}
+# CoMatch: a queue the first step fills (48 rows), so the second smooths with it.
+SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2)}
 out = {}
 for name in sys.argv[1:]:
     overrides, steps = SETTINGS.get(name, ({}, 2))
@@ -285,14 +289,15 @@ def test_two_replicas(name, two_replica_runs):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch'])
+@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch'])
 def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data, tmp_path):
-    """FlexMatch's per-image state (int) and class rates, ReMixMatch's distributions and its
-    rotation head come back from the checkpoint: a resumed run ends where a straight one does."""
+    """FlexMatch's per-image state (int) and class rates (SequenceMatch's too), ReMixMatch's
+    distributions and its rotation head come back from the checkpoint: a resumed run ends where a
+    straight one does."""
     cfg = tiny_config(algorithm=name, train_steps=12, eval_every_kimg=0.09375, log_every_steps=2)
     # a threshold low enough that images get selected (and the per-image state moves) this early
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.2}
-                                               if name == 'flexmatch' else {}))
+                                               if name != 'remixmatch' else {}))
     straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 8)
     for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
                     weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):

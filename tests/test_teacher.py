@@ -25,7 +25,7 @@ def confident_teacher(student, label):
 def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
-                             'dash'}
+                             'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch'}
 
 
 @pytest.mark.parametrize('name', TEACHING)
@@ -33,7 +33,7 @@ def test_teacher_ema_makes_the_targets(name):
     """Two EMA teachers predicting different classes give different unlabeled losses with
     --teacher=ema (the targets are theirs), and the same one with --teacher=student."""
     student = backbones.build('small_cnn', (8, 8, 1), 10)
-    heads = base.with_heads(student, {'rotation': 4})
+    heads = base.with_heads(student, algorithms.ALGORITHMS[name]().heads or {'rotation': 4})
     teachers = [confident_teacher(student, 3), confident_teacher(student, 7)]
 
     def unlabeled_loss(teacher_flag, teacher):

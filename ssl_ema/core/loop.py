@@ -114,7 +114,9 @@ class Trainer:
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
         its extra heads (trained with the student, not part of the EMA or the evaluation)."""
-        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size)
+        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size,
+                                     data.labeled_size if self.algorithm.needs_labeled_indices
+                                     else 0)
         self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                       for name, value in initial.items()}
@@ -141,15 +143,18 @@ class Trainer:
         return self.records.history
 
     # ---- one step ---------------------------------------------------------------------------
-    def _replica_step(self, labeled_x, labels, unlabeled):
+    def _replica_step(self, labeled_x, labels, unlabeled, labeled_extra=()):
         progress = tf.cast(self.step, tf.float32) / self.cfg.total_steps
         ramp = losses.RAMPUPS[self.algorithm.ramp_up](progress, self.cfg.warmup_fraction)
-        index = None
+        index = labeled_index = None
         if self.algorithm.needs_indices:
             unlabeled, index = unlabeled[:-1], unlabeled[-1]
+        if self.algorithm.needs_labeled_indices:   # (labeled views..., indices)
+            labeled_extra, labeled_index = labeled_extra[:-1], labeled_extra[-1]
         state = {k: tf.identity(v) for k, v in self.state.items()}
         batch = Batch(labeled_x, labels, tuple(unlabeled), ramp, self.rng, progress,
-                      self.pixel_scale, state, index, self.heads)
+                      self.pixel_scale, state, index, self.heads, labeled_index,
+                      tuple(labeled_extra))
         l2 = self.cfg.weight_decay_type == 'l2' and bool(self.decayed)
         with tf.GradientTape() as tape:
             out = self.algorithm(self.student, self.ema, batch)
@@ -173,9 +178,10 @@ class Trainer:
 
     @tf.function
     def train_step(self, iterator):
-        (labeled_x, labels), unlabeled = next(iterator)
+        labeled, unlabeled = next(iterator)   # (images, labels, *labeled views, indices)
         per_replica = self.strategy.run(self._compiled_replica_step,
-                                        args=(labeled_x, labels, unlabeled))
+                                        args=(labeled[0], labeled[1], unlabeled,
+                                              tuple(labeled[2:])))
         if self.cfg.weight_decay_type == 'decoupled' and self.decayed:
             # After the optimizer step, with this step's lr, as the anchors' vat.py and ict.py.
             # Each variable's own lr (--layer_decay, --head_lr), as USB's AdamW parameter groups.
@@ -197,9 +203,13 @@ class Trainer:
 
         def replica_batches(context):   # called once per worker: it builds only its share
             share = pipeline.Share.of(context)
+            # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch).
+            labeled = {k: v for k, v in (('labeled_views', tuple(self.algorithm.labeled_views)),
+                                         ('labeled_indices', self.algorithm.needs_labeled_indices))
+                       if v}
             if views:
                 ds = self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                     self.algorithm.needs_indices, share=share)
+                                     self.algorithm.needs_indices, share=share, **labeled)
             else:   # supervised: never touch the unlabeled pool
                 ds = self.data.labeled(cfg.batch, start_step, share=share)
             ds = share.per_replica(ds)

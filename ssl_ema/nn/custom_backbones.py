@@ -32,8 +32,9 @@ export and evaluation rebuild it). Each must have one image input [N, H, W, C] (
 one output. Anything else is refused with one line naming what is missing.
 
 Limits: a backbone that keeps its own head has no `features` layer, so an algorithm with extra
-heads on the features (ReMixMatch's rotation head, algorithms/base.with_heads) refuses it; a
-[N, C] output with C equal to the number of classes is taken for logits. Under a multi-replica
+heads on the features (ReMixMatch's rotation head, SimMatch's and CoMatch's projection head:
+algorithms/base.with_heads) refuses it; a [N, C] output with C equal to the number of classes is
+taken for logits. Under a multi-replica
 strategy batch norm is synchronised (as the toolkit's own backbones): two mirrored replicas train a
 .keras backbone as one device does (tests/test_distribute.py). --precision edits the layers' dtype
 policies in the serialised config, so a custom layer that hard-codes float32 computes in float32.

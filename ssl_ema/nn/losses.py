@@ -20,11 +20,13 @@ def softmax_mse(logits, target_probs):
     return tf.reduce_mean(tf.square(tf.nn.softmax(logits) - target_probs))
 
 
-def kl_divergence(p_logits, q_logits):
+def kl_divergence(p_logits, q_logits, mask=None):
     """KL(p || q) with p = softmax(p_logits), q = softmax(q_logits), summed over classes and
-    averaged over the batch. VAT's paper puts the target first (Miyato et al. 2018, Eq. 4:
-    KL(target || student)); the anchors' vat.py puts the student first."""
-    return tf.reduce_mean(_kl_per_example(p_logits, q_logits))
+    averaged over the batch (each example's times `mask`, if given: SequenceMatch's masked
+    terms). VAT's paper puts the target first (Miyato et al. 2018, Eq. 4: KL(target ||
+    student)); the anchors' vat.py puts the student first."""
+    per_example = _kl_per_example(p_logits, q_logits)
+    return tf.reduce_mean(per_example if mask is None else per_example * mask)
 
 
 def _kl_per_example(p_logits, q_logits):
