@@ -77,9 +77,10 @@ class Trainer:
         self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
                                   cfg.distribute == 'multi_worker', accuracy.summarize,
                                   cpu_start)
-        self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
-        self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
-                             for name, a in self.averages.items()})
+        self.scores = {'raw': accuracy.make_scores(self.student, data.image_shape)}
+        self.scores.update({name: accuracy.make_scores(a.model, data.image_shape)
+                            for name, a in self.averages.items()})
+        self.unknown_images = getattr(data, 'unknown_test_images', lambda: None)()
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
@@ -212,10 +213,13 @@ class Trainer:
     def evaluate(self) -> dict:
         step = int(self.step.numpy())
         result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
-        for model, predict in self.predict.items():
+        for model, scores in self.scores.items():
             with self._evaluation_statistics(model):
-                result[model] = {split: accuracy.accuracy(predict, x, y)
-                                 for split, (x, y) in self.eval_arrays.items()}
+                metrics = accuracy.evaluate(scores, self.eval_arrays, self.data.num_classes,
+                                            self.unknown_images)
+            result[model] = metrics.pop('accuracy')
+            for metric, value in metrics.items():   # accuracy.METRICS: {metric: {model: ...}}
+                result.setdefault(metric, {})[model] = value
         return result
 
     def _check_finite(self, saving=True):
@@ -224,8 +228,13 @@ class Trainer:
         self.guard.check(int(self.step.numpy()), models, self.records.manager.latest_checkpoint)
 
     def _record(self, result):
-        self.records.record(result, {f'accuracy/{model}/{split}': acc for model in self.predict
-                                     if model in result for split, acc in result[model].items()})
+        scalars = {f'accuracy/{model}/{split}': acc for model in self.scores
+                   if model in result for split, acc in result[model].items()}
+        for metric in ('balanced_accuracy', 'open_set'):   # per-class recall stays in the record
+            scalars.update({f'{metric}/{model}/{split}': value
+                            for model, splits in result.get(metric, {}).items()
+                            for split, value in splits.items()})
+        self.records.record(result, scalars)
 
     def _log_progress(self, step, metrics, speed, log):
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -250,7 +259,7 @@ class Trainer:
         log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
             + ''.join(f' | {m} ' + '/'.join(f'{v:.2f}' for v in result[m].values())
-                      for m in self.predict if m not in ('raw', 'ema')))
+                      for m in self.scores if m not in ('raw', 'ema')))
 
     def train(self, log=print):
         """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
