@@ -110,6 +110,16 @@ class Algorithm:
     ramp_up: str = 'linear'
     needs_indices = False   # True: batch.unlabeled_index holds the images' indices in the pool
     heads: Dict[str, int] = {}   # extra dense heads on the pooled features: name -> units
+                                 # (0: one per class)
+    # A pass of the EMA model over the whole unlabeled pool (core/pool.py) every this many steps
+    # (0: never): the trainer hands its class probabilities to `from_pool` (DARP).
+    pool_pass_every_steps = 0
+    pool_pass_start = 0.   # ... from this fraction of training on
+
+    def from_pool(self, probabilities, state: Dict[str, 'np.ndarray'], progress: float) -> dict:
+        """New state values (name -> array) from the EMA model's class probabilities [pool
+        size, K] on every pool image, in pool-index order, at training `progress` in [0, 1]."""
+        return {}
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
         """The algorithm's state (running averages, thresholds): name -> State. The trainer makes
@@ -146,10 +156,19 @@ class State:
     dtype: tf.DType = tf.float32
 
 
-def initial_state(algorithm, num_classes: int, pool_size: int) -> Dict[str, tf.Tensor]:
-    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
-    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
-            for name, s in algorithm.state(num_classes, pool_size).items()}
+# A state of this name [K] starts at the labeled images' class distribution (the trainer's data).
+LABELED_PRIOR = 'labeled_prior'
+
+
+def initial_state(algorithm, num_classes: int, pool_size: int,
+                  labeled_prior=None) -> Dict[str, tf.Tensor]:
+    """The algorithm's declared state at its initial values (the trainer's variables start so);
+    a LABELED_PRIOR state at `labeled_prior` when given."""
+    out = {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype))
+           for name, s in algorithm.state(num_classes, pool_size).items()}
+    if labeled_prior is not None and LABELED_PRIOR in out:
+        out[LABELED_PRIOR] = tf.constant(labeled_prior, out[LABELED_PRIOR].dtype)
+    return out
 
 
 def replica_mean(x):
@@ -199,8 +218,9 @@ def with_heads(student, heads: Dict[str, int]):
     name: nn/backbones.features). E.g. ReMixMatch's rotation head."""
     import keras
     pooled = features(student)
-    outputs = [student.outputs[0]] + [keras.layers.Dense(units, name=f'head_{name}')(pooled)
-                                      for name, units in heads.items()]
+    classes = student.outputs[0].shape[-1]
+    outputs = [student.outputs[0]] + [keras.layers.Dense(units or classes, name=f'head_{name}')(
+        pooled) for name, units in heads.items()]
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')
 
 

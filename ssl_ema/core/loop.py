@@ -15,12 +15,13 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.core import accuracy, cluster, run_dir, snapshots
+from ssl_ema.core import accuracy, cluster, pool, run_dir, snapshots
 from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
 from ssl_ema.core.guard import NonFiniteGuard
 from ssl_ema.core.optimization import decayed_variables, l2_penalty, learning_rate, make_optimizer
@@ -115,7 +116,9 @@ class Trainer:
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
         its extra heads (trained with the student, not part of the EMA or the evaluation)."""
-        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size)
+        labels = data.arrays.y_train[data.split.labeled]
+        initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size,
+                                     np.bincount(labels, minlength=data.num_classes) / len(labels))
         self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                       for name, value in initial.items()}
@@ -287,6 +290,7 @@ class Trainer:
             while step < total:
                 if preemption:
                     preemption.save_checkpoint_if_preempted()
+                self._pool_pass(step)
                 metrics = self.train_step(iterator)
                 step += 1
                 if self.chief and self._snapshot_due(step):
@@ -308,6 +312,18 @@ class Trainer:
         finally:
             self.records.close(log)
         return self.records.finish()
+
+    def _pool_pass(self, step):
+        """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
+        step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
+        every = self.algorithm.pool_pass_every_steps
+        if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
+            return
+        state = {k: v.numpy() for k, v in self.state.items()}
+        new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
+                                       step / self.cfg.total_steps)
+        for name, value in new.items():
+            self.state[name].assign(value)
 
     def _save(self):
         """Checkpoint the current step (interrupts, preemption): never a non-finite state."""
