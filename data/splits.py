@@ -156,9 +156,9 @@ def _check_protocol(p: Protocol, arrays_extra, num_classes: int):
         raise ConfigError(f'{flag} needs the label of every pool image, but this dataset\'s extra '
                           'unlabeled images have none: use a dataset without them (e.g. svhn, '
                           'not svhn_extra)')
-    if p.long_tailed and (p.unlabeled_head <= 0 or p.imbalance_ratio < 1):
+    if p.long_tailed and (p.unlabeled_head <= 0 or not 1 <= p.imbalance_ratio < float('inf')):
         raise ConfigError(f'--labeled_head={p.labeled_head} needs --unlabeled_head > 0 (M_1) '
-                          f'and --imbalance_ratio >= 1, not {p.unlabeled_head} and '
+                          f'and a finite --imbalance_ratio >= 1, not {p.unlabeled_head} and '
                           f'{p.imbalance_ratio:g}')
     if p.pool_order not in POOL_ORDERS:
         raise ConfigError(f'--pool_order={p.pool_order} is unknown; valid: '
