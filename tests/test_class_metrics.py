@@ -62,3 +62,29 @@ def test_summary_keeps_old_records_readable():
     assert 'balanced_accuracy' not in accuracy.summarize([old])
     table = accuracy.format_table(summary)
     assert 'EMA balanced' in table and 'balanced' not in table.split('EMA balanced')[0]
+
+
+def protocol_record(algorithm, accuracy_value, balanced, auroc):
+    history = [{'step': 10, 'kimg': 1., 'raw': {'test': accuracy_value - 1},
+                'ema': {'test': accuracy_value},
+                'balanced_accuracy': {'raw': {'test': balanced - 1}, 'ema': {'test': balanced}},
+                'open_set': {m: {'test_auroc': auroc, 'test_balanced_accuracy_k1': 50.}
+                             for m in ('raw', 'ema')}}]
+    return dict(name=f'fashion_mnist.600@1/{algorithm}', variant=algorithm, finished=True,
+                config={'dataset': 'fashion_mnist', 'algorithm': algorithm, 'labels': 600,
+                        'seed': 1, 'known_classes': '0-5'},
+                hparams={}, accuracy=accuracy.summarize(history), total_steps=10)
+
+
+def test_benchmark_tables_of_a_protocol():
+    from ssl_ema.core import report
+    records = [protocol_record('supervised', 80., 70., 60.), protocol_record('fixmatch', 85., 75.,
+                                                                             65.)]
+    markdown = report.markdown_table(records)
+    tables = markdown.split('Balanced accuracy (%)')
+    assert len(tables) == 2 and '| fixmatch | 75.00 (raw 74.00) |' in tables[1]
+    assert '| fixmatch | 85.00 (raw 84.00) |' in tables[0]
+    assert '| supervised | 60.00 (raw 60.00) |' in markdown.split('AUROC (%)')[1]
+    columns, rows = report.csv_rows(records)
+    assert rows[1]['ema_test_balanced_accuracy_median_last_20'] == 75.
+    assert rows[0]['ema_test_auroc_median_last_20'] == 60.

@@ -1,4 +1,6 @@
 """Split protocols (data/splits.py): long-tailed parts and class mismatch over any source."""
+import os
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,25 @@ def test_known_arrays_renumber_and_mark_unknown():
     known = known_arrays(arrays, [5, 3, 0])
     assert known.y_train.tolist() == [2, 1, 0, 3, 3] and known.num_classes == 3
     assert known.class_names == ('f', 'd', 'a')
+
+
+def test_runs_made_before_the_protocol_flags_resume_under_the_same_name(tmp_path):
+    import dataclasses
+    import json
+    from ssl_ema.algorithms import ALGORITHMS
+    from ssl_ema.base.config import TrainConfig
+    from ssl_ema.core import run_dir
+    cfg, algorithm = TrainConfig(algorithm='fixmatch', recipe='none'), ALGORITHMS['fixmatch']()
+    assert run_dir.default_train_dir(cfg, algorithm, 'small_cnn') == os.path.join(
+        'experiments', 'digits.50@1', 'fixmatch_small_cnn')
+    record = run_dir.run_record(cfg, algorithm)
+    old = json.loads(json.dumps(record))
+    for f in dataclasses.fields(Protocol):
+        del old['config'][f.name]   # a flags.json written before these flags existed
+    (tmp_path / 'flags.json').write_text(json.dumps(old))
+    assert run_dir.check_compatible(str(tmp_path), record)
+    mismatch = dataclasses.replace(cfg, known_classes='0-5', mismatch=0.5)
+    assert run_dir.default_train_dir(mismatch, algorithm, 'small_cnn').endswith(
+        'fixmatch_small_cnn_known_classes0-5_mismatch0.5')
+    with pytest.raises(ConfigError, match='--known_classes='):
+        run_dir.check_compatible(str(tmp_path), run_dir.run_record(mismatch, algorithm))
