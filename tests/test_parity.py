@@ -338,7 +338,9 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         # anchors' linear ramp (remixmatch_no_cta.py)
                         'flexmatch': 'none', 'freematch': 'none', 'softmatch': 'none',
                         'remixmatch': 'linear', 'adamatch': 'cosine',   # AdaMatch's mu(t)
-                        'dash': 'none'}
+                        'dash': 'none',
+                        # on FixMatch: its constant weight (USB's classic_cv_imb)
+                        'abc': 'none', 'darp': 'none'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
     assert algorithms.ALGORITHMS['remixmatch'](ramp_up='sigmoid').ramp_up == 'sigmoid'
     from ssl_ema.base.errors import ConfigError
