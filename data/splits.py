@@ -168,8 +168,10 @@ def _check_protocol(p: Protocol, arrays_extra, num_classes: int):
                           f'{p.pool_size} >= 0')
     if (p.mismatch or p.pool_size) and not p.open_set:
         raise ConfigError('--mismatch and --pool_size need --known_classes (e.g. 0-5)')
-    if p.class_order and not p.long_tailed:
-        raise ConfigError('--class_order needs --labeled_head (a long-tailed split)')
+    if not p.long_tailed and (p.unlabeled_head or p.class_order or p.pool_order != 'consistent'
+                              or p.imbalance_ratio != Protocol.imbalance_ratio):
+        raise ConfigError('--unlabeled_head, --imbalance_ratio, --class_order and --pool_order '
+                          'need --labeled_head (a long-tailed split)')
 
 
 def _draw(rng, candidates, count, what, flag):
@@ -269,10 +271,8 @@ def protocol_split(labels, num_labeled: int, num_valid: int, seed: int, num_clas
     """make_split, or the split of `protocol`'s flags when any is given."""
     p = protocol or Protocol()
     if not p.active:
-        if p.mismatch or p.pool_size or p.class_order or p.pool_order != 'consistent':
+        if p != Protocol():
             _check_protocol(p, None, num_classes)   # names the flag that needs another
-            raise ConfigError(f'--pool_order={p.pool_order} needs --labeled_head (a '
-                              'long-tailed split)')
         return make_split(labels, num_labeled, num_valid, seed, num_classes)
     _check_protocol(p, extra, num_classes)
     if num_valid < 0 or num_valid >= len(labels):

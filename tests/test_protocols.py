@@ -70,6 +70,8 @@ def test_default_protocol_is_the_balanced_split():
     (dict(known_classes='0-9'), 'names every class'),
     (dict(known_classes='0-4', pool_size=5000), '--pool_size=5000 .* has only'),
     (dict(pool_order='random'), '--pool_order=random is unknown; valid: consistent'),
+    (dict(pool_order='reversed'), '--pool_order need --labeled_head'),
+    (dict(known_classes='0-4', unlabeled_head=10), 'need --labeled_head'),
 ])
 def test_protocol_errors_are_one_line(flags, message):
     with pytest.raises(ConfigError, match=message) as err:
