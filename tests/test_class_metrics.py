@@ -69,7 +69,8 @@ def protocol_record(algorithm, accuracy_value, balanced, auroc):
                 'ema': {'test': accuracy_value},
                 'balanced_accuracy': {'raw': {'test': balanced - 1}, 'ema': {'test': balanced}},
                 'open_set': {m: {'test_auroc': auroc, 'test_balanced_accuracy_k1': 50.}
-                             for m in ('raw', 'ema')}}]
+                             for m in ('raw', 'ema')},
+                'recall': {m: {'test': [balanced, None]} for m in ('raw', 'ema')}}]
     return dict(name=f'fashion_mnist.600@1/{algorithm}', variant=algorithm, finished=True,
                 config={'dataset': 'fashion_mnist', 'algorithm': algorithm, 'labels': 600,
                         'seed': 1, 'known_classes': '0-5'},
@@ -88,3 +89,4 @@ def test_benchmark_tables_of_a_protocol():
     columns, rows = report.csv_rows(records)
     assert rows[1]['ema_test_balanced_accuracy_median_last_20'] == 75.
     assert rows[0]['ema_test_auroc_median_last_20'] == 60.
+    assert rows[1]['ema_test_recall_last'] == '75.00;'

@@ -233,10 +233,14 @@ class Trainer:
     def _record(self, result):
         scalars = {f'accuracy/{model}/{split}': acc for model in self.scores
                    if model in result for split, acc in result[model].items()}
-        for metric in ('balanced_accuracy', 'open_set'):   # per-class recall stays in the record
+        for metric in ('balanced_accuracy', 'open_set'):
             scalars.update({f'{metric}/{model}/{split}': value
                             for model, splits in result.get(metric, {}).items()
                             for split, value in splits.items()})
+        scalars.update({f'recall/{model}/{split}/class_{c}': value   # per class, of raw and EMA
+                        for model, splits in result.get('recall', {}).items()
+                        if model in ('raw', 'ema') for split, values in splits.items()
+                        for c, value in enumerate(values) if value is not None})
         self.records.record(result, scalars)
 
     def _log_progress(self, step, metrics, speed, log):

@@ -1,7 +1,9 @@
-"""A benchmark's results, rebuilt from its run directories alone: results.csv (one row per run),
-results.md (EMA test accuracy, median of the last 20 evaluations as the anchors report, mean
-+- sample std over seeds, raw beside it), curves.png (every tracked average) and cpu_time.png
-(accuracy against CPU-seconds, core/cpu_plot.py)."""
+"""A benchmark's results, rebuilt from its run directories alone: results.csv (one row per run;
+balanced accuracy, the open-set metrics and the EMA's per-class test recalls where runs recorded
+them), results.md (EMA test accuracy, median of the last 20 evaluations as the anchors report,
+mean +- sample std over seeds, raw beside it; the same tables of balanced accuracy and the
+open-set metrics for a split protocol's runs), curves.png (every tracked average) and
+cpu_time.png (accuracy against CPU-seconds, core/cpu_plot.py)."""
 import csv
 import io
 import json
@@ -113,6 +115,9 @@ def csv_rows(records) -> (List[str], List[dict]):
                       for m in MODELS for key in keys
                       if any(_metric(r['accuracy'], metric, m, key) is not None for r in records)]
     accuracy_columns += [c[-1] for c in metric_columns]
+    # The last evaluation's per-class recalls of the EMA on test, 'r_0;r_1;...' (%).
+    recall_column = any('recall' in r['accuracy'] for r in records)
+    accuracy_columns += ['ema_test_recall_last'] if recall_column else []
     columns = (fixed + differing + accuracy_columns
                + ['step', 'total_steps', 'finished', 'evaluations', 'images_per_sec',
                   'wall_time_s', 'cpu_time_s', 'run'])
@@ -127,6 +132,10 @@ def csv_rows(records) -> (List[str], List[dict]):
         for metric, m, key, column in metric_columns:
             value = _metric(acc, metric, m, key)
             row[column] = '' if value is None else value
+        if recall_column:
+            recalls = acc.get('recall', {}).get('ema', {}).get('test')
+            row['ema_test_recall_last'] = '' if recalls is None else ';'.join(
+                '' if v is None else f'{v:.2f}' for v in recalls)
         row.update(step=acc.get('step', 0), total_steps=r['total_steps'], finished=r['finished'],
                    evaluations=acc.get('evaluations', 0),
                    images_per_sec=acc.get('images_per_sec', ''),
