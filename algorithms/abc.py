@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
-                                     hparam, register)
+                                     check_base, hparam, register)
 
 BASES = ('fixmatch',)   # the base algorithms whose head ABC trains beside its own
 
@@ -36,9 +36,7 @@ class ABC(WeakStrong):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.base_algorithm not in BASES:
-            raise ConfigError(f'--base_algorithm={self.base_algorithm} is not one ABC trains '
-                              f'beside; valid: {", ".join(BASES)}')
+        check_base(self, BASES, 'trains beside')
         if not 0 <= self.abc_threshold <= 1 or self.abc_weight < 0:
             raise ConfigError('--abc_threshold must be in [0, 1] and --abc_weight >= 0')
 

@@ -149,6 +149,14 @@ def check_hyperparameters(obj, valid: dict, flag: str) -> None:
                               f'--{flag}={obj.name}: it must be {rule}')
 
 
+def check_base(plugged, bases: Tuple[str, ...], what: str) -> None:
+    """ConfigError unless the --base_algorithm of a method plugged on one (ABC, DARP) is among
+    the `bases` it is written for; `what` says what the method does with it."""
+    if plugged.base_algorithm not in bases:
+        raise ConfigError(f'--base_algorithm={plugged.base_algorithm} is not one {plugged.name} '
+                          f'{what}; valid: {", ".join(bases)}')
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     shape: Tuple[int, ...]

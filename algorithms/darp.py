@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ssl_ema.nn import losses
 from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
-                                     hparam, register, teacher_field)
+                                     check_base, hparam, register, teacher_field)
 
 BASES = ('fixmatch',)   # the base algorithms DARP refines the pseudo-labels of
 
@@ -79,9 +79,7 @@ class DARP(WeakStrong):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.base_algorithm not in BASES:
-            raise ConfigError(f'--base_algorithm={self.base_algorithm} is not one DARP refines; '
-                              f'valid: {", ".join(BASES)}')
+        check_base(self, BASES, 'refines')
         if self.darp_alpha <= 0 or self.darp_iterations < 1 or self.refine_every_steps < 1 \
                 or not 0 <= self.start_fraction <= 1:
             raise ConfigError('--darp_alpha must be > 0, --darp_iterations and '
