@@ -19,8 +19,9 @@ from ssl_ema.nn.heads import Projection, with_heads  # noqa: F401
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
 # An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
-from ssl_ema.algorithms.state import (State, declared_state, enqueue, initial_state,  # noqa: F401
-                                      replica_concat, replica_mean, replica_offset, scatter_last)
+from ssl_ema.algorithms.state import (LABELED_PRIOR, State, declared_state, enqueue,  # noqa: F401
+                                      initial_state, replica_concat, replica_mean,
+                                      replica_offset, scatter_last)
 
 ALGORITHMS: Dict[str, type] = {}
 
@@ -140,7 +141,17 @@ class Algorithm:
     # batch.labeled_views; each draws its own seed, and labeled_x stays as without them.
     labeled_views: Tuple[str, ...] = ()
     # Extra heads on the pooled features: name -> units (a Dense head) or Projection(units).
+    # (0 units: one per class)
     heads: Dict[str, object] = {}
+    # A pass of the EMA model over the whole unlabeled pool (core/pool.py) every this many steps
+    # (0: never): the trainer hands its class probabilities to `from_pool` (DARP).
+    pool_pass_every_steps = 0
+    pool_pass_start = 0.   # ... from this fraction of training on
+
+    def from_pool(self, probabilities, state: Dict[str, 'np.ndarray'], progress: float) -> dict:
+        """New state values (name -> array) from the EMA model's class probabilities [pool
+        size, K] on every pool image, in pool-index order, at training `progress` in [0, 1]."""
+        return {}
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:
         """The algorithm's state (running averages, thresholds, banks, queues): name -> State.
@@ -181,6 +192,14 @@ def align_to_uniform(probs, window):
     window = tf.concat([window[1:], replica_mean(tf.reduce_mean(probs, 0))[None]], 0)
     uniform = tf.fill(tf.shape(probs)[-1:], 1. / probs.shape[-1])
     return losses.align_distribution(probs, uniform, tf.reduce_mean(window, 0)), window
+
+
+def check_base(plugged, bases: Tuple[str, ...], what: str) -> None:
+    """ConfigError unless the --base_algorithm of a method plugged on one (ABC, DARP) is among
+    the `bases` it is written for; `what` says what the method does with it."""
+    if plugged.base_algorithm not in bases:
+        raise ConfigError(f'--base_algorithm={plugged.base_algorithm} is not one {plugged.name} '
+                          f'{what}; valid: {", ".join(bases)}')
 
 
 def target_logits(algorithm, teacher, x, student_logits):

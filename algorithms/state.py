@@ -25,11 +25,19 @@ def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: in
     return algorithm.state(num_classes, pool_size)
 
 
-def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
-                  ) -> Dict[str, tf.Tensor]:
-    """The algorithm's declared state at its initial values (the trainer's variables start so)."""
-    return {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype)) for name, s in
-            declared_state(algorithm, num_classes, pool_size, labeled_size).items()}
+# A state of this name [K] starts at the labeled images' class distribution (the trainer's data).
+LABELED_PRIOR = 'labeled_prior'
+
+
+def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0,
+                  labeled_prior=None) -> Dict[str, tf.Tensor]:
+    """The algorithm's declared state at its initial values (the trainer's variables start so);
+    a LABELED_PRIOR state at `labeled_prior` when given."""
+    out = {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype)) for name, s in
+           declared_state(algorithm, num_classes, pool_size, labeled_size).items()}
+    if labeled_prior is not None and LABELED_PRIOR in out:
+        out[LABELED_PRIOR] = tf.constant(labeled_prior, out[LABELED_PRIOR].dtype)
+    return out
 
 
 def replica_mean(x):

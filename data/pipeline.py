@@ -18,7 +18,7 @@ from ssl_ema.data.datasets import Arrays, load
 from ssl_ema.data.files import FileImages, Normalized
 from ssl_ema.data.images import parse_size
 from ssl_ema.base.errors import DataError
-from ssl_ema.data.splits import Split, make_split
+from ssl_ema.data.splits import Protocol, Split, known_arrays, protocol_split
 
 _LABELED, _UNLABELED = 1, 2   # stream ids folded into the seed so streams are independent
 # Augmentations by name: the SSL algorithms' and the self-supervised methods' views.
@@ -249,9 +249,23 @@ class SSLData:
         """{'valid': (x, y), 'test': (x, y)}, normalised, not augmented. File-backed images are
         decoded a slice at a time when read (files.Normalized), in-memory ones at once."""
         a, s = self.arrays, self.split
-        out = {'valid': (a.x_train[s.valid], a.y_train[s.valid]), 'test': (a.x_test, a.y_test)}
+        known = a.y_test < a.num_classes   # an open-set protocol's test: its known classes
+        test = (a.x_test, a.y_test) if known.all() else (a.x_test[np.flatnonzero(known)],
+                                                     a.y_test[known])
+        out = {'valid': (a.x_train[s.valid], a.y_train[s.valid]), 'test': test}
         return {k: (Normalized(x, self.normalize) if isinstance(x, FileImages)
                     else self.normalize(x).numpy(), y) for k, (x, y) in out.items() if len(y)}
+
+    def unknown_test_images(self):
+        """An open-set protocol's test images of the unknown classes, normalised (None
+        otherwise): the negatives of the known-vs-unknown AUROC (core/accuracy.py)."""
+        a = self.arrays
+        unknown = np.flatnonzero(a.y_test >= a.num_classes)
+        if not len(unknown):
+            return None
+        x = a.x_test[unknown]
+        return Normalized(x, self.normalize) if isinstance(x, FileImages) else \
+            self.normalize(x).numpy()
 
 
 class _Sliced:
@@ -284,14 +298,17 @@ def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> 
 
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
           data_dir: str = None, download: bool = True, input_norm: str = 'standardize',
-          image_size: str = '') -> SSLData:
+          image_size: str = '', protocol: Protocol = None) -> SSLData:
     """--dataset, --labels, --valid, --seed, --augment, --data_dir, --input_norm, --image_size
-    -> SSLData.
+    and the protocol's split flags (splits.Protocol: long tail, known classes) -> SSLData.
 
     `dataset` is a name (--dataset) or Arrays already loaded (data.from_arrays).
     `download=False` forbids tfds from fetching from the internet (see official.py for where the
     files are looked for first)."""
     arrays = dataset if isinstance(dataset, Arrays) else load(
         dataset, data_dir, download=download, image_size=parse_size(image_size))
-    split = make_split(arrays.y_train, labels, valid, seed, arrays.num_classes)
+    split = protocol_split(arrays.y_train, labels, valid, seed, arrays.num_classes, protocol,
+                           arrays.x_extra)
+    if split.protocol and 'known_classes' in split.protocol:
+        arrays = known_arrays(arrays, split.protocol['known_classes'])
     return SSLData(arrays, split, seed, augment, input_norm)

@@ -140,7 +140,8 @@ def _configure(function, data, kind, name, registry, config_cls, settings, comma
     dataset = None
     if arrays is not None:
         dataset = data_lib.build(arrays, cfg.labels, cfg.valid, cfg.seed, augment(cfg),
-                                 input_norm=cfg.input_norm)
+                                 input_norm=cfg.input_norm,
+                                 protocol=data_lib.Protocol.of(cfg))
     return cfg, hyperparameters, dataset
 
 

@@ -7,7 +7,9 @@ evaluation, the numbers of its accuracy.json `test`). With --dataset (any --data
 ssl_ema.train takes, e.g. npz:other.npz or folder:DIR): that dataset's test part, which must have
 the run's image shape and class count; its images are standardised with the run's statistics,
 as the exported classifier does. Both models are the classifiers ssl_ema.export writes (uint8
-images in, normalisation inside), rebuilt from the checkpoint (default: the latest).
+images in, normalisation inside), rebuilt from the checkpoint (default: the latest). An open-set
+run (--known_classes) is evaluated on the test images of its known classes, numbered as it
+trained (its closed-set accuracy).
 
 Writes OUT.json (accuracies, image count, confusion matrices) and OUT.png (the two confusion
 matrices: rows the true class, columns the predicted one). OUT defaults to
@@ -99,6 +101,13 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     dataset = cfg.dataset or run.config.dataset
     arrays = data.load(dataset, cfg.data_dir if cfg.data_dir is not None else run.config.data_dir,
                        image_size=parse_size(run.config.image_size))   # as the run read images
+    if run.config.known_classes:   # an open-set run: its known classes, numbered as it trained
+        from ssl_ema.data.splits import known_arrays, parse_classes
+        arrays = known_arrays(arrays, parse_classes(run.config.known_classes, 'known_classes',
+                                                    arrays.num_classes))
+        known = np.flatnonzero(arrays.y_test < arrays.num_classes)
+        arrays = dataclasses.replace(arrays, x_test=arrays.x_test[known],
+                                     y_test=arrays.y_test[known])
     shape, classes = tuple(info['image_shape']), info['num_classes']
     if arrays.image_shape != shape or arrays.num_classes != classes:
         raise DataError(f'--dataset={dataset} has {arrays.num_classes} classes of '

@@ -27,6 +27,28 @@ class TrainConfig(Length):
     labels: int = hparam(50, 'Labeled training images, class-balanced, chosen by --seed.')
     valid: int = hparam(200, 'Training images held out for validation (the same for every seed).')
     seed: int = hparam(1, 'Seed of the label split, the initialisation and the data order.')
+    # The split's protocol (data/splits.py, docs/datasets.md): at these defaults a split is the
+    # class-balanced one above and its split.json is unchanged.
+    labeled_head: int = hparam(0, 'Long-tailed split: labeled images of the head class, N_1; class '
+                               'c of --class_order gets N_1 * gamma^(-(c-1)/(K-1)) (rounded '
+                               'down), --labels must be their sum and the pool leaves them out '
+                               '(USB\'s classic_cv_imb: 1500 on CIFAR-10). 0: off.')
+    unlabeled_head: int = hparam(0, 'Long-tailed split: pool images of the head class, M_1 (USB: '
+                                 '3000 on CIFAR-10), profiled as --pool_order says.')
+    imbalance_ratio: float = hparam(100., 'Long-tailed split: gamma = N_1 / N_K, head over tail '
+                                    '(USB\'s classic_cv_imb: 100 or 150).')
+    class_order: str = hparam('', 'Long-tailed split: the classes from head to tail, e.g. '
+                              '9,8,7,6,5,4,3,2,1,0 or 0-9; empty: 0..K-1.')
+    pool_order: str = hparam('consistent', 'Long-tailed pool: consistent (the labeled profile '
+                             'from M_1), uniform (M_1 images per class) or reversed (the '
+                             'profile tail to head: class K gets M_1; USB\'s ulb_imb_ratio -100).')
+    known_classes: str = hparam('', 'Open-set split: the classes the labels name (e.g. 0-5), '
+                                'renumbered 0..K\'-1 in that order; the others only reach the '
+                                'pool (--mismatch) and the test\'s unknown images. Empty: all.')
+    mismatch: float = hparam(0., 'Open-set split: fraction of the pool drawn from the classes '
+                             'not in --known_classes, in [0, 1] (Oliver et al. 2018: 0-100%).')
+    pool_size: int = hparam(0, 'Open-set split: pool images, the same at every --mismatch; 0: '
+                            'the largest every mismatch level can supply.')
     augment: str = hparam('weak', 'Augmentation of labeled images and of unlabeled views that '
                           'the algorithm does not ask to be strong: weak, strong or none.')
     image_size: str = hparam('', 'H or H,W pixels: every image is scaled to cover that size '

@@ -1,13 +1,24 @@
-"""Accuracy of a model on arrays, and the run summary written to accuracy.json.
+"""Accuracy of a model on arrays, the per-class and open-set metrics, and the run summary written
+to accuracy.json.
 
 The summary follows the anchors' protocol (FixMatch's extract_accuracy.py): besides the last
 value, the median over the last 10 and 20 evaluations, for the raw student and every averaged
-model (the EMA teacher, extra horizons, Polyak), on validation and test.
+model (the EMA teacher, extra horizons, Polyak), on validation and test. An evaluation record
+holds `{model: {split: accuracy}}` (what every reader of evaluations.jsonl knows) and, under the
+METRICS keys, `{metric: {model: {split: value}}}`: balanced accuracy and per-class recall on
+every split, and for an open-set protocol (data/splits.py) the known-vs-unknown AUROC and the
+(K+1)-way balanced accuracy on the test images.
 """
 import numpy as np
 import tensorflow as tf
 
 MEDIAN_WINDOWS = (10, 20)
+# Evaluation-record entries that are metrics of every model, not a model: {model: {split: value}}.
+METRICS = ('balanced_accuracy', 'recall', 'open_set')
+# An image is called unknown when its unknown score exceeds this: OpenMatch's one-vs-all rule
+# (arXiv 2105.14148, Sec. 3.3: the outlier probability of the predicted class above 0.5); for a
+# closed-set model the score is 1 - max softmax (Hendrycks & Gimpel 2017's baseline).
+UNKNOWN_THRESHOLD = 0.5
 
 
 def make_predict(model, image_shape):
@@ -27,6 +38,78 @@ def accuracy(predict, x, y, batch_size: int = 1024) -> float:
     return 100. * correct / max(1, len(x))
 
 
+def make_scores(model, image_shape):
+    """A compiled inference-mode (arg-max, unknown score) for `model`; the score is 1 - max
+    softmax, the baseline every closed-set classifier has."""
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    def scores(x):
+        logits = tf.cast(model(x, training=False), tf.float32)
+        return tf.argmax(logits, axis=-1), 1. - tf.reduce_max(tf.nn.softmax(logits), axis=-1)
+    return scores
+
+
+def predictions(scores, x, batch_size: int = 1024):
+    """(arg-max [N], unknown score [N]) of `scores` (make_scores) over `x` by slices."""
+    out = [[t.numpy() for t in scores(tf.constant(x[start:start + batch_size]))]
+           for start in range(0, len(x), batch_size)]
+    if not out:
+        return np.zeros([0], np.int64), np.zeros([0], np.float32)
+    return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def recall_per_class(pred, y, num_classes: int) -> list:
+    """Per-class recall in %: of the images of class c, the share predicted c (None for a class
+    without images)."""
+    pred, y = np.asarray(pred), np.asarray(y)
+    return [float(100. * (pred[y == c] == c).mean()) if (y == c).any() else None
+            for c in range(num_classes)]
+
+
+def balanced_accuracy(pred, y, num_classes: int) -> float:
+    """Mean per-class recall in % over the classes that have images (what a long-tailed test
+    reports: every class weighs the same)."""
+    recalls = [r for r in recall_per_class(pred, y, num_classes) if r is not None]
+    return float(np.mean(recalls)) if recalls else 0.
+
+
+def auroc(known_scores, unknown_scores) -> float:
+    """Area under the ROC curve, in %, of telling unknown images (positives, higher score) from
+    known ones: the probability that an unknown image outscores a known one, ties counting half
+    (the Mann-Whitney statistic, exact, from average ranks)."""
+    from scipy.stats import rankdata
+    k, u = np.asarray(known_scores, np.float64), np.asarray(unknown_scores, np.float64)
+    if not len(k) or not len(u):
+        return float('nan')
+    ranks = rankdata(np.concatenate([k, u]))
+    return float(100. * (ranks[len(k):].sum() - len(u) * (len(u) + 1) / 2) / (len(k) * len(u)))
+
+
+def evaluate(scores, eval_arrays: dict, num_classes: int, unknown_images=None) -> dict:
+    """One model on the evaluation sets: {'accuracy': {split: %}, 'balanced_accuracy': {split:
+    %}, 'recall': {split: [% per class]}} and, with an open-set protocol's `unknown_images`,
+    'open_set': {'test_auroc': %, 'test_balanced_accuracy_k1': % over K+1 classes (unknown the
+    last, predicted where the unknown score exceeds UNKNOWN_THRESHOLD)}."""
+    out = {'accuracy': {}, 'balanced_accuracy': {}, 'recall': {}}
+    for split, (x, y) in eval_arrays.items():
+        pred, score = predictions(scores, x)
+        out['accuracy'][split] = 100. * float((pred == y).sum()) / max(1, len(y))
+        out['balanced_accuracy'][split] = balanced_accuracy(pred, y, num_classes)
+        out['recall'][split] = recall_per_class(pred, y, num_classes)
+        if split == 'test':
+            known = (pred, score, y)
+    if unknown_images is not None and 'test' in eval_arrays:
+        pred, score, y = known
+        unknown_pred, unknown_score = predictions(scores, unknown_images)
+        open_pred = np.concatenate([np.where(score > UNKNOWN_THRESHOLD, num_classes, pred),
+                                    np.where(unknown_score > UNKNOWN_THRESHOLD, num_classes,
+                                             unknown_pred)])
+        open_y = np.concatenate([y, np.full(len(unknown_pred), num_classes)])
+        out['open_set'] = {'test_auroc': auroc(score, unknown_score),
+                           'test_balanced_accuracy_k1': balanced_accuracy(
+                               open_pred, open_y, num_classes + 1)}
+    return out
+
+
 def summarize(history: list) -> dict:
     """accuracy.json from the list of evaluations (each {'step', 'kimg', 'raw': {split: acc},
     'ema': {split: acc}, ...}): every model evaluated (a dict of splits: raw, ema and any extra
@@ -34,26 +117,51 @@ def summarize(history: list) -> dict:
     if not history:
         return {}
     last = history[-1]
-    models = [k for k, v in last.items() if isinstance(v, dict)]
-    out = {k: v for k, v in last.items() if k not in models}
+    models = [k for k, v in last.items() if isinstance(v, dict) and k not in METRICS]
+    out = {k: v for k, v in last.items() if k not in models and k not in METRICS}
     out['evaluations'] = len(history)
     for model in models:
-        out[model] = {}
-        for split in last[model]:
-            values = [h[model][split] for h in history]
-            stats = {'last': values[-1]}
-            for n in MEDIAN_WINDOWS:
-                stats[f'median_last_{n}'] = float(np.median(values[-n:]))
-            out[model][split] = stats
+        out[model] = {split: _stats([h[model][split] for h in history]) for split in last[model]}
+    # The metrics, over the evaluations that recorded them (older records have none); recall is
+    # a list per class, kept as the last evaluation's.
+    for metric in METRICS:
+        if metric not in last:
+            continue
+        recorded = [h[metric] for h in history if metric in h]
+        out[metric] = {model: {split: (value if metric == 'recall' else
+                                       _stats([r[model][split] for r in recorded
+                                               if split in r.get(model, {})]))
+                               for split, value in splits.items()}
+                       for model, splits in last[metric].items()}
     return out
+
+
+def _stats(values) -> dict:
+    stats = {'last': values[-1]}
+    for n in MEDIAN_WINDOWS:
+        stats[f'median_last_{n}'] = float(np.median(values[-n:]))
+    return stats
 
 
 def format_table(summary: dict) -> str:
     splits = list(summary['ema'])
     lines = [f'{"accuracy (%)":<14}' + ''.join(f'{s:>8}' for s in splits)]
-    models = [m for m in summary if isinstance(summary[m], dict) and m not in ('raw', 'ema')]
+    models = [m for m in summary if isinstance(summary[m], dict)
+              and m not in ('raw', 'ema') + METRICS]
     labels = {'raw': 'raw student', 'ema': 'EMA'}
     for model in ['raw', 'ema'] + models:   # extra averages (--ema_decays, Polyak) after the EMA
         label = labels.get(model, model)
         lines.append(f'{label:<14}' + ''.join(f'{summary[model][s]["last"]:8.2f}' for s in splits))
+    # Balanced accuracy where it says something the accuracy does not (an imbalanced split), and
+    # an open-set protocol's metrics.
+    balanced = summary.get('balanced_accuracy', {}).get('ema', {})
+    if any(abs(balanced[s]['last'] - summary['ema'][s]['last']) > 0.005
+           for s in splits if s in balanced):
+        lines.append(f'{"EMA balanced":<14}' + ''.join(
+            f'{balanced[s]["last"]:8.2f}' if s in balanced else f'{"-":>8}' for s in splits))
+    open_set = summary.get('open_set', {}).get('ema')
+    if open_set:
+        lines.append(f'EMA open set: AUROC known vs unknown {open_set["test_auroc"]["last"]:.2f}, '
+                     f'(K+1)-way balanced accuracy '
+                     f'{open_set["test_balanced_accuracy_k1"]["last"]:.2f} (test)')
     return '\n'.join(lines)

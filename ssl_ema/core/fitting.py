@@ -50,7 +50,8 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
     strategy = cluster.make_strategy(cfg)
     if dataset is None:
         dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed, cfg.augment,
-                             cfg.data_dir, input_norm=cfg.input_norm, image_size=cfg.image_size)
+                             cfg.data_dir, input_norm=cfg.input_norm, image_size=cfg.image_size,
+                             protocol=data.Protocol.of(cfg))
     arch = backbones.resolve(cfg.arch, dataset.image_shape, backbone)
     cfg = dataclasses.replace(cfg, arch=arch)
     if round_of:

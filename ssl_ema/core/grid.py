@@ -73,10 +73,11 @@ def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = N
                     TrainConfig, **{k: v for k, v in values.items() if k in config_fields},
                     algorithm=name, labels=labels, seed=seed, train_dir=None)
                 key = (cfg.dataset, cfg.labels, cfg.valid, cfg.augment, cfg.data_dir,
-                       cfg.image_size)
+                       cfg.image_size, data.Protocol.of(cfg))
                 if key not in checked:   # the split's errors do not depend on the seed
                     dataset = data.build(cfg.dataset, cfg.labels, cfg.valid, cfg.seed,
-                                         cfg.augment, cfg.data_dir, image_size=cfg.image_size)
+                                         cfg.augment, cfg.data_dir, image_size=cfg.image_size,
+                                         protocol=data.Protocol.of(cfg))
                     checked[key] = (dataset.image_shape, dataset.num_classes)
                 shape, num_classes = checked[key]
                 arch = backbones.resolve(cfg.arch, shape)

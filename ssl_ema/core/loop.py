@@ -15,12 +15,13 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.core import accuracy, cluster, run_dir, snapshots
+from ssl_ema.core import accuracy, cluster, pool, run_dir, snapshots
 from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
 from ssl_ema.core.guard import NonFiniteGuard
 from ssl_ema.core.optimization import decayed_variables, l2_penalty, learning_rate, make_optimizer
@@ -77,9 +78,10 @@ class Trainer:
         self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
                                   cfg.distribute == 'multi_worker', accuracy.summarize,
                                   cpu_start)
-        self.predict = {'raw': accuracy.make_predict(self.student, data.image_shape)}
-        self.predict.update({name: accuracy.make_predict(a.model, data.image_shape)
-                             for name, a in self.averages.items()})
+        self.scores = {'raw': accuracy.make_scores(self.student, data.image_shape)}
+        self.scores.update({name: accuracy.make_scores(a.model, data.image_shape)
+                            for name, a in self.averages.items()})
+        self.unknown_images = getattr(data, 'unknown_test_images', lambda: None)()
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
         self.eval_arrays = data.eval_arrays()
         self.images_per_step = cfg.batch * (1 + (cfg.uratio if algorithm.views else 0))
@@ -114,9 +116,11 @@ class Trainer:
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
         its extra heads (trained with the student, not part of the EMA or the evaluation)."""
+        labels = data.arrays.y_train[data.split.labeled]
         initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size,
                                      data.labeled_size if self.algorithm.needs_labeled_indices
-                                     else 0)
+                                     else 0,
+                                     np.bincount(labels, minlength=data.num_classes) / len(labels))
         self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                       for name, value in initial.items()}
@@ -222,10 +226,13 @@ class Trainer:
     def evaluate(self) -> dict:
         step = int(self.step.numpy())
         result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
-        for model, predict in self.predict.items():
+        for model, scores in self.scores.items():
             with self._evaluation_statistics(model):
-                result[model] = {split: accuracy.accuracy(predict, x, y)
-                                 for split, (x, y) in self.eval_arrays.items()}
+                metrics = accuracy.evaluate(scores, self.eval_arrays, self.data.num_classes,
+                                            self.unknown_images)
+            result[model] = metrics.pop('accuracy')
+            for metric, value in metrics.items():   # accuracy.METRICS: {metric: {model: ...}}
+                result.setdefault(metric, {})[model] = value
         return result
 
     def _check_finite(self, saving=True):
@@ -234,8 +241,17 @@ class Trainer:
         self.guard.check(int(self.step.numpy()), models, self.records.manager.latest_checkpoint)
 
     def _record(self, result):
-        self.records.record(result, {f'accuracy/{model}/{split}': acc for model in self.predict
-                                     if model in result for split, acc in result[model].items()})
+        scalars = {f'accuracy/{model}/{split}': acc for model in self.scores
+                   if model in result for split, acc in result[model].items()}
+        for metric in ('balanced_accuracy', 'open_set'):
+            scalars.update({f'{metric}/{model}/{split}': value
+                            for model, splits in result.get(metric, {}).items()
+                            for split, value in splits.items()})
+        scalars.update({f'recall/{model}/{split}/class_{c}': value   # per class, of raw and EMA
+                        for model, splits in result.get('recall', {}).items()
+                        if model in ('raw', 'ema') for split, values in splits.items()
+                        for c, value in enumerate(values) if value is not None})
+        self.records.record(result, scalars)
 
     def _log_progress(self, step, metrics, speed, log):
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -260,7 +276,7 @@ class Trainer:
         log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
             + ''.join(f' | {m} ' + '/'.join(f'{v:.2f}' for v in result[m].values())
-                      for m in self.predict if m not in ('raw', 'ema')))
+                      for m in self.scores if m not in ('raw', 'ema')))
 
     def train(self, log=print):
         """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
@@ -288,6 +304,7 @@ class Trainer:
             while step < total:
                 if preemption:
                     preemption.save_checkpoint_if_preempted()
+                self._pool_pass(step)
                 metrics = self.train_step(iterator)
                 step += 1
                 if self.chief and self._snapshot_due(step):
@@ -309,6 +326,18 @@ class Trainer:
         finally:
             self.records.close(log)
         return self.records.finish()
+
+    def _pool_pass(self, step):
+        """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
+        step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
+        every = self.algorithm.pool_pass_every_steps
+        if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
+            return
+        state = {k: v.numpy() for k, v in self.state.items()}
+        new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
+                                       step / self.cfg.total_steps)
+        for name, value in new.items():
+            self.state[name].assign(value)
 
     def _save(self):
         """Checkpoint the current step (interrupts, preemption): never a non-finite state."""

@@ -1,7 +1,9 @@
-"""A benchmark's results, rebuilt from its run directories alone: results.csv (one row per run),
-results.md (EMA test accuracy, median of the last 20 evaluations as the anchors report, mean
-+- sample std over seeds, raw beside it), curves.png (every tracked average) and cpu_time.png
-(accuracy against CPU-seconds, core/cpu_plot.py)."""
+"""A benchmark's results, rebuilt from its run directories alone: results.csv (one row per run;
+balanced accuracy, the open-set metrics and the EMA's per-class test recalls where runs recorded
+them), results.md (EMA test accuracy, median of the last 20 evaluations as the anchors report,
+mean +- sample std over seeds, raw beside it; the same tables of balanced accuracy and the
+open-set metrics for a split protocol's runs), curves.png (every tracked average) and
+cpu_time.png (accuracy against CPU-seconds, core/cpu_plot.py)."""
 import csv
 import io
 import json
@@ -104,6 +106,18 @@ def csv_rows(records) -> (List[str], List[dict]):
                  and len({json.dumps(v.get(k)) for v in flag_values}) > 1]
     models = models_of(records)
     accuracy_columns = [f'{m}_{s}_{stat}' for m in models for s in SPLITS for stat in STATS]
+    # The metrics beside accuracy (core/accuracy.METRICS), where some run recorded them.
+    metric_columns = [(metric, m, key, f'{m}_{key}_{metric}_{TABLE_STAT}' if metric != 'open_set'
+                       else f'{m}_{key}_{TABLE_STAT}')
+                      for metric, keys in (('balanced_accuracy', SPLITS),
+                                           ('open_set', ('test_auroc',
+                                                         'test_balanced_accuracy_k1')))
+                      for m in MODELS for key in keys
+                      if any(_metric(r['accuracy'], metric, m, key) is not None for r in records)]
+    accuracy_columns += [c[-1] for c in metric_columns]
+    # The last evaluation's per-class recalls of the EMA on test, 'r_0;r_1;...' (%).
+    recall_column = any('recall' in r['accuracy'] for r in records)
+    accuracy_columns += ['ema_test_recall_last'] if recall_column else []
     columns = (fixed + differing + accuracy_columns
                + ['step', 'total_steps', 'finished', 'evaluations', 'images_per_sec',
                   'wall_time_s', 'cpu_time_s', 'run'])
@@ -115,6 +129,13 @@ def csv_rows(records) -> (List[str], List[dict]):
             for s in SPLITS:
                 for stat in STATS:
                     row[f'{m}_{s}_{stat}'] = acc.get(m, {}).get(s, {}).get(stat, '')
+        for metric, m, key, column in metric_columns:
+            value = _metric(acc, metric, m, key)
+            row[column] = '' if value is None else value
+        if recall_column:
+            recalls = acc.get('recall', {}).get('ema', {}).get('test')
+            row['ema_test_recall_last'] = '' if recalls is None else ';'.join(
+                '' if v is None else f'{v:.2f}' for v in recalls)
         row.update(step=acc.get('step', 0), total_steps=r['total_steps'], finished=r['finished'],
                    evaluations=acc.get('evaluations', 0),
                    images_per_sec=acc.get('images_per_sec', ''),
@@ -156,17 +177,16 @@ def markdown_table(records) -> str:
             lines.append('No finished run yet.')
         else:
             lines.append(f'Seeds {", ".join(map(str, seeds))}.')
-            lines += ['', '| algorithm | ' + ' | '.join(f'{n} labels' for n in labels) + ' |',
-                      '|---|' + '---|' * len(labels)]
-            for row in dict.fromkeys(rows[dataset, r['variant']] for r in runs):
-                cells = []
-                for n in labels:
-                    cell = [r for r in runs if rows[dataset, r['variant']] == row
-                            and r['config']['labels'] == n]
-                    cells.append(_cell([r['accuracy']['ema']['test'][TABLE_STAT] for r in cell],
-                                       [r['accuracy']['raw']['test'][TABLE_STAT] for r in cell],
-                                       len(seeds)) if cell else '–')
-                lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
+            lines += _table(runs, rows, dataset, labels, seeds, lambda a: a)
+            # A protocol's own measures (data/splits.py), in tables of the same layout.
+            for title, metric, key in PROTOCOL_TABLES:
+                if all(_metric(r['accuracy'], metric, 'ema', key) is not None for r in runs) \
+                        and any(_protocol(r['config']) for r in runs):
+                    lines += ['', title]
+                    lines += _table(runs, rows, dataset, labels, seeds,
+                                    lambda a, m=metric, k=key: {x: {'test': a[m][x][k]}
+                                                                for x in MODELS})
+
         unfinished = [r for r in records if r['config']['dataset'] == dataset
                       and not r['finished']]
         if unfinished:
@@ -174,6 +194,42 @@ def markdown_table(records) -> str:
                 f'{r["name"]} (step {r["accuracy"].get("step", 0)}/{r["total_steps"]})'
                 for r in unfinished) + '.']
     return '\n'.join(lines) + '\n'
+
+
+# (title, accuracy.json metric, its key) of the tables a protocol's runs add.
+PROTOCOL_TABLES = (
+    ('Balanced accuracy (%), the mean of the per-class recalls, test:', 'balanced_accuracy',
+     'test'),
+    ('AUROC (%) of known against unknown test images (1 - max softmax, or the method\'s '
+     'unknown score):', 'open_set', 'test_auroc'),
+    ('(K+1)-way balanced accuracy (%), unknown as a class, test:', 'open_set',
+     'test_balanced_accuracy_k1'))
+
+
+def _protocol(config) -> bool:
+    return bool(config.get('labeled_head') or config.get('known_classes'))
+
+
+def _metric(summary, metric, model, key):
+    """summary[metric][model][key][TABLE_STAT], None where it was not recorded."""
+    return summary.get(metric, {}).get(model, {}).get(key, {}).get(TABLE_STAT)
+
+
+def _table(runs, rows, dataset, labels, seeds, view) -> List[str]:
+    """One table: a row per algorithm, a column per label count, each cell the EMA's and the
+    raw student's test value of view(accuracy.json) over seeds."""
+    lines = ['', '| algorithm | ' + ' | '.join(f'{n} labels' for n in labels) + ' |',
+             '|---|' + '---|' * len(labels)]
+    for row in dict.fromkeys(rows[dataset, r['variant']] for r in runs):
+        cells = []
+        for n in labels:
+            cell = [view(r['accuracy']) for r in runs if rows[dataset, r['variant']] == row
+                    and r['config']['labels'] == n]
+            cells.append(_cell([a['ema']['test'][TABLE_STAT] for a in cell],
+                               [a['raw']['test'][TABLE_STAT] for a in cell],
+                               len(seeds)) if cell else '–')
+        lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 def plot_curves(records, path: str) -> Dict[str, List[str]]:

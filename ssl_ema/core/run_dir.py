@@ -230,7 +230,8 @@ class RunDir:
         c = self.config
         return data.build(c.dataset, c.labels, c.valid, c.seed,
                           c.augment if augment is None else augment, c.data_dir,
-                          input_norm=c.input_norm, image_size=c.image_size)
+                          input_norm=c.input_norm, image_size=c.image_size,
+                          protocol=data.Protocol.of(c))
 
     def statistics_batches(self, dataset=None) -> Optional[list]:
         """For an --ema_bn=recompute run, the training batches over which the Trainer

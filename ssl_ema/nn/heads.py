@@ -28,6 +28,7 @@ def with_heads(student, heads: Dict[str, object]):
     checkpoint and its export are the classifier alone."""
     pooled = features(student)
     outputs = [student.outputs[0]]
+    classes = student.outputs[0].shape[-1]
     for name, head in heads.items():
         if isinstance(head, Projection):
             hidden = keras.layers.Dense(pooled.shape[-1], activation='relu',
@@ -36,5 +37,5 @@ def with_heads(student, heads: Dict[str, object]):
             outputs.append(keras.layers.UnitNormalization(name=f'head_{name}_normalized')(
                 projected))
         else:
-            outputs.append(keras.layers.Dense(head, name=f'head_{name}')(pooled))
+            outputs.append(keras.layers.Dense(head or classes, name=f'head_{name}')(pooled))
     return keras.Model(student.inputs, outputs, name=f'{student.name}_heads')

@@ -1,0 +1,87 @@
+"""ABC (Lee et al., NeurIPS 2021, arXiv 2110.10368): an auxiliary balanced classifier trained
+beside a base algorithm (--base_algorithm, FixMatch: USB's classic_cv_imb fixmatch_abc).
+
+Both classifiers share the backbone's features and one training pass. The base algorithm trains
+its own head, `head_imbalanced` (a Dense head on the pooled features), with its usual loss; the
+balanced classifier is the model's own output, the one the EMA averages, evaluated and exported
+(ABC evaluates the auxiliary classifier). Its loss (Eq. 1-3) masks each labeled image of class
+y with a Bernoulli draw of probability min_c N_c / N_y, so that every class counts as the
+rarest; each unlabeled image whose balanced-classifier confidence on the weak view reaches tau
+trains its strong view on that hard pseudo-label under a Bernoulli mask of probability
+1 - t (1 - min_c N_c / N_yhat), t the fraction of training done (USB's abc.py: epoch / epochs,
+the masks' schedule). The masks are drawn from the run's checkpointed generator. The loss
+added: abc_weight * (labeled term + unlabeled term). Defaults: tau = 0.95, abc_weight 1 (USB's
+abc_p_cutoff, abc_loss_ratio), the base's lambda_u = 1 and tau = 0.95 (FixMatch's).
+"""
+import tensorflow as tf
+
+from ssl_ema.nn import losses
+from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
+                                     check_base, hparam, register)
+
+BASES = ('fixmatch',)   # the base algorithms whose head ABC trains beside its own
+
+
+@register('abc')
+class ABC(WeakStrong):
+    heads = {'imbalanced': 0}   # the base algorithm's classifier, one unit per class
+    base_algorithm: str = hparam('fixmatch', 'Algorithm that trains beside ABC\'s balanced '
+                                 'classifier, on its own head (USB\'s classic_cv_imb: fixmatch).')
+    consistency_weight: float = hparam(1., 'Weight lambda_u of the base\'s unlabeled loss.')
+    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau.')
+    abc_threshold: float = hparam(0.95, 'Confidence an unlabeled prediction of the balanced '
+                                  'classifier needs to be its pseudo-label (USB abc_p_cutoff).')
+    abc_weight: float = hparam(1., 'Weight of the balanced classifier\'s loss (USB '
+                               'abc_loss_ratio).')
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_base(self, BASES, 'trains beside')
+        if not 0 <= self.abc_threshold <= 1 or self.abc_weight < 0:
+            raise ConfigError('--abc_threshold must be in [0, 1] and --abc_weight >= 0')
+
+    def state(self, num_classes, pool_size):
+        return {LABELED_PRIOR: State((num_classes,), 1. / num_classes)}
+
+    def __call__(self, student, teacher, batch):
+        del teacher   # the base's pseudo-labels are its own head's (FixMatch's student)
+        weak, strong = batch.unlabeled
+        sizes = [tf.shape(batch.labeled_x)[0], tf.shape(weak)[0], tf.shape(strong)[0]]
+        balanced, imbalanced = (tf.split(tf.cast(o, tf.float32), sizes) for o in batch.heads(
+            tf.concat([batch.labeled_x, weak, strong], 0), training=True))
+        # The base algorithm (FixMatch) on its head.
+        xe = losses.cross_entropy(batch.labels, imbalanced[0])
+        pseudo, mask = losses.confident_pseudo_label_loss(
+            tf.stop_gradient(imbalanced[1]), imbalanced[2], self.confidence_threshold)
+        abc_labeled, abc_unlabeled, abc_mask = abc_loss(
+            balanced, batch.labels, batch.state[LABELED_PRIOR], batch.progress, batch.rng,
+            self.abc_threshold)
+        return Losses(xe + self.abc_weight * abc_labeled,
+                      self.consistency_weight * pseudo + self.abc_weight * abc_unlabeled,
+                      {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
+                       'abc_labeled': abc_labeled, 'abc_unlabeled': abc_unlabeled,
+                       'abc_mask': tf.reduce_mean(abc_mask)})
+
+
+def abc_keep_probability(prior, classes, progress=None):
+    """P(an image of `classes` counts): min_c N_c / N_y for labeled images (Eq. 1); for
+    pseudo-labels 1 - progress * (1 - min_c N_c / N_y) (USB's abc.py schedule)."""
+    ratio = tf.reduce_min(prior) / tf.gather(prior, classes)
+    return ratio if progress is None else 1. - progress * (1. - ratio)
+
+
+def abc_loss(logits, labels, prior, progress, rng, threshold):
+    """(labeled term, unlabeled term, unlabeled mask) of the balanced classifier, `logits` its
+    (labeled, weak, strong) logits and `prior` the labeled class distribution."""
+    labeled_logits, weak_logits, strong_logits = logits
+    keep = tf.cast(rng.uniform(tf.shape(labels)) < abc_keep_probability(prior, labels), tf.float32)
+    per_image = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, labeled_logits)
+    labeled = tf.reduce_mean(per_image * keep)
+    probs = tf.stop_gradient(tf.nn.softmax(weak_logits))
+    classes = tf.argmax(probs, -1, output_type=tf.int32)
+    chance = abc_keep_probability(prior, classes, tf.cast(progress, tf.float32))
+    mask = losses.confidence_mask(probs, threshold) * tf.cast(
+        rng.uniform(tf.shape(classes)) < chance, tf.float32)
+    unlabeled = losses.soft_cross_entropy(tf.one_hot(classes, tf.shape(probs)[-1]),
+                                          strong_logits, mask)
+    return labeled, unlabeled, mask

@@ -1,0 +1,117 @@
+"""DARP (Kim et al., NeurIPS 2020, arXiv 2007.08844): distribution aligning refinery of
+pseudo-labels, plugged on a base algorithm (--base_algorithm, FixMatch: USB's classic_cv_imb
+fixmatch_darp).
+
+Under class imbalance the pseudo-labels of the pool pile onto the head classes. DARP refines them
+all at once: the pool's label distributions Q are projected onto the matrices X whose rows are
+distributions and whose columns sum to the target class counts m (the labeled prior times the
+pool size, USB's target_disb), minimising KL(X || Q) weighted per image by 1 / H(q_i) (Eq. 3),
+solved on the dual by coordinate ascent (Eq. 5-7): X_ij = q_ij/e * exp(-lambda_i / w_i)
+* exp(-nu_j / w_i), the row step in closed form and each column's nu_j by Newton's method. Before
+the projection, alpha * m_j images most confident in class j keep class j's mass rescaled to m_j
+(the initialisation of the authors' estimate_pseudo; USB's DARPPseudoLabelingHook).
+
+Ours: the pool's distributions come from a pass of the EMA model over the whole pool every
+`refine_every_steps` from `start_fraction` of training on (core/pool.py), not from each image's
+last training-batch prediction (USB); between passes each image's refined distribution is looked
+up by its pool index. The base's confidence mask stays on its own prediction, the hard
+pseudo-label is the refined distribution's arg-max (USB's gen_ulb_targets). Defaults: alpha 2,
+T = 10 iterations, refinement every 10 steps, from epoch 200 of 256 (USB's
+fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml: darp_alpha, darp_iter_T,
+darp_num_refine_iter, darp_warmup_epochs).
+"""
+import numpy as np
+import tensorflow as tf
+
+from ssl_ema.nn import losses
+from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
+                                     check_base, hparam, register, teacher_field)
+
+BASES = ('fixmatch',)   # the base algorithms DARP refines the pseudo-labels of
+
+
+def darp_projection(probs, target, alpha: float = 2., iterations: int = 10, newton_steps=30):
+    """The refined label distributions [N, K] of `probs` [N, K] whose class sums approach
+    `target` [K] (counts summing to N): the alpha-initialisation, then `iterations` rounds of the
+    row step and the Newton column step of DARP's dual (Eq. 5-7); the last step is a row step,
+    so every row is a distribution."""
+    q = np.asarray(probs, np.float64)
+    n, k = q.shape
+    target = np.asarray(target, np.float64)
+    # Initialisation: the alpha * m_j images most confident in class j (tail classes first, as
+    # the authors) get class j's probability scaled so those images' mass is m_j; the rest ~0.
+    keep, mass = np.zeros_like(q), np.zeros(k)
+    for j in reversed(range(k)):
+        top = np.argsort(-q[:, j], kind='stable')[:int(alpha * target[j])]
+        keep[top, j], mass[j] = 1., q[top, j].sum()
+    q = q * keep * ((target + 1e-6) / (mass + 1e-6)) + 1e-6
+    q /= q.sum(1, keepdims=True)
+    w = 1. / (-(q * np.log(q + 1e-6)).sum(1))   # per-image weight 1 / entropy
+    a = q / np.e
+    nu = np.zeros(k)
+    for _ in range(iterations):
+        x = 1. / (a * np.exp(-nu[None] / w[:, None])).sum(1)   # rows sum to 1
+        for _ in range(newton_steps):   # sum_i a_ij x_i exp(-nu_j / w_i) = m_j, all j at once
+            terms = a * x[:, None] * np.exp(-nu[None] / w[:, None])
+            f, df = terms.sum(0) - target, -(terms / w[:, None]).sum(0)
+            nu = nu - f / np.where(df == 0, -1e-12, df)
+    y = np.exp(-nu[None] / w[:, None])
+    x = 1. / (a * y).sum(1)
+    return (a * x[:, None] * y).astype(np.float32)
+
+
+@register('darp')
+class DARP(WeakStrong):
+    needs_indices = True
+    base_algorithm: str = hparam('fixmatch', 'Algorithm whose pseudo-labels DARP refines '
+                                 '(USB\'s classic_cv_imb: fixmatch).')
+    consistency_weight: float = hparam(1., 'Weight lambda_u of the base\'s unlabeled loss.')
+    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau.')
+    teacher: str = teacher_field()
+    darp_alpha: float = hparam(2., 'DARP\'s alpha: alpha * m_j images start as class j\'s '
+                               'candidates (USB darp_alpha 2.0).')
+    darp_iterations: int = hparam(10, 'Coordinate-ascent rounds T of the projection (USB '
+                                  'darp_iter_T 10).')
+    refine_every_steps: int = hparam(10, 'Steps between two refinements, each a pass of the EMA '
+                                     'model over the pool (USB darp_num_refine_iter 10).')
+    start_fraction: float = hparam(200 / 256, 'Fraction of training before the first '
+                                   'refinement (USB: darp_warmup_epochs 200 of 256 epochs).')
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_base(self, BASES, 'refines')
+        if self.darp_alpha <= 0 or self.darp_iterations < 1 or self.refine_every_steps < 1 \
+                or not 0 <= self.start_fraction <= 1:
+            raise ConfigError('--darp_alpha must be > 0, --darp_iterations and '
+                              '--refine_every_steps >= 1, --start_fraction in [0, 1]')
+
+    @property
+    def pool_pass_every_steps(self):
+        return self.refine_every_steps
+
+    @property
+    def pool_pass_start(self):
+        return self.start_fraction
+
+    def state(self, num_classes, pool_size):
+        # refined: each pool image's refined distribution, all zeros until the first refinement.
+        return {'refined': State((pool_size, num_classes), 0.),
+                LABELED_PRIOR: State((num_classes,), 1. / num_classes)}
+
+    def from_pool(self, probabilities, state, progress):
+        target = state[LABELED_PRIOR] * len(probabilities)
+        return {'refined': darp_projection(probabilities, target, self.darp_alpha,
+                                           self.darp_iterations)}
+
+    def __call__(self, student, teacher, batch):
+        xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
+        mask = losses.confidence_mask(probs, self.confidence_threshold)
+        refined = tf.gather(batch.state['refined'], batch.unlabeled_index)
+        ready = tf.reduce_sum(refined, -1, keepdims=True) > 0
+        target = tf.where(ready, refined, probs)
+        hard = tf.one_hot(tf.argmax(target, -1), tf.shape(probs)[-1])
+        pseudo = losses.soft_cross_entropy(hard, tf.cast(strong_logits, tf.float32), mask)
+        changed = tf.cast(tf.argmax(target, -1) != tf.argmax(probs, -1), tf.float32)
+        return Losses(xe, self.consistency_weight * pseudo,
+                      {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
+                       'refined_changed': tf.reduce_mean(changed)})
