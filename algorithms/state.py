@@ -19,8 +19,9 @@ class State:
 
 def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
                    ) -> Dict[str, State]:
-    """algorithm.state(...), with the labeled set's size for the algorithms that index it."""
-    if algorithm.needs_labeled_indices:
+    """algorithm.state(...), with the labeled set's size for the algorithms that index it (a
+    self-supervised method, which has no labeled set, never does)."""
+    if getattr(algorithm, 'needs_labeled_indices', False):
         return algorithm.state(num_classes, pool_size, labeled_size)
     return algorithm.state(num_classes, pool_size)
 
