@@ -55,7 +55,8 @@ SHARED_HELP = {
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
                          'class distribution is the mean of the last this many batches\' mean '
                          'predictions; 0: a moving average with --state_momentum instead '
-                         '(adamatch, remixmatch; simmatch and comatch need >= 1).',
+                         '(adamatch, remixmatch; simmatch and comatch need >= 1; shrinkmatch: '
+                         'no alignment).',
 }
 
 TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)

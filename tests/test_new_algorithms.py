@@ -18,7 +18,7 @@ from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
 # every algorithm with state (the replica check)
-STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch']
+STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch', 'shrinkmatch']
 
 
 
@@ -242,7 +242,10 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 # predictions of the next step, differ from one device's), and its guesses from the EMA model,
 # whose inference-mode predictions do not depend on how the batch is split.
 # CoMatch: a queue the first step fills (48 rows), so the second smooths with it.
-SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2)}
+# ShrinkMatch: tau .2, so some images are certain (the certain ratio moves) and the others'
+# class spaces shrink, through its auxiliary head's batch norm.
+SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2),
+            'shrinkmatch': ({'confidence_threshold': .2}, 2)}
 out = {}
 for name in sys.argv[1:]:
     overrides, steps = SETTINGS.get(name, ({}, 2))
