@@ -292,11 +292,11 @@ def test_two_replicas(name, two_replica_runs):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch'])
+@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch', 'shrinkmatch'])
 def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data, tmp_path):
     """FlexMatch's per-image state (int) and class rates (SequenceMatch's too), ReMixMatch's
-    distributions and its rotation head come back from the checkpoint: a resumed run ends where a
-    straight one does."""
+    distributions and its rotation head, ShrinkMatch's alignment window, certain ratio and
+    auxiliary head come back from the checkpoint: a resumed run ends where a straight one does."""
     cfg = tiny_config(algorithm=name, train_steps=12, eval_every_kimg=0.09375, log_every_steps=2)
     # a threshold low enough that images get selected (and the per-image state moves) this early
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.2}
