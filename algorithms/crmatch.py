@@ -3,17 +3,19 @@ Semi-supervised Learning", GCPR 2021 / IJCV 2022, arXiv:2112.05825).
 
 FixMatch's pseudo-labels (the weak view's confident argmax trains the strong view) with two more
 terms on the same joint pass:
-- FeatDistLoss (Sec. 3.2): the classifier is made invariant to the augmentation, the features
-  equivariant to it. A linear head maps each image's feature map to a vector z, and for the
+- FeatDistLoss (the paper's name): the classifier is made invariant to the augmentation, the
+  features equivariant to it. A linear head maps each image's feature map to a vector z, and for the
   confidently pseudo-labelled images the cosine similarity of z(weak) and z(strong) is pushed
   down to at most 0 (`feature_distance`: mean over the unlabeled batch of mask * max(0, cos);
   USB's cosine_embedding_loss with target -1 and margin 0). Both views get the gradient.
-- the rotation loss (Sec. 3.3, RotNet's self-supervision): a head predicts by how many quarter
-  turns an image was rotated; as many unlabeled images as the labeled batch holds, in their weak
+- the rotation loss (RotNet's self-supervision): a head predicts by how many quarter turns an
+  image was rotated; as many unlabeled images as the labeled batch holds, in their weak
   view, each in all four rotations (USB's RotNet loader over the unlabeled set with the labeled
   transform).
 Loss = H(y, p(x_l)) + lambda_u L_u + lambda_d L_dist + lambda_rot L_rot, every weight 1 (USB's
-train_step adds the four unweighted; rot_loss_ratio only switches the rotation term on).
+train_step adds the four unweighted; rot_loss_ratio only switches the rotation term on). The
+terms are named as the paper names them; its equation numbers are not cited here, as its text
+was not at hand when this was written (the math follows USB's implementation).
 
 The heads, and why they sit where they do. USB's rotation head is an MLP (Dense(width) - ReLU -
 Dense(4)) on the pooled features, and ours is that one (nn/heads.MLP on the layer 'features').

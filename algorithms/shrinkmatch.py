@@ -3,21 +3,25 @@ in Semi-Supervised Learning", ICCV 2023, arXiv:2308.06777; the authors' LiheYoun
 
 FixMatch with distribution alignment (the authors' baseline, SimMatch's): the weak view's
 probabilities q, aligned to uniform over the last 32 batches, are the soft target of the strong
-view where max q >= tau (Eq. 1). An uncertain image (max q < tau) is not wasted: its class space
-is shrunk (Sec. 3.2, Eq. 3-4) by removing the classes ranked 2, 3, ..., c - 1 by q, the most
-confusing ones, with the smallest c >= 2 for which the top-1 class is confident among what is
-left, q_(1) / (q_(1) + sum_{j >= c} q_(j)) >= tau; an auxiliary head then learns the top-1 class
-on the strong view by cross-entropy over the kept classes only (`shrunk_loss`). Both reweighting
-principles (Sec. 3.3): each image's term is multiplied by its original confidence max q, and the
-batch's term by an EMA (momentum 0.999) of the share of certain images (state 'certain_ratio',
-which starts at the first batch's share, as the authors'). An image whose space shrinks to the
-top-1 and the least likely class without becoming confident contributes nothing (the authors').
-Loss = H(y, p(x_l)) + L_u + certain_ratio * L_shrink (the authors' weights).
+view where max q >= tau (L_u). An uncertain image (max q < tau) is not wasted: its class space
+is shrunk by removing the classes ranked 2, 3, ..., c - 1 by q, the most confusing ones, with the
+smallest c >= 2 for which the top-1 class is confident among what is left,
+q_(1) / (q_(1) + sum_{j >= c} q_(j)) >= tau; an auxiliary head then learns the top-1 class on the
+strong view by cross-entropy over the kept classes only (`shrunk_loss`). Both reweighting
+principles (the authors' code numbers them 1 and 2): each image's term is multiplied by its
+original confidence max q, and the batch's term by an EMA (momentum 0.999) of the share of
+certain images (state 'certain_ratio', which starts at the first batch's share, as the
+authors'). An image whose space shrinks to the top-1 and the least likely class without becoming
+confident contributes nothing (the authors').
+Loss = H(y, p(x_l)) + L_u + certain_ratio * L_shrink (the authors' weights). The math follows
+the authors' CIFAR/shrinkmatch.py; the paper's equation numbers are not cited here, as its text
+was not at hand when this was written.
 
 The shrinking is vectorised: with q sorted in decreasing order, the mass left after removing the
 classes before c is a reversed cumulative sum, sum_{j >= c} q_(j), so the shrunk confidence of
 every c is one [B, C] tensor, non-decreasing in c; the cut is 2 plus the number of c in
-[2, C - 1] where it is still below tau (the authors loop over images and classes in Python).
+[2, C - 1] where it is still below tau, at most C - 1 (the authors loop over images and classes
+in Python).
 
 The auxiliary head is the authors': Dense(d/4) - BN - LeakyReLU(0.1) - Dense(d/4) - BN -
 LeakyReLU(0.1) - Dense(C) on the pooled features of width d (nn/heads.MLP). It trains only on the
@@ -38,24 +42,24 @@ from ssl_ema.algorithms.base import (MLP, Algorithm, Losses, State, align_to_uni
 
 
 def shrunk_loss(probs, logits, threshold):
-    """Eq. 3-4 for a batch: `probs` [B, C] the (aligned) weak-view probabilities, `logits` the
-    auxiliary head's on the strong view. Returns (the batch mean of each uncertain image's
-    cross-entropy to its top-1 class over its shrunk class set, times max q where the shrunk set
-    reached `threshold` and 0 elsewhere; the cut c of each image, the sorted position of the
-    first class kept after the top-1, C for a certain image)."""
+    """The shrunk-class-space loss of a batch: `probs` [B, C] the (aligned) weak-view
+    probabilities, `logits` the auxiliary head's on the strong view. Returns (the batch mean of
+    each uncertain image's cross-entropy to its top-1 class over its shrunk class set, times
+    max q where the shrunk set reached `threshold` and 0 elsewhere; the cut c of each image, the
+    sorted position of the first class kept after the top-1, C for a certain image)."""
     num_classes = probs.shape[-1]
     order = tf.argsort(probs, axis=-1, direction='DESCENDING', stable=True)
     sorted_probs = tf.gather(probs, order, batch_dims=1)
     sorted_logits = tf.gather(logits, order, batch_dims=1)
     top = sorted_probs[:, :1]
-    # shrunk[:, c] = q_(1) / (q_(1) + sum_{j >= c} q_(j)): classes 1 .. c-1 removed (Eq. 3)
+    # shrunk[:, c] = q_(1) / (q_(1) + sum_{j >= c} q_(j)): classes 1 .. c-1 removed
     shrunk = top / (top + tf.cumsum(sorted_probs, axis=-1, reverse=True))
     position = tf.range(num_classes)
     below = tf.cast((position[None] >= 2) & (shrunk < threshold), tf.int32)
     cut = tf.minimum(2 + tf.reduce_sum(below, -1), num_classes - 1)
     reached = tf.gather(shrunk, cut, batch_dims=1) >= threshold
     keep = (position[None] == 0) | (position[None] >= cut[:, None])
-    # cross-entropy to sorted position 0 over the kept classes (Eq. 4)
+    # cross-entropy to sorted position 0 over the kept classes
     kept_logits = tf.where(keep, sorted_logits, tf.float32.min)
     per_image = tf.reduce_logsumexp(kept_logits, -1) - sorted_logits[:, 0]
     confidence = top[:, 0]
@@ -102,7 +106,7 @@ class ShrinkMatch(Algorithm):
         if self.prediction_window:
             probs, window = align_to_uniform(probs, window)
         mask = losses.confidence_mask(probs, self.confidence_threshold)
-        pseudo = losses.soft_cross_entropy(probs, strong_logits, mask)   # Eq. 1
+        pseudo = losses.soft_cross_entropy(probs, strong_logits, mask)   # L_u: soft targets
         shrink, cut = shrunk_loss(probs, auxiliary[2], self.confidence_threshold)
         certain = replica_mean(tf.reduce_mean(mask))
         old = batch.state['certain_ratio']

@@ -48,7 +48,8 @@ def test_loss_and_certain_ratio_on_a_tiny_batch():
     log_softmax = strong[0] - lse(*strong[0])
     pseudo = -(q[0] * log_softmax).sum() / 2
     shrink = .6 * (lse(2., 4.) - 2.) / 2
-    for old, ratio in [(-1., .5), (.2, .999 * .2 + .001 * .5)]:   # the first batch's share, then EMA
+    # the first batch's share, then the moving average
+    for old, ratio in [(-1., .5), (.2, .999 * .2 + .001 * .5)]:
         state = base.initial_state(algorithm, 4, 8)
         state['certain_ratio'] = tf.constant(old)
         batch = Batch(tf.constant([[5., 0., 0., 0.]]), tf.constant([0]),
