@@ -15,7 +15,7 @@ from absl import flags
 
 from ssl_ema.nn import losses
 from ssl_ema.nn.backbones import call_keeping_statistics
-from ssl_ema.nn.heads import Projection, with_heads  # noqa: F401
+from ssl_ema.nn.heads import MLP, Projection, with_heads  # noqa: F401
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
 # An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
@@ -56,7 +56,8 @@ SHARED_HELP = {
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
                          'class distribution is the mean of the last this many batches\' mean '
                          'predictions; 0: a moving average with --state_momentum instead '
-                         '(adamatch, remixmatch; simmatch and comatch need >= 1).',
+                         '(adamatch, remixmatch; simmatch and comatch need >= 1; shrinkmatch: '
+                         'no alignment).',
 }
 
 TEACHERS = ('student', 'ema')   # --teacher: who makes the targets (see target_logits)
@@ -95,6 +96,8 @@ VALID = {
     'contrast_threshold': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'bank_momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'queue_size': (lambda v: v >= 1, '>= 1'),
+    'distance_weight': (lambda v: v >= 0, '>= 0'),
+    'shrink_weight': (lambda v: v >= 0, '>= 0'),
 }
 
 

@@ -63,14 +63,17 @@ def test_helpfull_lists_each_algorithms_flags_with_defaults():
     for module, flag in [('ict', None), ('mixmatch', 'label_guess_views'), ('uda', 'tsa'),
                          ('mean_teacher', 'input_noise'), ('vat', 'vat_eps'), ('vat', 'vat_target'),
                          ('base', 'consistency_weight'), ('base', 'confidence_threshold'),
-                         ('base', 'mixup_alpha'), ('base', 'temperature')]:
+                         ('base', 'mixup_alpha'), ('base', 'temperature'),
+                         ('crmatch', 'distance_weight'), ('shrinkmatch', 'shrink_weight'),
+                         ('base', 'rotation_weight')]:
         if flag:
             assert f'--{flag}:' in sections[module], (module, flag)
     # a flag several algorithms share is listed once, under base, with every algorithm's default
     assert not any('--consistency_weight:' in v for k, v in sections.items() if k != 'base')
     for default in ['fixmatch 1.0', 'ict 100.0', 'mixmatch 75.0', 'pi_model 10.0', 'pseudo_label 1.0',
                     'uda 1.0', 'vat 0.3', 'mean_teacher 50.0', 'fixmatch 0.95', 'pseudo_label 0.95',
-                    'uda 0.8', 'mixmatch 0.5', 'uda 0.4', 'ict 1.0', 'mixmatch 0.75']:
+                    'uda 0.8', 'mixmatch 0.5', 'uda 0.4', 'ict 1.0', 'mixmatch 0.75',
+                    'crmatch 1.0, remixmatch 0.5', 'shrinkmatch 32']:
         assert default in sections['base'], default
 
 

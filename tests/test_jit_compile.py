@@ -19,10 +19,15 @@ NAMES = sorted(algorithms.ALGORITHMS)
 # class probability of 10 classes is ~0.1-0.3 there): FlexMatch's tau = 0 selects every image, so
 # its per-image state and class rates move (SequenceMatch's too; DeFixMatch's two pseudo-label
 # terms are live); the others' 0.95 selects none. CoMatch's queue is full after the first step
-# (48 rows), so the second step smooths with it.
+# (48 rows), so the second step smooths with it. ShrinkMatch's .2 leaves some images certain and
+# shrinks the others' class spaces. CRMatch keeps 0.95 (its rotation head and feature-map head
+# compile, FeatDistLoss is masked out): with tau = 0 its losses and head updates agree to 1e-5,
+# but its backbone's conv updates differ by ~4e-4 of their largest (the bar below is 1e-4), a gap
+# not yet explained (issue 28).
 OVERRIDES = {'flexmatch': {'confidence_threshold': 0.},
              'sequencematch': {'confidence_threshold': 0.},
-             'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48}}
+             'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48},
+             'shrinkmatch': {'confidence_threshold': .2}}
 
 STEPS = '''
 import json, sys, tempfile

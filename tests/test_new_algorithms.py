@@ -18,7 +18,7 @@ from ssl_ema.core.loop import Trainer
 
 NEW = ['flexmatch', 'freematch', 'softmatch', 'remixmatch']
 # every algorithm with state (the replica check)
-STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch']
+STATEFUL = NEW + ['adamatch', 'dash', 'simmatch', 'comatch', 'sequencematch', 'shrinkmatch']
 
 
 
@@ -242,7 +242,10 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 # predictions of the next step, differ from one device's), and its guesses from the EMA model,
 # whose inference-mode predictions do not depend on how the batch is split.
 # CoMatch: a queue the first step fills (48 rows), so the second smooths with it.
-SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2)}
+# ShrinkMatch: tau .2, so some images are certain (the certain ratio moves) and the others'
+# class spaces shrink, through its auxiliary head's batch norm.
+SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2),
+            'shrinkmatch': ({'confidence_threshold': .2}, 2)}
 out = {}
 for name in sys.argv[1:]:
     overrides, steps = SETTINGS.get(name, ({}, 2))
@@ -289,11 +292,11 @@ def test_two_replicas(name, two_replica_runs):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch'])
+@pytest.mark.parametrize('name', ['flexmatch', 'remixmatch', 'sequencematch', 'shrinkmatch'])
 def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data, tmp_path):
     """FlexMatch's per-image state (int) and class rates (SequenceMatch's too), ReMixMatch's
-    distributions and its rotation head come back from the checkpoint: a resumed run ends where a
-    straight one does."""
+    distributions and its rotation head, ShrinkMatch's alignment window, certain ratio and
+    auxiliary head come back from the checkpoint: a resumed run ends where a straight one does."""
     cfg = tiny_config(algorithm=name, train_steps=12, eval_every_kimg=0.09375, log_every_steps=2)
     # a threshold low enough that images get selected (and the per-image state moves) this early
     algorithm = algorithms.ALGORITHMS[name](**({'confidence_threshold': 0.2}

@@ -25,7 +25,8 @@ def confident_teacher(student, label):
 def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
-                             'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch'}
+                             'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch',
+                             'crmatch', 'shrinkmatch'}
 
 
 @pytest.mark.parametrize('name', TEACHING)

@@ -149,6 +149,14 @@ def features(model):
                           'own head has none; give it without its head') from None
 
 
+def feature_map(model):
+    """What `model`'s pooling reads: the input of its layer named 'features' (found by name, as
+    `features`), e.g. the [N, H, W, C] map of the last convolution (CRMatch's feature-distance
+    head). A backbone that returns pooled features has [N, C] here: its features themselves."""
+    features(model)   # the same refusal for a model without the layer
+    return model.get_layer(FEATURES).input
+
+
 def _layers(model):
     for layer in model.layers:
         yield layer
