@@ -29,6 +29,10 @@ from ssl_ema.data import pipeline
 from ssl_ema.nn import backbones, custom_backbones, losses
 
 
+def _shrink(variable, factor):
+    variable.assign(variable * factor)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None,
                  backbone=None, cpu_start=None):
@@ -183,9 +187,10 @@ class Trainer:
             multiplier = {id(v): m for v, m in zip(self.trainable, self.lr_multipliers)}
             for v in self.decayed:
                 m = multiplier.get(id(v), 1.)
-                v.assign(v * (1. - (rate if m == 1. else rate * m)))
+                cluster.update_every_copy(self.strategy, v, _shrink,
+                                          1. - (rate if m == 1. else rate * m))
         for average in self._all_averages():
-            average.update()   # cross-replica context: every replica's copy gets the same average
+            average.update(self.strategy)   # each replica its own copy, from its own weights
         self.step.assign_add(1)
         metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                    for k, v in per_replica.items()}

@@ -136,7 +136,7 @@ class Pretrainer:
     @tf.function
     def _train_step(self, iterator):
         per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
-        self.teacher.update()   # cross-replica context: every replica's copy moves the same way
+        self.teacher.update(self.strategy)   # each replica its own copy, from its own weights
         self.step.assign_add(1)
         metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                    for k, v in per_replica.items()}
