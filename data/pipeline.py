@@ -153,11 +153,9 @@ class SSLData:
     def _augment(self, name, images, seed, rows=None):
         """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
         unit = tf.cast(images, tf.float32) / 255.0
-        augment = _AUGMENTATIONS[name]
-        # Shares of a global batch (rows) are the SSL augmentations' business; the
-        # self-supervised views (data/views.py) always see whole batches (core/pretraining.py).
-        unit = (augment(unit, seed, flip=self.arrays.flip) if rows is None else
-                augment(unit, seed, flip=self.arrays.flip, rows=rows))
+        # `rows`: this share's place in the global batch, whose draws every augmentation and
+        # view makes (augment.py, views.py).
+        unit = _AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows)
         return self.normalize(unit * 255.0)
 
     def _batches(self, images, batch, stream, start_step, share):
