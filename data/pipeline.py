@@ -251,21 +251,6 @@ class _Sliced:
         return np.asarray(self.normalize(self.images[window]))
 
 
-def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> tf.data.Dataset:
-    """Of each global batch of `ds`, the share of every replica this input pipeline feeds, one
-    element per replica in replica order. For datasets that build whole global batches (SSLData
-    builds only its share: pass `share=Share.of(context)` and use Share.per_replica instead)."""
-    share = Share.of(context)
-    if share.replicas == 1:
-        return ds
-
-    def split(*batch):
-        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
-            lambda t: tf.reshape(t, [share.replicas, -1, *t.shape[1:]])[
-                share.first:share.first + share.count], batch))
-    return ds.flat_map(split)
-
-
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',
           data_dir: str = None, download: bool = True, input_norm: str = 'standardize',
           image_size: str = '') -> SSLData:
