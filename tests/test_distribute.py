@@ -101,3 +101,41 @@ def test_each_replica_updates_its_own_copy_of_an_average():
         np.testing.assert_allclose(after, 0.5 * np.array(before) + 0.5 * np.array(weight),
                                    rtol=1e-6)
     assert not np.allclose(out['after'][0], out['after'][1])
+
+
+PRETRAINING = '''
+import json, tempfile
+import numpy as np, tensorflow as tf
+from ssl_ema import data
+from ssl_ema.algorithms import pretraining as methods
+from ssl_ema.base.pretraining_config import PretrainConfig
+from ssl_ema.core.cluster import make_strategy
+from ssl_ema.core.pretraining import Pretrainer
+# SGD: AdamW would turn the rounding noise in the ~0 gradients of the biases before batch norm
+# (which cancel exactly in theory) into steps of +-lr, differently for another split of the batch.
+cfg = PretrainConfig(method='byol', batch=16, train_steps=3, eval_every_kimg=1, log_every_steps=3,
+                     arch='small_cnn', distribute='mirrored', cpu_devices=2, optimizer='sgd')
+mirrored = make_strategy(cfg)
+dataset = data.build('digits', labels=50, valid=200, seed=1, augment='none')
+out = {}
+for label, strategy in (('one', tf.distribute.get_strategy()), ('two', mirrored)):
+    method = methods.create('byol', hidden_dim=32, projection_dim=16)
+    trainer = Pretrainer(cfg, method, dataset, tempfile.mkdtemp(), strategy)
+    trainer.train(log=lambda line: None)
+    out[label] = {name: [np.asarray(w).tolist() for w in m.weights]
+                  for name, m in (('student', trainer.student), ('teacher', trainer.teacher.model))}
+print(json.dumps(out))
+'''
+
+
+def test_two_replicas_pretrain_like_one_device():
+    """Pretraining on the engine's input path: each replica gets its share of the global batch's
+    views (built per share, data/views.py rows), and two replicas end where one device does."""
+    result = subprocess.run([sys.executable, '-c', PRETRAINING], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for model in ('student', 'teacher'):
+        for k, (one, two) in enumerate(zip(out['one'][model], out['two'][model])):
+            np.testing.assert_allclose(two, one, rtol=2e-4, atol=2e-5, err_msg=f'{model} {k}')
+    assert not np.allclose(out['one']['student'][0], out['one']['teacher'][0])
