@@ -3,7 +3,8 @@
 tf.distribute.MultiWorkerMirroredStrategy runs one process per worker (each with its GPUs, or its
 CPU); they all-reduce gradients and batch-norm statistics at every step, so they stay in lockstep
 and hold identical weights, EMA and algorithm state. Worker 0 (the chief) alone evaluates and
-writes the run directory (core/loop.py, core/records.py). What can go wrong between processes is handled here:
+writes the run directory (core/engine.py, core/records.py). What can go wrong between processes
+is handled here:
 - a worker dies: TensorFlow aborts the collectives of the others (its coordination service or a
   failed all-reduce notices within seconds; a hung worker is caught by --collective_timeout_s),
   and each exits with one line naming the lost worker. Restarting every worker with the same

@@ -1,8 +1,8 @@
 """One training run from a config: what `python -m ssl_ema.train` and `ssl_ema.fit` both call.
 
 Validate everything before touching the run directory, take its lock, write its records, train
-(or resume) with the shared loop (core/loop.py), print the accuracy table and export the EMA
-classifier (core/classifier.py).
+(or resume) with the Trainer on the engine (core/loop.py, core/engine.py), print the accuracy
+table and export the EMA classifier (core/classifier.py).
 """
 import dataclasses
 import time
