@@ -23,7 +23,6 @@ import keras
 import tensorflow as tf
 
 from ssl_ema.algorithms.pretraining import base as methods
-from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError, one_line
 from ssl_ema.base.pretraining_config import PretrainConfig
 from ssl_ema.core import cluster, knn, run_dir
@@ -209,12 +208,8 @@ def pretrain(cfg: PretrainConfig, method, log=print, dataset=None) -> str:
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, method, arch, 'pretrain_')
     record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), method)
-    run_dir.check_compatible(train_dir, record, log, PretrainConfig)   # before touching it
-    files.check_writable_dir(train_dir, 'train_dir')
     chief = strategy.extended.should_checkpoint
-    lock = files.lock_run_dir(train_dir) if chief else None
-    try:
-        resuming = run_dir.check_compatible(train_dir, record, lambda *a: None, PretrainConfig)
+    with run_dir.claim(train_dir, record, chief, log, PretrainConfig) as resuming:
         trainer = Pretrainer(cfg, method, data, train_dir, strategy)
         if chief and not resuming:
             with trainer.records.writing():
@@ -228,9 +223,6 @@ def pretrain(cfg: PretrainConfig, method, log=print, dataset=None) -> str:
             path = trainer.export_backbone()
             log(f'backbone of the {"teacher" if trainer.exported == "ema" else "student"} -> '
                 f'{path} (python -m ssl_ema.train --arch=keras:{path})')
-    finally:
-        if lock:
-            lock.close()
     return train_dir
 
 
