@@ -29,7 +29,7 @@ import math
 
 import tensorflow as tf
 
-from ssl_ema.nn import losses
+from ssl_ema.nn import draws, losses
 from ssl_ema.algorithms.base import Algorithm, ConfigError, Losses, hparam, register
 from ssl_ema.nn.backbones import call_keeping_statistics
 
@@ -70,7 +70,9 @@ class VAT(Algorithm):
         unlabeled = lambda v: call_keeping_statistics(student, v)  # noqa: E731
         logits = unlabeled(x)
         eps = self.vat_eps * math.sqrt(math.prod(x.shape[1:]) / 3072)
-        noise, resolution = batch.rng.normal(tf.shape(x)), losses.compute_resolution(student)
+        # The random start of the power iteration from the generator's bits (nn/draws.py), so a
+        # step under --jit_compile draws the direction the step without it draws.
+        noise, resolution = draws.normal(batch.rng, tf.shape(x)), losses.compute_resolution(student)
         r_adv = losses.vat_perturbation(unlabeled, x, logits, noise, self.vat_xi, eps,
                                         batch.pixel_scale, resolution)
         # The share of images whose step xi the compute precision could not resolve (raised).

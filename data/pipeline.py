@@ -153,11 +153,9 @@ class SSLData:
     def _augment(self, name, images, seed, rows=None):
         """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
         unit = tf.cast(images, tf.float32) / 255.0
-        augment = _AUGMENTATIONS[name]
-        # Shares of a global batch (rows) are the SSL augmentations' business; the
-        # self-supervised views (data/views.py) always see whole batches (core/pretraining.py).
-        unit = (augment(unit, seed, flip=self.arrays.flip) if rows is None else
-                augment(unit, seed, flip=self.arrays.flip, rows=rows))
+        # `rows`: this share's place in the global batch, whose draws every augmentation and
+        # view makes (augment.py, views.py).
+        unit = _AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows)
         return self.normalize(unit * 255.0)
 
     def _batches(self, images, batch, stream, start_step, share):
@@ -279,21 +277,6 @@ class _Sliced:
 
     def __getitem__(self, window: slice):
         return np.asarray(self.normalize(self.images[window]))
-
-
-def replica_shares(ds: tf.data.Dataset, context: tf.distribute.InputContext) -> tf.data.Dataset:
-    """Of each global batch of `ds`, the share of every replica this input pipeline feeds, one
-    element per replica in replica order. For datasets that build whole global batches (SSLData
-    builds only its share: pass `share=Share.of(context)` and use Share.per_replica instead)."""
-    share = Share.of(context)
-    if share.replicas == 1:
-        return ds
-
-    def split(*batch):
-        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(
-            lambda t: tf.reshape(t, [share.replicas, -1, *t.shape[1:]])[
-                share.first:share.first + share.count], batch))
-    return ds.flat_map(split)
 
 
 def build(dataset: str, labels: int, valid: int, seed: int, augment: str = 'weak',

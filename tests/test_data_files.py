@@ -63,6 +63,18 @@ def _first_batches(dataset, steps=2, share=Share(), start_step=0, views=('weak',
     return [tf.nest.map_structure(np.asarray, b) for b in ds.take(steps)]
 
 
+def _count_decoded(monkeypatch):
+    """The list of rows each FileImages.batches call decodes per step, from now on."""
+    read = []
+    original = FileImages.batches
+
+    def counting(self, steps, rows):
+        read.append(rows)
+        return original(self, steps, rows)
+    monkeypatch.setattr(FileImages, 'batches', counting)
+    return read
+
+
 def test_streamed_batches_equal_the_in_memory_ones(tmp_path, monkeypatch, capsys):
     name = coloured_folder(tmp_path / 'shapes')
     in_memory = _build(name)
@@ -87,13 +99,7 @@ def test_each_share_decodes_only_its_rows_and_they_make_the_global_batch(tmp_pat
                                                                         monkeypatch):
     dataset = _build(coloured_folder(tmp_path / 'shapes'))
     whole = _first_batches(dataset)
-    read = []
-    original = FileImages.batches
-
-    def counting(self, steps, rows):
-        read.append(rows)
-        return original(self, steps, rows)
-    monkeypatch.setattr(FileImages, 'batches', counting)
+    read = _count_decoded(monkeypatch)
     shares = [_first_batches(dataset, share=Share(r, 1, 2)) for r in range(2)]
     assert read == [4, 8, 4, 8]   # labeled and unlabeled rows per step: half of 8 and of 16
     for step, batch in enumerate(whole):
@@ -101,6 +107,26 @@ def test_each_share_decodes_only_its_rows_and_they_make_the_global_batch(tmp_pat
                                        *[s[step] for s in shares])
         tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), joined,
                               batch)   # RandAugment on fewer images: float rounding only
+
+
+def test_each_share_of_pretraining_views_decodes_only_its_rows(tmp_path, streamed, monkeypatch):
+    """Pretraining reads as training does: every self-supervised view (BYOL's, DINO's global
+    and local crops) of a share is the global batch's rows, and a share decodes only them."""
+    from ssl_ema.data.views import VIEWS
+    dataset = _build(coloured_folder(tmp_path / 'shapes'))
+
+    def first_batches(share):
+        return [tf.nest.map_structure(np.asarray, b) for b in
+                dataset.unlabeled(8, tuple(VIEWS), share=share).take(2)]
+    whole = first_batches(Share())
+    read = _count_decoded(monkeypatch)
+    shares = [first_batches(Share(r, 1, 2)) for r in range(2)]
+    assert read == [4, 4]   # half of the 8 images per step, each share
+    for step, batch in enumerate(whole):
+        joined = tf.nest.map_structure(lambda *parts: np.concatenate(parts),
+                                       *[s[step] for s in shares])
+        tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), joined,
+                              batch)
 
 
 def test_share_of_in_memory_strong_augmentation_equals_the_global_batch():

@@ -70,26 +70,25 @@ def steps_with_and_without_xla():
 @pytest.mark.parametrize('name', NAMES)
 def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xla):
     plain, xla = (steps_with_and_without_xla[f'{name}/{jit}'] for jit in (False, True))
-    if name == 'vat':
-        # VAT's random direction is tf.random's Generator.normal (test_parity.py pins it to the
-        # anchors' draw), whose values differ under XLA (see nn/draws.py): only the terms that
-        # do not depend on it can be compared.
-        for key in ('loss/labeled', 'algorithm/entropy'):
-            np.testing.assert_allclose(xla['metrics'][0][key], plain['metrics'][0][key],
-                                       rtol=1e-4, err_msg=key)
-        return
+    # VAT's adversarial direction is the normalised gradient of a finite difference at step xi
+    # (Eq. 12), which magnifies the rounding of XLA's other summation order in the backward pass
+    # (measured: its consistency 2e-4 apart, the updates 1e-3 of the largest, their cosine
+    # 0.999999); its random start is the same draw (nn/draws.py). Every other algorithm: 1e-4.
+    vat = name == 'vat'
+    rtol = 1e-3 if vat else 1e-4
+    # The two steps' updates themselves (the weights alone barely move in two steps), to rtol of
+    # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
+    scale = max(np.abs(a).max() for a in map(np.array, plain['updates']))
     for step, (a, b) in enumerate(zip(plain['metrics'], xla['metrics'])):
         assert a.keys() == b.keys(), (name, step)
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6,
+            np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=1e-6,
                                        err_msg=f'{name} step {step} {key}')
+    spread = (2 if vat else 1) * rtol * scale   # what an update may differ by
     for a, b in zip(plain['weights'], xla['weights']):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
-    # The two steps' updates themselves (the weights alone barely move in two steps), to 1e-4 of
-    # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
-    scale = max(np.abs(a).max() for a in map(np.array, plain['updates']))
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread if vat else 1e-6, err_msg=name)
     for a, b in zip(plain['updates'], xla['updates']):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread, err_msg=name)
     for key, value in plain['state'].items():
         np.testing.assert_allclose(xla['state'][key], value, rtol=1e-4, atol=1e-6,
                                    err_msg=f'{name} {key}')

@@ -119,13 +119,17 @@ def test_lost_worker_stops_the_run_and_the_same_command_resumes(digits_data, tmp
 
 
 def test_each_replica_gets_its_rows_of_every_global_batch():
-    from ssl_ema.data.pipeline import replica_shares
-    batches = tf.data.Dataset.range(16).batch(8).map(lambda x: (x, -x))   # two global batches
+    from ssl_ema.data.pipeline import Share
     # worker 1 of 2, with 2 replicas each: replicas 2 and 3 of 4, rows [4, 6) and [6, 8)
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
                                          num_replicas_in_sync=4)
+    share = Share.of(context)
+    assert share.rows(8) == (4, 4)
+    first, rows = share.rows(8)
+    batches = tf.data.Dataset.range(16).batch(8).map(   # this worker's rows of two batches
+        lambda x: (x[first:first + rows], -x[first:first + rows]))
     shares = [(x.tolist(), y.tolist())
-              for x, y in replica_shares(batches, context).as_numpy_iterator()]
+              for x, y in share.per_replica(batches).as_numpy_iterator()]
     assert shares == [([4, 5], [-4, -5]), ([6, 7], [-6, -7]),
                       ([12, 13], [-12, -13]), ([14, 15], [-14, -15])]
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from ssl_ema import algorithms, data
+from ssl_ema.nn import draws
 from ssl_ema.nn.backbones import call_keeping_statistics
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.core.loop import Trainer
@@ -225,7 +226,7 @@ def test_vat_matches_the_anchors_adam_step(pm1_digits, tmp_path):
     before = one_step(trainer, ((lx, ly), (y,)))
     ref = Reference(trainer, before)
     rng = tf.random.Generator.from_state(before['rng'], 'philox')
-    d = rng.normal(tf.shape(y))   # the trainer's draw: same generator state, same call
+    d = draws.normal(rng, tf.shape(y))   # the trainer's draw: same generator state, same call
 
     def normalize(v):   # the VAT authors' get_normalized_vector
         v = v / (1e-12 + tf.reduce_max(tf.abs(v), [1, 2, 3], keepdims=True))

@@ -163,7 +163,7 @@ def test_teacher_is_the_ema_of_the_student(method, digits_data, tmp_path):
     assert not any(any(v is t for t in teacher_vars) for v in trainer.trainable)
     before = weights_of(trainer.teacher.model)
     beta = float(trainer.teacher.current_decay())
-    trainer._train_step(trainer._dataset(0))
+    trainer.train_step(trainer.batches(0))
     student = weights_of(trainer.student)
     changed = 0
     for t0, t1, s in zip(before, weights_of(trainer.teacher.model), student):

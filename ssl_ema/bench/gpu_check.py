@@ -17,6 +17,9 @@ import tensorflow as tf
 
 COSINE = 0.9     # VAT: smallest cosine with float32's direction that passes
 STEP_RTOL = 1e-4  # --jit_compile: the losses of one step
+# VAT's direction, a normalised finite-difference gradient, magnifies XLA's rounding
+# (tests/test_jit_compile.py measures 2e-4 on CPU).
+STEP_RTOL_VAT = 1e-3
 BF16_RTOL = 5e-2  # mixed_bfloat16: the losses of one step against float32's
 
 
@@ -111,11 +114,9 @@ def step_rows(data):
     rows = []
     for name in sorted(algorithms.ALGORITHMS):
         plain, _ = one_step(data, name)
-        # VAT's random direction is tf.random's, whose draws differ under XLA (nn/draws.py).
-        keys = ['loss/labeled', 'algorithm/entropy'] if name == 'vat' else None
-        xla = largest_difference(plain, one_step(data, name, jit_compile=True)[0], keys)
+        xla = largest_difference(plain, one_step(data, name, jit_compile=True)[0])
         rows.append((f'{name} step, --jit_compile', f'largest rel. diff {xla:.1e}',
-                     xla < STEP_RTOL))
+                     xla < (STEP_RTOL_VAT if name == 'vat' else STEP_RTOL)))
         bf16, _ = one_step(data, name, precision='mixed_bfloat16')
         finite = all(np.isfinite(v) for v in bf16.values())
         low = largest_difference(plain, bf16, ['loss/labeled', 'loss/total'])

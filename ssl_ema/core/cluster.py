@@ -3,7 +3,8 @@
 tf.distribute.MultiWorkerMirroredStrategy runs one process per worker (each with its GPUs, or its
 CPU); they all-reduce gradients and batch-norm statistics at every step, so they stay in lockstep
 and hold identical weights, EMA and algorithm state. Worker 0 (the chief) alone evaluates and
-writes the run directory (core/loop.py, core/records.py). What can go wrong between processes is handled here:
+writes the run directory (core/engine.py, core/records.py). What can go wrong between processes
+is handled here:
 - a worker dies: TensorFlow aborts the collectives of the others (its coordination service or a
   failed all-reduce notices within seconds; a hung worker is caught by --collective_timeout_s),
   and each exits with one line naming the lost worker. Restarting every worker with the same
@@ -15,6 +16,7 @@ writes the run directory (core/loop.py, core/records.py). What can go wrong betw
 import os
 import re
 
+import keras
 import tensorflow as tf
 
 from ssl_ema.base.errors import ConfigError, one_line
@@ -95,3 +97,16 @@ def make_strategy(cfg):
             raise ConfigError(f'--cpu_devices={cfg.cpu_devices} must be set before TensorFlow '
                               'starts (as from the command line)') from None
     return tf.distribute.MirroredStrategy([f'/cpu:{i}' for i in range(cfg.cpu_devices)])
+
+
+def update_every_copy(strategy, variable, fn, *args) -> None:
+    """`fn(copy, *args)` on every device's copy of a mirrored `variable`, each with its own
+    device's copy of any mirrored `args` (tf.distribute's `extended.update`, as Keras' optimizer
+    applies its updates): each replica moves its own copy from its own weights, which are
+    identical on every replica, so nothing is computed once and broadcast. Called in
+    cross-replica context; on one device it is `fn(variable, *args)`. Keras variables are
+    unwrapped to their tf.Variable (the mirrored one under a strategy)."""
+    def unwrap(v):
+        return v.value if isinstance(v, keras.Variable) else v
+    strategy.extended.update(unwrap(variable), fn, args=tuple(unwrap(a) for a in args),
+                             group=False)

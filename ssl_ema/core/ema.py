@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.base.hparams import parse_floats
+from ssl_ema.core.cluster import update_every_copy
 from ssl_ema.nn import backbones
 
 BN_MODES = ('average', 'student', 'recompute')
@@ -69,13 +70,16 @@ class Average:
         """beta_t of the next update, a float32 scalar tensor."""
         raise NotImplementedError
 
-    def update(self):
-        """One step towards the student's current weights (call after each optimizer step)."""
+    def update(self, strategy=None):
+        """One step towards the student's current weights (call after each optimizer step, in
+        cross-replica context): under a tf.distribute `strategy` every replica moves its own copy
+        of each shadow weight from its own copy of the student's (cluster.update_every_copy)."""
+        strategy = strategy or tf.distribute.get_strategy()
         keep = self.current_decay()
         for shadow, weight in self._averaged:
-            shadow.assign_sub((1. - keep) * (shadow - weight))   # = keep*shadow + (1-keep)*weight
+            update_every_copy(strategy, shadow, _move, weight, keep)
         for shadow, weight in self._copied:
-            shadow.assign(weight)
+            update_every_copy(strategy, shadow, _copy, weight)
         self.updates.assign_add(1)
 
     @contextlib.contextmanager
@@ -92,6 +96,14 @@ class Average:
         finally:
             for v, value in zip(self.model.non_trainable_weights, saved):
                 v.assign(value)
+
+
+def _move(shadow, weight, keep):
+    shadow.assign_sub((1. - keep) * (shadow - weight))   # = keep*shadow + (1-keep)*weight
+
+
+def _copy(shadow, weight):
+    shadow.assign(weight)
 
 
 class EMA(Average):

@@ -1,8 +1,8 @@
 """One training run from a config: what `python -m ssl_ema.train` and `ssl_ema.fit` both call.
 
 Validate everything before touching the run directory, take its lock, write its records, train
-(or resume) with the shared loop (core/loop.py), print the accuracy table and export the EMA
-classifier (core/classifier.py).
+(or resume) with the Trainer on the engine (core/loop.py, core/engine.py), print the accuracy
+table and export the EMA classifier (core/classifier.py).
 """
 import dataclasses
 import time
@@ -10,7 +10,6 @@ import time
 from ssl_ema.base import recipes
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import RunError
-from ssl_ema.base.files import check_writable_dir, lock_run_dir
 from ssl_ema.core import accuracy, classifier, cluster, run_dir
 
 
@@ -61,13 +60,8 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
     else:
         train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, algorithm, arch)
     record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), algorithm)
-    run_dir.check_compatible(train_dir, record, log)   # refuse before touching the directory
-    check_writable_dir(train_dir, 'train_dir')
     chief = strategy.extended.should_checkpoint   # multi-worker: only the chief writes train_dir
-    lock = lock_run_dir(train_dir) if chief else None   # one writer per run directory
-    try:
-        # Again under the lock: another process may have started this run in the meantime.
-        resuming = run_dir.check_compatible(train_dir, record, lambda *a: None)
+    with run_dir.claim(train_dir, record, chief, log) as resuming:
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
         trainer = Trainer(cfg, algorithm, dataset, train_dir, strategy, backbone=backbone,
@@ -88,9 +82,6 @@ def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None,
         if chief:
             log(accuracy.format_table(summary))
             classifier.export_run(train_dir, log=log, skip_if_current=True, backbone=backbone)
-    finally:
-        if lock:
-            lock.close()
     if round_of is None and cfg.self_training_kimg and algorithm.views:
         # Self-training rounds, the recipe's (else one with ssl_ema.distill's defaults); never
         # for supervised, which reads no unlabeled image. train_dir's export and accuracy.json

@@ -1,4 +1,4 @@
-"""The one training loop shared by every algorithm.
+"""The SSL training driver shared by every algorithm, on the engine (core/engine.py).
 
 Per step: the algorithm's loss on a labeled batch and its unlabeled views (the student in
 training mode; whether targets come from the student or the EMA teacher is the algorithm's
@@ -6,7 +6,8 @@ choice), one optimizer step on the student, one update of every average (the EMA
 horizons, Polyak, post-hoc EMA profiles; core/ema.py). Every `eval_every_steps`: accuracy of
 the raw student and of every average but the post-hoc profiles on validation and test, a
 checkpoint, TensorBoard scalars and accuracy.json; every `posthoc_snapshot_every_kimg` a
-snapshot of the post-hoc profiles (core/snapshots.py). The data stream is a pure function of
+snapshot of the post-hoc profiles (core/snapshots.py). Restoring, the loop, the NaN guard,
+interrupts, logging and records are the engine's; the data stream is a pure function of
 (seed, step), so restoring the checkpoint's step, weights, optimizer and RNG state resumes a run
 exactly where it stopped.
 """
@@ -20,26 +21,22 @@ import tensorflow as tf
 
 from ssl_ema.algorithms import Batch, base
 from ssl_ema.base.config import TrainConfig
-from ssl_ema.base.errors import ConfigError
 from ssl_ema.core import accuracy, cluster, pool, run_dir, snapshots
 from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
-from ssl_ema.core.guard import NonFiniteGuard
+from ssl_ema.core.engine import Engine
 from ssl_ema.core.optimization import decayed_variables, l2_penalty, learning_rate, make_optimizer
-from ssl_ema.core.records import RunRecords
-from ssl_ema.data import pipeline
 from ssl_ema.nn import backbones, custom_backbones, losses
 
 
-class Trainer:
+def _shrink(variable, factor):
+    variable.assign(variable * factor)
+
+
+class Trainer(Engine):
     def __init__(self, cfg: TrainConfig, algorithm, data, train_dir: str, strategy=None,
                  backbone=None, cpu_start=None):
-        self.cfg, self.algorithm, self.data, self.train_dir = cfg, algorithm, data, train_dir
-        self.strategy = strategy or tf.distribute.get_strategy()
-        replicas = self.strategy.num_replicas_in_sync
-        if cfg.batch % replicas:   # every replica gets an equal share of the global batch
-            raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
-                              f'of --distribute={cfg.distribute}')
-        keras.utils.set_random_seed(cfg.seed)
+        super().__init__(cfg, train_dir, strategy)
+        self.algorithm, self.data = algorithm, data
         with self.strategy.scope():
             self.student = backbones.for_run(cfg, data.image_shape, data.num_classes,
                                              (data.mean, data.std), model=backbone)
@@ -58,26 +55,19 @@ class Trainer:
             if cfg.precision == 'mixed_float16':   # float16 gradients underflow without it
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.trainable)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.rng = tf.random.Generator.from_seed(cfg.seed)
-            self.guard = NonFiniteGuard()
         self.decayed = decayed_variables(self.student) if cfg.weight_decay else []
         # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel.
         self.pixel_scale = tf.constant(getattr(data, 'pixel_scale', 1.), tf.float32)
         # Model variables are listed explicitly: this includes the dropout seed generators,
         # which Keras models do not expose to tf.train.Checkpoint themselves.
-        self.checkpoint = tf.train.Checkpoint(
+        self.open_records(tf.train.Checkpoint(
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
             optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
             heads=self.head_variables,
             averages={a.name: list(a.model.variables) + [a.updates]
-                      for a in self._all_averages() if a is not self.ema})
-        # Multi-worker (core/cluster.py): only the chief writes train_dir and evaluates.
-        self.chief = self.strategy.extended.should_checkpoint
-        self.records = RunRecords(train_dir, self.checkpoint, self.chief, cfg.keep_checkpoints,
-                                  cfg.distribute == 'multi_worker', accuracy.summarize,
-                                  cpu_start)
+                      for a in self._all_averages() if a is not self.ema}), cpu_start)
         self.scores = {'raw': accuracy.make_scores(self.student, data.image_shape)}
         self.scores.update({name: accuracy.make_scores(a.model, data.image_shape)
                             for name, a in self.averages.items()})
@@ -131,20 +121,33 @@ class Trainer:
                                if id(v) not in own]
         self.trainable = list(self.student.trainable_variables) + self.head_variables
 
-    # ---- state ------------------------------------------------------------------------------
-    def restore(self) -> int:
-        """Restore the latest checkpoint if any; returns the step to continue from."""
-        self.records.restore(self.checkpoint)
-        step = int(self.step.numpy())
+    # ---- the engine's hooks -----------------------------------------------------------------
+    def on_restore(self, step):
         if self.chief:
             snapshots.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
-        self.records.keep_history_up_to(step)
-        return step
 
-    @property
-    def history(self) -> list:
-        """Every evaluation so far (evaluations.jsonl)."""
-        return self.records.history
+    def before_step(self, step):
+        """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
+        step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
+        every = self.algorithm.pool_pass_every_steps
+        if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
+            return
+        state = {k: v.numpy() for k, v in self.state.items()}
+        new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
+                                       step / self.cfg.total_steps)
+        for name, value in new.items():
+            self.state[name].assign(value)
+
+    def after_step(self, step):
+        if self.chief and self._snapshot_due(step):
+            snapshots.save_snapshot(self.train_dir, step, self.profiles)
+
+    def start_lines(self):
+        return [describe_averages(self.averages, self.profiles, self.cfg,
+                                  os.path.join(self.train_dir, run_dir.SNAPSHOTS))]
+
+    def guarded_models(self):
+        return {'student': self.student, 'EMA': self.ema.model}
 
     # ---- one step ---------------------------------------------------------------------------
     def _replica_step(self, labeled_x, labels, unlabeled, labeled_extra=()):
@@ -193,9 +196,10 @@ class Trainer:
             multiplier = {id(v): m for v, m in zip(self.trainable, self.lr_multipliers)}
             for v in self.decayed:
                 m = multiplier.get(id(v), 1.)
-                v.assign(v * (1. - (rate if m == 1. else rate * m)))
+                cluster.update_every_copy(self.strategy, v, _shrink,
+                                          1. - (rate if m == 1. else rate * m))
         for average in self._all_averages():
-            average.update()   # cross-replica context: every replica's copy gets the same average
+            average.update(self.strategy)   # each replica its own copy, from its own weights
         self.step.assign_add(1)
         metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                    for k, v in per_replica.items()}
@@ -205,24 +209,21 @@ class Trainer:
     def batches(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
 
-        def replica_batches(context):   # called once per worker: it builds only its share
-            share = pipeline.Share.of(context)
-            # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch).
-            labeled = {k: v for k, v in (('labeled_views', tuple(self.algorithm.labeled_views)),
-                                         ('labeled_indices', self.algorithm.needs_labeled_indices))
-                       if v}
-            if views:
-                ds = self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                     self.algorithm.needs_indices, share=share, **labeled)
-            else:   # supervised: never touch the unlabeled pool
-                ds = self.data.labeled(cfg.batch, start_step, share=share)
-            ds = share.per_replica(ds)
-            if not views:
-                ds = ds.map(lambda x, y: ((x, y), ()))
-            return ds.prefetch(tf.data.AUTOTUNE)
-        return iter(self.strategy.distribute_datasets_from_function(replica_batches))
+        # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch).
+        labeled = {k: v for k, v in (('labeled_views', tuple(self.algorithm.labeled_views)),
+                                     ('labeled_indices', self.algorithm.needs_labeled_indices))
+                   if v}
 
-    # ---- the loop ---------------------------------------------------------------------------
+        def share_batches(share):   # called once per worker: it builds only its share
+            if views:
+                return self.data.train(cfg.batch, cfg.uratio, views, start_step,
+                                       self.algorithm.needs_indices, share=share, **labeled)
+            # supervised: never touch the unlabeled pool
+            return self.data.labeled(cfg.batch, start_step, share=share).map(
+                lambda x, y: ((x, y), ()))
+        return self.distributed_batches(share_batches)
+
+    # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict:
         step = int(self.step.numpy())
         result = {'step': step, 'kimg': step * self.cfg.batch / 1024}
@@ -235,12 +236,7 @@ class Trainer:
                 result.setdefault(metric, {})[model] = value
         return result
 
-    def _check_finite(self, saving=True):
-        """RunError if the state turned NaN/Inf (see core/guard.py): called before a save."""
-        models = {'student': self.student, 'EMA': self.ema.model} if saving else {}
-        self.guard.check(int(self.step.numpy()), models, self.records.manager.latest_checkpoint)
-
-    def _record(self, result):
+    def evaluation_scalars(self, result):
         scalars = {f'accuracy/{model}/{split}': acc for model in self.scores
                    if model in result for split, acc in result[model].items()}
         for metric in ('balanced_accuracy', 'open_set'):
@@ -251,99 +247,17 @@ class Trainer:
                         for model, splits in result.get('recall', {}).items()
                         if model in ('raw', 'ema') for split, values in splits.items()
                         for c, value in enumerate(values) if value is not None})
-        self.records.record(result, scalars)
+        return scalars
 
-    def _log_progress(self, step, metrics, speed, log):
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics['lr'] = float(self.optimizer.learning_rate)
-        metrics['images_per_sec'] = speed
-        self.records.scalars(step, metrics)
-        total = self.cfg.total_steps
-        eta = (total - step) * self.images_per_step / speed
-        log(f'step {step}/{total} '
-            + ' '.join(f'{k[5:]}={v:.4g}' for k, v in metrics.items() if k.startswith('loss/'))
-            + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
-
-    def _evaluate_and_record(self, start, log, images_per_sec=None):
-        self._check_finite()
-        if not self.chief:   # evaluation happens once, on the chief
-            return self._record({'step': int(self.step.numpy())})
-        result = self.evaluate()
-        if images_per_sec is not None:
-            result['images_per_sec'] = images_per_sec
-        result.update(self.records.times(start))
-        self._record(result)
-        log(f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
+    def evaluation_line(self, result):
+        return (f'kimg {result["kimg"]:.1f} accuracy raw/ema: ' + ', '.join(
             f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
             + ''.join(f' | {m} ' + '/'.join(f'{v:.2f}' for v in result[m].values())
                       for m in self.scores if m not in ('raw', 'ema')))
 
-    def train(self, log=print):
-        """Train to cfg.total_steps (resuming from the last checkpoint); returns the summary."""
-        cfg, total = self.cfg, self.cfg.total_steps
-        step = self.restore()
-        if step:
-            log(f'Resuming {self.train_dir} at step {step}/{total}')
-        log(describe_averages(self.averages, self.profiles, cfg,
-                              os.path.join(self.train_dir, run_dir.SNAPSHOTS)))
-        iterator = self.batches(step) if step < total else None
-        start = time.time()
-        log_mark = eval_mark = (start, step)   # (time, step) of the last progress line / eval
-        preemption = None
-        try:
-            if self.records.scratch and step < total:   # multi-worker: SIGTERM saves on all
-                preemption = cluster.preemption_handler(self.strategy, self._save,
-                                                        self.records.scratch)
-            # An interrupt during an evaluation checkpoints its step without recording it, and
-            # the loop below evaluates only at later steps: evaluate the restored step now (its
-            # training speed died with the interrupted process).
-            if (step and (step % cfg.eval_every_steps == 0 or step == total)
-                    and (not self.history or self.history[-1]['step'] != step)):
-                self._evaluate_and_record(start, log)
-                log_mark = eval_mark = (time.time(), step)
-            while step < total:
-                if preemption:
-                    preemption.save_checkpoint_if_preempted()
-                self._pool_pass(step)
-                metrics = self.train_step(iterator)
-                step += 1
-                if self.chief and self._snapshot_due(step):
-                    snapshots.save_snapshot(self.train_dir, step, self.profiles)
-                if step % cfg.log_every_steps == 0 or step == total:
-                    self._check_finite(saving=False)
-                    self._log_progress(step, metrics, self._speed(log_mark, step), log)
-                    log_mark = (time.time(), step)
-                if step % cfg.eval_every_steps == 0 or step == total:
-                    self._evaluate_and_record(start, log, self._speed(eval_mark, step))
-                    # Speeds count training only: both marks restart after an evaluation.
-                    log_mark = eval_mark = (time.time(), step)
-        except KeyboardInterrupt as interrupt:
-            if not isinstance(interrupt, cluster.Preempted):   # which has saved already
-                self._save()
-            log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; '
-                'run the same command again to resume.')
-            raise
-        finally:
-            self.records.close(log)
-        return self.records.finish()
-
-    def _pool_pass(self, step):
-        """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
-        step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
-        every = self.algorithm.pool_pass_every_steps
-        if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
-            return
-        state = {k: v.numpy() for k, v in self.state.items()}
-        new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
-                                       step / self.cfg.total_steps)
-        for name, value in new.items():
-            self.state[name].assign(value)
-
-    def _save(self):
-        """Checkpoint the current step (interrupts, preemption): never a non-finite state."""
-        self._check_finite()
-        self.records.save(int(self.step.numpy()))
-
-    def _speed(self, mark, step):
-        """Training images (labeled + unlabeled) per second since `mark` = (time, step)."""
-        return self.images_per_step * (step - mark[1]) / max(time.time() - mark[0], 1e-9)
+    def progress_line(self, step, metrics):
+        total, speed = self.cfg.total_steps, metrics['images_per_sec']
+        eta = (total - step) * self.images_per_step / speed
+        return (f'step {step}/{total} '
+                + ' '.join(f'{k[5:]}={v:.4g}' for k, v in metrics.items() if k.startswith('loss/'))
+                + f' | {speed:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')

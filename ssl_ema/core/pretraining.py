@@ -11,24 +11,23 @@ student's and the teacher's backbones, with the labeled split as the memory and 
 and test images as queries, then a checkpoint, evaluations.jsonl, accuracy.json and TensorBoard
 scalars. The views are a pure function of (seed, step), so restoring step, weights, optimizer and
 method state resumes exactly. At the end, DIR/backbone.keras: the method's chosen backbone as a
-model of stock Keras layers, pixels -> pooled features (see `export_backbone`).
+model of stock Keras layers, pixels -> pooled features (see `export_backbone`). Restoring, the
+loop, the NaN guard, interrupts, logging, records and the input path (each worker builds only its
+share of each batch) are the engine's (core/engine.py), as for training.
 """
 import dataclasses
 import math
 import os
-import time
 
 import keras
 import tensorflow as tf
 
 from ssl_ema.algorithms.pretraining import base as methods
-from ssl_ema.base import files
 from ssl_ema.base.errors import ConfigError, one_line
 from ssl_ema.base.pretraining_config import PretrainConfig
-from ssl_ema.core import accuracy, cluster, knn, records, run_dir
+from ssl_ema.core import cluster, knn, run_dir
 from ssl_ema.core.ema import CosineEMA
-from ssl_ema.core.guard import NonFiniteGuard
-from ssl_ema.data import pipeline
+from ssl_ema.core.engine import Engine
 from ssl_ema.nn import backbones
 
 
@@ -56,15 +55,13 @@ def pooled_features(classifier: keras.Model) -> keras.Model:
                        name=f'{classifier.name}_features')
 
 
-class Pretrainer:
+class Pretrainer(Engine):
+    evaluates_initialisation = True   # the first record is the random initialisation's
+    records_speed = False             # its records have always been k-NN accuracy and clocks
+
     def __init__(self, cfg: PretrainConfig, method, data, train_dir: str, strategy=None):
-        self.cfg, self.method, self.data, self.train_dir = cfg, method, data, train_dir
-        self.strategy = strategy or tf.distribute.get_strategy()
-        replicas = self.strategy.num_replicas_in_sync
-        if cfg.batch % replicas:
-            raise ConfigError(f'--batch={cfg.batch} must be a multiple of the {replicas} replicas '
-                              f'of --distribute={cfg.distribute}')
-        keras.utils.set_random_seed(cfg.seed)
+        super().__init__(cfg, train_dir, strategy)
+        self.method, self.data = method, data
         # Views of several sizes (DINO's local crops) need a backbone that takes any size.
         shape = (None, None, data.image_shape[-1]) if any(
             v.startswith('dino_local') for v in method.views) else data.image_shape
@@ -91,18 +88,11 @@ class Pretrainer:
                 v for m in self.online.values() for v in m.trainable_variables]
             self.optimizer = self._optimizer()
             self.optimizer.build(self.trainable)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
-            self.guard = NonFiniteGuard()
-        self.checkpoint = tf.train.Checkpoint(
+        self.open_records(tf.train.Checkpoint(
             step=self.step, student=list(self.student.variables),
             teacher=list(self.teacher.model.variables), teacher_updates=self.teacher.updates,
             online={name: list(m.variables) for name, m in self.online.items()},
-            optimizer=self.optimizer, method_state=self.state)
-        self.chief = self.strategy.extended.should_checkpoint
-        # Checkpoints, evaluations.jsonl, accuracy.json, TensorBoard: as the Trainer's.
-        self.records = records.RunRecords(train_dir, self.checkpoint, self.chief,
-                                          cfg.keep_checkpoints, cfg.distribute == 'multi_worker',
-                                          accuracy.summarize)
+            optimizer=self.optimizer, method_state=self.state))
         self.images_per_step = cfg.batch * len(method.views)
         self.exported = cfg.export_model or method.exported   # what backbone.keras holds
 
@@ -134,9 +124,9 @@ class Pretrainer:
         return {'loss/total': out.loss, **{f'method/{k}': v for k, v in out.metrics.items()}}
 
     @tf.function
-    def _train_step(self, iterator):
+    def train_step(self, iterator):
         per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
-        self.teacher.update()   # cross-replica context: every replica's copy moves the same way
+        self.teacher.update(self.strategy)   # each replica its own copy, from its own weights
         self.step.assign_add(1)
         metrics = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                    for k, v in per_replica.items()}
@@ -144,11 +134,9 @@ class Pretrainer:
         self.guard.observe(metrics, self.step)
         return metrics
 
-    def _dataset(self, start_step):
-        def replica_batches(context):
-            ds = self.data.unlabeled(self.cfg.batch, self.method.views, start_step)
-            return pipeline.replica_shares(ds, context).prefetch(tf.data.AUTOTUNE)
-        return iter(self.strategy.distribute_datasets_from_function(replica_batches))
+    def batches(self, start_step):
+        return self.distributed_batches(lambda share: self.data.unlabeled(
+            self.cfg.batch, self.method.views, start_step, share=share))
 
     # ---- evaluation and records -------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -164,75 +152,20 @@ class Pretrainer:
                             for split, (x, y) in data.eval_arrays().items()}
         return result
 
-    def restore(self) -> int:
-        """Restore the latest checkpoint if any; returns the step to continue from."""
-        self.records.restore(self.checkpoint)
-        step = int(self.step.numpy())
-        self.records.keep_history_up_to(step)
-        return step
+    def evaluation_scalars(self, result):
+        return {f'knn_accuracy/{model}/{split}': value for model in ('raw', 'ema')
+                for split, value in result[model].items()}
 
-    @property
-    def history(self) -> list:
-        return self.records.history
+    def evaluation_line(self, result):
+        return f'kimg {result["kimg"]:.1f} k-NN accuracy student/teacher: ' + ', '.join(
+            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw'])
 
-    def _evaluate_and_record(self, start, log):
-        self.guard.check(int(self.step.numpy()), {'student': self.student,
-                                                  'teacher': self.teacher.model},
-                         self.records.manager.latest_checkpoint)
-        if not self.chief:
-            return self.records.record({'step': int(self.step.numpy())}, {})
-        result = self.evaluate()
-        result.update(self.records.times(start))
-        self.records.record(result, {f'knn_accuracy/{model}/{split}': value
-                                     for model in ('raw', 'ema')
-                                     for split, value in result[model].items()})
-        log(f'kimg {result["kimg"]:.1f} k-NN accuracy student/teacher: ' + ', '.join(
-            f'{s} {result["raw"][s]:.2f}/{result["ema"][s]:.2f}' for s in result['raw']))
+    def progress_line(self, step, metrics):
+        return (f'step {step}/{self.cfg.total_steps} loss={metrics["loss/total"]:.4g} '
+                f'tau={metrics["teacher_momentum"]:.5f} | {metrics["images_per_sec"]:.0f} img/s')
 
-    def _log_progress(self, step, metrics, speed, log):
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics['lr'] = float(self.optimizer.learning_rate)
-        metrics['images_per_sec'] = speed
-        self.records.scalars(step, metrics)
-        log(f'step {step}/{self.cfg.total_steps} loss={metrics["loss/total"]:.4g} '
-            f'tau={metrics["teacher_momentum"]:.5f} | {speed:.0f} img/s')
-
-    def train(self, log=print) -> dict:
-        """Pretrain to cfg.total_steps, resuming from the last checkpoint; returns the summary."""
-        cfg, total = self.cfg, self.cfg.total_steps
-        step = self.restore()
-        if step:
-            log(f'Resuming {self.train_dir} at step {step}/{total}')
-        start = time.time()
-        if not self.history or self.history[-1]['step'] != step:
-            if step == 0 or step % cfg.eval_every_steps == 0 or step == total:
-                self._evaluate_and_record(start, log)   # step 0: the random initialisation
-        iterator = self._dataset(step) if step < total else None
-        mark = (time.time(), step)
-        try:
-            while step < total:
-                metrics = self._train_step(iterator)
-                step += 1
-                if step % cfg.log_every_steps == 0 or step == total:
-                    self.guard.check(step, {}, self.records.manager.latest_checkpoint)
-                    speed = self.images_per_step * (step - mark[1]) / max(time.time() - mark[0],
-                                                                          1e-9)
-                    self._log_progress(step, metrics, speed, log)
-                    mark = (time.time(), step)
-                if step % cfg.eval_every_steps == 0 or step == total:
-                    self._evaluate_and_record(start, log)
-                    mark = (time.time(), step)
-        except KeyboardInterrupt:   # Ctrl-C, SIGTERM: save the step reached (if finite)
-            self.guard.check(int(self.step.numpy()), {'student': self.student,
-                                                      'teacher': self.teacher.model},
-                             self.records.manager.latest_checkpoint)
-            self.records.save(int(self.step.numpy()))
-            log(f'Interrupted: saved step {int(self.step.numpy())} in {self.train_dir}; run the '
-                'same command again to resume.')
-            raise
-        finally:
-            self.records.close(log)
-        return self.records.finish()
+    def guarded_models(self):
+        return {'student': self.student, 'teacher': self.teacher.model}
 
     # ---- the backbone it leaves -------------------------------------------------------------
     def export_backbone(self, path=None) -> str:
@@ -275,12 +208,8 @@ def pretrain(cfg: PretrainConfig, method, log=print, dataset=None) -> str:
     cfg = dataclasses.replace(cfg, arch=arch)
     train_dir = cfg.train_dir or run_dir.default_train_dir(cfg, method, arch, 'pretrain_')
     record = run_dir.run_record(dataclasses.replace(cfg, train_dir=train_dir), method)
-    run_dir.check_compatible(train_dir, record, log, PretrainConfig)   # before touching it
-    files.check_writable_dir(train_dir, 'train_dir')
     chief = strategy.extended.should_checkpoint
-    lock = files.lock_run_dir(train_dir) if chief else None
-    try:
-        resuming = run_dir.check_compatible(train_dir, record, lambda *a: None, PretrainConfig)
+    with run_dir.claim(train_dir, record, chief, log, PretrainConfig) as resuming:
         trainer = Pretrainer(cfg, method, data, train_dir, strategy)
         if chief and not resuming:
             with trainer.records.writing():
@@ -294,9 +223,6 @@ def pretrain(cfg: PretrainConfig, method, log=print, dataset=None) -> str:
             path = trainer.export_backbone()
             log(f'backbone of the {"teacher" if trainer.exported == "ema" else "student"} -> '
                 f'{path} (python -m ssl_ema.train --arch=keras:{path})')
-    finally:
-        if lock:
-            lock.close()
     return train_dir
 
 

@@ -17,6 +17,7 @@
 
 Other modules ask this one for paths and records; none spells a file name.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -118,6 +119,23 @@ def read_run_record(train_dir: str) -> Optional[dict]:
         raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
                           f'{train_dir} away or use another --train_dir') from None
     return record
+
+
+@contextlib.contextmanager
+def claim(train_dir: str, record: dict, chief: bool = True, log=print, config_cls=TrainConfig):
+    """The run directory for one run, as training and pretraining take it: refused (ConfigError)
+    before anything is touched if it holds another run or cannot be written, then locked by the
+    chief (multi-worker: only the chief writes it) and checked again under the lock (another
+    process may have started the run meanwhile). Yields True if the run resumes; the lock is
+    released when the block ends."""
+    check_compatible(train_dir, record, log, config_cls)
+    files.check_writable_dir(train_dir, 'train_dir')
+    lock = files.lock_run_dir(train_dir) if chief else None   # one writer per run directory
+    try:
+        yield check_compatible(train_dir, record, lambda *a: None, config_cls)
+    finally:
+        if lock:
+            lock.close()
 
 
 def check_compatible(train_dir: str, record: dict, log=print, config_cls=TrainConfig) -> bool:

@@ -1,0 +1,71 @@
+"""Run directories written before the one engine (core/engine.py) resume with today's code to
+the very tensors their uninterrupted runs ended with: a FixMatch run and a BYOL pretraining run,
+each interrupted at step 3 of 4 by the code of commit f7c3b83 (tests/fixtures/old_runs/make.py
+says how they were made)."""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from conftest import quiet
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'old_runs')
+SETTINGS = dict(dataset='digits', labels=50, valid=200, seed=1, batch=8, train_steps=4,
+                eval_every_kimg=2 * 8 / 1024, log_every_steps=1, arch='small_cnn')
+
+
+def _copy(name, tmp_path):
+    train_dir = str(tmp_path / name)
+    shutil.copytree(os.path.join(FIXTURES, f'{name}_stopped_at_step_3'), train_dir)
+    return train_dir
+
+
+def _assert_uninterrupted_tensors(train_dir, name):
+    with open(os.path.join(FIXTURES, 'uninterrupted_sha256.json')) as f:
+        expected = json.load(f)[name]
+    reader = tf.train.load_checkpoint(os.path.join(train_dir, 'checkpoints'))
+    assert tf.train.latest_checkpoint(os.path.join(train_dir, 'checkpoints')).endswith('ckpt-4')
+    got = {k: hashlib.sha256(np.ascontiguousarray(reader.get_tensor(k)).tobytes()).hexdigest()[:16]
+           for k in expected}
+    differ = sorted(k for k in expected if got[k] != expected[k])
+    assert not differ, f'{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:3]}'
+
+
+def _records(train_dir):
+    with open(os.path.join(train_dir, 'evaluations.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_an_old_training_run_resumes_bit_identically(tmp_path):
+    from ssl_ema import algorithms
+    from ssl_ema.base.config import TrainConfig
+    from ssl_ema.core import fitting
+    train_dir = _copy('fixmatch', tmp_path)
+    before = _records(train_dir)
+    lines = []
+    cfg = TrainConfig(algorithm='fixmatch', uratio=2, train_dir=train_dir, **SETTINGS)
+    fitting.fit(cfg, algorithms.ALGORITHMS['fixmatch'](), log=lines.append)
+    assert f'Resuming {train_dir} at step 3/4' in lines
+    _assert_uninterrupted_tensors(train_dir, 'fixmatch')
+    after = _records(train_dir)
+    assert after[:len(before)] == before and [r['step'] for r in after] == [2, 4]
+    assert set(after[-1]) == set(before[-1])   # the same record format
+
+
+def test_an_old_pretraining_run_resumes_bit_identically(tmp_path):
+    from ssl_ema.algorithms import pretraining as methods
+    from ssl_ema.base.pretraining_config import PretrainConfig
+    from ssl_ema.core.pretraining import pretrain
+    train_dir = _copy('byol', tmp_path)
+    before = _records(train_dir)
+    cfg = dataclasses.replace(PretrainConfig(method='byol', **SETTINGS), train_dir=train_dir)
+    pretrain(cfg, methods.create('byol', hidden_dim=32, projection_dim=16), log=quiet)
+    _assert_uninterrupted_tensors(train_dir, 'byol')
+    after = _records(train_dir)
+    assert after[:len(before)] == before and [r['step'] for r in after] == [0, 2, 4]
+    assert set(after[-1]) == set(before[-1])
+    assert os.path.exists(os.path.join(train_dir, 'backbone.keras'))
