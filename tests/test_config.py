@@ -138,7 +138,7 @@ def test_another_algorithms_flag_is_named_as_ignored(tmp_path):
                           f'--train_dir={tmp_path / "run"}'], capture_output=True, text=True)
     warnings = [line for line in out.stderr.splitlines() if line.startswith('warning:')]
     assert warnings == [f'warning: --{name} is ignored: --algorithm=fixmatch does not use it (its '
-                        'own flags: consistency_weight, confidence_threshold, teacher)'
+                        'own flags: consistency_weight, confidence_threshold, teacher, student_weak_pass)'
                         for name in ('temperature', 'vat_eps')], out.stderr
     assert out.returncode == 1   # and the bad --dataset still stops it
 

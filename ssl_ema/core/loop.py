@@ -106,11 +106,14 @@ class Trainer(Engine):
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
         its extra heads (trained with the student, not part of the EMA or the evaluation)."""
-        labels = data.arrays.y_train[data.split.labeled]
+        labeled_size = data.labeled_size if self.algorithm.needs_labeled_indices else 0
+        prior = None   # the labeled class distribution, for the algorithms that keep it (ABC)
+        if base.LABELED_PRIOR in base.declared_state(self.algorithm, data.num_classes,
+                                                     data.unlabeled_size, labeled_size):
+            labels = data.arrays.y_train[data.split.labeled]
+            prior = np.bincount(labels, minlength=data.num_classes) / len(labels)
         initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size,
-                                     data.labeled_size if self.algorithm.needs_labeled_indices
-                                     else 0,
-                                     np.bincount(labels, minlength=data.num_classes) / len(labels))
+                                     labeled_size, prior)
         self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                       for name, value in initial.items()}

@@ -138,6 +138,23 @@ def claim(train_dir: str, record: dict, chief: bool = True, log=print, config_cl
             lock.close()
 
 
+def _newer_defaults(record: dict, saved: dict) -> dict:
+    """The defaults of the hyperparameters `record`'s algorithm has and the `saved` record of the
+    same algorithm lacks (added after that run was made): name -> default."""
+    from ssl_ema.algorithms import base, distillation
+    from ssl_ema.algorithms.pretraining import base as pretraining
+    key = 'method' if 'method' in record['config'] else 'algorithm'
+    name = record['config'].get(key)
+    if name != saved['config'].get(key):
+        return {}
+    for registry in (base.ALGORITHMS, distillation.ROUNDS, pretraining.METHODS):
+        if name in registry:
+            return {f.name: f.default for f in dataclasses.fields(registry[name])
+                    if f.name in record['algorithm'] and f.name not in saved['algorithm']
+                    and f.default is not dataclasses.MISSING}
+    return {}
+
+
 def check_compatible(train_dir: str, record: dict, log=print, config_cls=TrainConfig) -> bool:
     """True if train_dir holds a run to resume; ConfigError if it was made with other flags or
     for another length. A change of devices only gets a warning. `config_cls`: the config
@@ -148,12 +165,13 @@ def check_compatible(train_dir: str, record: dict, log=print, config_cls=TrainCo
     defining = set(hparams.run_defining(config_cls()))
     defaults = dataclasses.asdict(config_cls())
 
-    def hyperparameters(r):   # an algorithm key only one side has shows up as a difference; a
-        # flag newer than the run (e.g. --image_size) counts as its default, as the run was made
-        # (--recipe as `none`: the defaults before recipes)
+    def hyperparameters(r, newer=None):   # a flag newer than the run (e.g. --image_size, an
+        # algorithm's --student_weak_pass) counts as its default, as the run was made (--recipe
+        # as `none`: the defaults before recipes); any other key only one side has differs
         return dict({k: r['config'].get(k, LEGACY.get(k, defaults[k])) for k in defining},
-                    **r['algorithm'])
-    current, before = hyperparameters(record), hyperparameters(saved)
+                    **{**(newer or {}), **r['algorithm']})
+    current, before = hyperparameters(record), hyperparameters(saved, _newer_defaults(record,
+                                                                                      saved))
     for key in sorted(set(current) | set(before)):
         if current.get(key) != before.get(key):
             raise ConfigError(f'--train_dir={train_dir} holds a run made with --{key}='
