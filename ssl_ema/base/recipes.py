@@ -4,8 +4,9 @@ A recipe is a set of flag values (training settings, the algorithm, the algorith
 hyperparameters) and the self-training rounds that follow the run (core/distilling.py). Flags the
 user gives always win: a recipe only changes what would otherwise be a default. `none` is the
 toolkit's defaults as they have always been; `auto` (the default of --recipe) picks by dataset:
-the measured recipe where it was validated (Fashion-MNIST, and a user's own data: npz:, folder:,
-arrays), `none` everywhere else (digits, the public benchmarks and their published protocols).
+the measured recipe (`DEFAULT`) where it was validated (Fashion-MNIST; a user's own data, npz:,
+folder:, arrays, once a second dataset validates it), `none` everywhere else (digits, the public
+benchmarks and their published protocols).
 Every value names its source: runs/RECIPE.md is the study that chose it.
 """
 import dataclasses
@@ -51,14 +52,14 @@ RECIPES = {r.name: r for r in (
            }, rounds=({'pseudo_labels': 'soft'},)),
 )}
 # The hour's recipe: budget's, for the steps an hour of CPU buys. Its student leaves out the weak
-# view the EMA labels (RECIPE.md, "the student's weak pass": -0.1 point at the same length for 0.75x
+# view the EMA labels (RECIPE.md section 4, "The hour": -0.1 point at the same length for 0.75x
 # the CPU), which pays for 3.5x budget's steps in about 2.6x its CPU.
 RECIPES['hour'] = Recipe(
     'hour', 'Fashion-MNIST-sized data at 250 labels in an hour of CPU: budget\'s recipe, its '
     'student without the weak view the EMA labels, for 3.5x the steps (runs/RECIPE.md)',
     {**RECIPES['budget'].settings,
-     'student_weak_pass': False,           # RECIPE.md, "the student's weak pass"
-     'train_kimg': 448.,                   # RECIPE.md, "the hour": ~2,500 CPU-s with start-up
+     'student_weak_pass': False,           # RECIPE.md section 4: 0.75x the CPU, a tie
+     'train_kimg': 448.,                   # RECIPE.md section 4: length still pays
      'eval_every_kimg': 16.},
     RECIPES['budget'].rounds, together=(('teacher', 'student_weak_pass'),))
 DEFAULT = 'hour'   # what auto picks where a recipe was measured
