@@ -109,3 +109,29 @@ def test_resumed_mixed_precision_run_equals_an_uninterrupted_one(digits_data, tm
     for a, b in zip(weights_of(straight.student) + weights_of(straight.ema.model),
                     weights_of(second.student) + weights_of(second.ema.model)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('flags, environ, gpus, expected', [
+    ({'avx2', 'avx512f', 'avx512_bf16'}, {}, [], 'mixed_bfloat16'),
+    ({'avx2', 'amx_bf16', 'amx_tile'}, {}, [], 'mixed_bfloat16'),
+    ({'avx2', 'avx512f'}, {}, [], 'float32'),                      # AVX-512 without BF16
+    ({'avx2', 'avx512_bf16'}, {'ONEDNN_MAX_CPU_ISA': 'AVX2'}, [], 'float32'),   # emulated
+    ({'avx2', 'avx512_bf16'}, {'ONEDNN_MAX_CPU_ISA': 'avx512_core_bf16'}, [], 'mixed_bfloat16'),
+    ({'avx2'}, {}, [(8, 0), (9, 0)], 'mixed_bfloat16'),            # A100, H100
+    ({'avx2', 'avx512_bf16'}, {}, [(8, 6), (7, 0)], 'float32'),    # one V100: not every GPU
+])
+def test_auto_precision_is_bfloat16_only_where_the_machine_computes_it_natively(
+        flags, environ, gpus, expected):
+    from ssl_ema.base import machine
+    assert machine.resolve_precision('auto', cpu_flags=flags, environ=environ,
+                                     gpu_capabilities=gpus) == expected
+    assert machine.resolve_precision('mixed_float16', cpu_flags=flags) == 'mixed_float16'
+
+
+def test_auto_precision_builds_the_layers_in_the_machines_choice(monkeypatch):
+    from ssl_ema.base import machine
+    for native, dtype in (('CPU with AVX512_BF16', 'bfloat16'), ('', 'float32')):
+        monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: native)
+        model = backbones.build('small_cnn', (8, 8, 1), 10, precision='auto')
+        conv = next(l for l in model.layers if isinstance(l, keras.layers.Conv2D))
+        assert conv.compute_dtype == dtype and model.outputs[0].dtype == 'float32'

@@ -171,8 +171,10 @@ class TrainConfig(Length):
     cpu_devices: int = hparam(2, 'Logical CPU devices for --distribute=mirrored without GPUs.',
                               run_defining=False)
     precision: str = hparam('float32', 'float32, mixed_bfloat16 (CPUs with AVX-512 BF16 or AMX, '
-                            'TPUs, GPUs from A100 on) or mixed_float16 (older GPUs; with loss '
-                            'scaling): the layers compute in that type, the weights, EMA, '
+                            'TPUs, GPUs from A100 on), mixed_float16 (older GPUs; with loss '
+                            'scaling) or auto (mixed_bfloat16 where this machine computes '
+                            'bfloat16 natively, else float32; chosen each time the run starts or '
+                            'resumes): the layers compute in that type, the weights, EMA, '
                             'batch-norm statistics, logits and losses stay float32. Speed and '
                             'accuracy: runs/SPEED.md.')
     jit_compile: bool = hparam(False, 'Compile the training step with XLA. Off by default: '
@@ -193,7 +195,7 @@ class TrainConfig(Length):
                    'augment': ('weak', 'strong', 'none'),
                    'weight_decay_type': ('decoupled', 'l2'),
                    'input_norm': ('standardize', 'plus_minus_one'),
-                   'precision': ('float32', 'mixed_bfloat16', 'mixed_float16')}
+                   'precision': ('float32', 'mixed_bfloat16', 'mixed_float16', 'auto')}
         check_values(self, choices,
                      positive_ints=('batch', 'uratio', 'labels', 'log_every_steps',
                                     'keep_checkpoints', 'cpu_devices'),

@@ -57,3 +57,45 @@ def process_environments(processes: int, gpus: list, environ=os.environ) -> list
     return [dict(environ, CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)],
                  TF_FORCE_GPU_ALLOW_GROWTH=environ.get('TF_FORCE_GPU_ALLOW_GROWTH', 'true'))
             for i in range(processes)]
+
+
+# The instruction sets at which oneDNN (TensorFlow's x86 kernels) computes bfloat16 natively; a
+# limit below them (ONEDNN_MAX_CPU_ISA=AVX2, AVX512_CORE, ...) makes bfloat16 emulated, slower
+# than float32 (runs/SPEED.md).
+_BF16_ISAS = ('AVX512_CORE_BF16', 'AVX10_1_512', 'AVX512_CORE_FP16', 'AVX10_1_512_AMX',
+              'AVX512_CORE_AMX', 'AVX10_1_512_AMX_FP16', 'AVX512_CORE_AMX_FP16', 'AVX10_2_512',
+              'AVX10_2_512_AMX_2', 'ALL', 'DEFAULT')
+
+
+def native_bfloat16(cpu_flags=None, environ=os.environ, gpu_capabilities=None) -> str:
+    """Why this machine computes bfloat16 natively ('' if it does not): every GPU of compute
+    capability 8.0 or more (A100 on), or, without GPUs, a CPU with AVX512_BF16 or AMX-BF16 whose
+    oneDNN is not held below them by ONEDNN_MAX_CPU_ISA. `cpu_flags`: /proc/cpuinfo's flags;
+    `gpu_capabilities`: each visible GPU's (major, minor), both read from the machine if None."""
+    if gpu_capabilities is None:
+        import tensorflow as tf
+        gpu_capabilities = [tf.config.experimental.get_device_details(g).get(
+            'compute_capability', (0, 0)) for g in tf.config.list_physical_devices('GPU')]
+    if gpu_capabilities:
+        return 'GPUs of compute capability >= 8.0' if min(gpu_capabilities) >= (8, 0) else ''
+    if cpu_flags is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                cpu_flags = next((set(line.split(':', 1)[1].split()) for line in f
+                                  if line.startswith('flags')), set())
+        except OSError:
+            cpu_flags = set()
+    found = sorted({'avx512_bf16', 'amx_bf16'} & set(cpu_flags))
+    limit = (environ.get('ONEDNN_MAX_CPU_ISA') or environ.get('DNNL_MAX_CPU_ISA') or '').upper()
+    if not found or (limit and limit not in _BF16_ISAS):
+        return ''
+    return 'CPU with ' + ' and '.join(f.upper() for f in found)
+
+
+def resolve_precision(precision: str, **machine) -> str:
+    """--precision as the layers get it: `auto` is mixed_bfloat16 where the machine computes
+    bfloat16 natively (`native_bfloat16`: twice float32's step rate on an AVX512_BF16 CPU,
+    runs/RECIPE.md section 5), float32 elsewhere; any other value is itself."""
+    if precision != 'auto':
+        return precision
+    return 'mixed_bfloat16' if native_bfloat16(**machine) else 'float32'

@@ -53,7 +53,7 @@ class PretrainConfig(Length):
                                'student, Sec. 3.1; DINO evaluates the teacher). Our short runs '
                                'measured the student better for both (runs/RESULTS.md).',
                                run_defining=False)
-    precision: str = hparam('float32', 'float32, mixed_bfloat16 or mixed_float16 (as '
+    precision: str = hparam('float32', 'float32, mixed_bfloat16, mixed_float16 or auto (as '
                             'ssl_ema.train); heads, losses and the teacher stay float32.')
     train_dir: Optional[str] = hparam(None, 'Run directory; an existing run there resumes. '
                                       'Default: experiments/<dataset>.<labels>@<seed>/pretrain_'
@@ -69,7 +69,7 @@ class PretrainConfig(Length):
     def __post_init__(self):
         check_values(self, {'optimizer': ('adamw', 'sgd'), 'export_model': ('', 'raw', 'ema'),
                             'input_norm': ('standardize', 'plus_minus_one'),
-                            'precision': ('float32', 'mixed_bfloat16', 'mixed_float16'),
+                            'precision': ('float32', 'mixed_bfloat16', 'mixed_float16', 'auto'),
                             'distribute': ('default', 'mirrored', 'multi_worker')},
                      positive_ints=('batch', 'labels', 'knn_k', 'log_every_steps',
                                     'keep_checkpoints', 'cpu_devices'),

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.algorithms import Batch, base
+from ssl_ema.base import machine
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.core import accuracy, cluster, pool, run_dir, snapshots
 from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, statistics_batches
@@ -146,8 +147,13 @@ class Trainer(Engine):
             snapshots.save_snapshot(self.train_dir, step, self.profiles)
 
     def start_lines(self):
-        return [describe_averages(self.averages, self.profiles, self.cfg,
-                                  os.path.join(self.train_dir, run_dir.SNAPSHOTS))]
+        lines = [describe_averages(self.averages, self.profiles, self.cfg,
+                                   os.path.join(self.train_dir, run_dir.SNAPSHOTS))]
+        if self.cfg.precision == 'auto':
+            why = machine.native_bfloat16()
+            lines.append(f'precision: auto -> {machine.resolve_precision("auto")} '
+                         f'({why or "bfloat16 is not native here"})')
+        return lines
 
     def guarded_models(self):
         return {'student': self.student, 'EMA': self.ema.model}

@@ -24,10 +24,11 @@ from keras import layers
 
 from ssl_ema.nn import batch_norm, custom_backbones
 from ssl_ema.base.errors import ConfigError
+from ssl_ema.base.machine import resolve_precision
 from ssl_ema.base.hparams import parse_floats
 
 LEAK = 0.1
-PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
+PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16', 'auto')
 _BATCH_NORM = {'layer': batch_norm.BatchNorm}   # what _bn_act builds; build() may swap it
 FEATURES = custom_backbones.FEATURES   # the layer whose output the classification head reads
 
@@ -192,6 +193,7 @@ def build(arch: str, input_shape, num_classes: int, conv_bias: bool = False,
     keeps its statistics, scale and offset (custom_backbones.freeze_batch_norm)."""
     if precision not in PRECISIONS:
         raise ConfigError(f'--precision={precision} is unknown; valid: {", ".join(PRECISIONS)}')
+    precision = resolve_precision(precision)
     if model is not None or custom_backbones.is_custom(arch):
         return custom_backbones.build(arch, input_shape, num_classes, model, normalization,
                                       'float32' if portable else precision, freeze_bn, scale,
