@@ -15,7 +15,8 @@ from absl import flags
 
 from ssl_ema.nn import losses
 from ssl_ema.nn.backbones import call_keeping_statistics
-from ssl_ema.nn.heads import MLP, Projection, with_heads  # noqa: F401
+from ssl_ema.nn.heads import (MLP, OneVsAll, OpenSetProjection, Projection,  # noqa: F401
+                              with_heads)
 from ssl_ema.base.errors import ConfigError  # noqa: F401
 from ssl_ema.base.hparams import define_flags, from_flags, hparam
 # An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
@@ -51,6 +52,9 @@ SHARED_HELP = {
     'smoothing_alpha': 'Weight alpha of the model\'s own prediction in a pseudo-label smoothed by '
                        'its memory neighbours\' labels (alpha p + (1 - alpha) neighbours).',
     'projection_units': 'Width of the normalised projection head\'s embeddings.',
+    'start_fraction': 'Fraction of training before the first pass of the EMA model over the '
+                      'pool (darp: its first refinement; openmatch: its first inlier selection, '
+                      'from which FixMatch trains).',
     'threshold_warmup': 'FlexMatch\'s threshold warm-up: unused images count in the '
                         'normalisation of the learning effect (Sec. 3.3).',
     'prediction_window': 'Distribution alignment\'s estimate of the unlabeled predictions\' '
@@ -146,14 +150,23 @@ class Algorithm:
     # Extra heads on the pooled features: name -> units (a Dense head) or Projection(units).
     # (0 units: one per class)
     heads: Dict[str, object] = {}
+    # The head (a name in `heads`: nn/heads.OneVsAll or OpenSetProjection) whose "unknown"
+    # score an open-set algorithm is evaluated (the AUROC of known vs unknown), exported and
+    # predicted with; every average then carries the heads (core/ema.Average.carry_heads).
+    # None: a closed-set algorithm, scored by 1 - max softmax.
+    unknown_head = None
     # A pass of the EMA model over the whole unlabeled pool (core/pool.py) every this many steps
-    # (0: never): the trainer hands its class probabilities to `from_pool` (DARP).
+    # (0: never), or every this fraction of training (pool_pass_every_fraction, when the steps
+    # are 0): the trainer hands its class probabilities to `from_pool` (DARP, OpenMatch).
     pool_pass_every_steps = 0
+    pool_pass_every_fraction = 0.
     pool_pass_start = 0.   # ... from this fraction of training on
 
-    def from_pool(self, probabilities, state: Dict[str, 'np.ndarray'], progress: float) -> dict:
+    def from_pool(self, probabilities, state: Dict[str, 'np.ndarray'], progress: float,
+                  unknown=None) -> dict:
         """New state values (name -> array) from the EMA model's class probabilities [pool
-        size, K] on every pool image, in pool-index order, at training `progress` in [0, 1]."""
+        size, K] on every pool image, in pool-index order, at training `progress` in [0, 1];
+        `unknown`: each pool image's unknown score [pool size] (an open-set algorithm's)."""
         return {}
 
     def state(self, num_classes: int, pool_size: int) -> Dict[str, 'State']:

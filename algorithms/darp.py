@@ -98,7 +98,7 @@ class DARP(WeakStrong):
         return {'refined': State((pool_size, num_classes), 0.),
                 LABELED_PRIOR: State((num_classes,), 1. / num_classes)}
 
-    def from_pool(self, probabilities, state, progress):
+    def from_pool(self, probabilities, state, progress, unknown=None):
         target = state[LABELED_PRIOR] * len(probabilities)
         return {'refined': darp_projection(probabilities, target, self.darp_alpha,
                                            self.darp_iterations)}

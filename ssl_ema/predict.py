@@ -18,7 +18,9 @@ grey (ITU-R 601 luma) for a grey one; alpha is dropped. Image files are read and
 parallel by tf.data, as training reads a folder (data/files.py), a few batches in memory at a time.
 
 The CSV has one row per image: file, class_id, class, probability, then class_2, probability_2,
-... up to --top_k (the k most probable classes, most probable first). Class names come from the
+... up to --top_k (the k most probable classes, most probable first), and for the export of an
+open-set algorithm (openmatch, iomatch) a last column `unknown`: the image's unknown score in
+[0, 1] (above 0.5: of no known class). Class names come from the
 export's export.json (the dataset's names, else the class ids). It is written as it goes to a
 temporary file beside --out, renamed to --out at the end: a failed or interrupted run leaves --out
 as it was, never half-written (in every error case nothing is written). A file that cannot be
@@ -213,6 +215,7 @@ def predict(cfg: PredictConfig, log=print) -> Predictions:
     k = min(cfg.top_k, len(classifier.class_names))
     header = ['file', 'class_id', 'class', 'probability']
     header += [f'{column}_{r}' for r in range(2, k + 1) for column in ('class', 'probability')]
+    header += ['unknown'] if classifier.open_set else []
     progress = Progress(len(names)) if len(names) > cfg.batch else (lambda done: None)
     skipped, rows = [], 0
 
@@ -227,13 +230,13 @@ def predict(cfg: PredictConfig, log=print) -> Predictions:
                 print(f'warning: --input={cfg.input}: skipped {name}: {reason}', file=sys.stderr)
                 skipped.append((name, reason))
             if len(images):
-                p = classifier.probabilities(images)
+                p, unknown = classifier.outputs(images)
                 tops = np.argsort(-p, axis=-1, kind='stable')[:, :k]
-                for name, q, top in zip(chosen, p, tops):
+                for i, (name, q, top) in enumerate(zip(chosen, p, tops)):
                     row = [name, int(top[0]), classifier.class_names[top[0]], f'{q[top[0]]:.6f}']
                     for c in top[1:]:
                         row += [classifier.class_names[c], f'{q[c]:.6f}']
-                    writer.writerow(row)
+                    writer.writerow(row + ([f'{unknown[i]:.6f}'] if unknown is not None else []))
             rows += len(chosen)
             progress(done)
         # The list of skipped files lands before the CSV it belongs to; a stale one goes.

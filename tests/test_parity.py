@@ -341,7 +341,7 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         'remixmatch': 'linear', 'adamatch': 'cosine',   # AdaMatch's mu(t)
                         'dash': 'none', 'simmatch': 'none', 'comatch': 'none',
                         'defixmatch': 'none', 'sequencematch': 'none', 'crmatch': 'none',
-                        'shrinkmatch': 'none',
+                        'shrinkmatch': 'none', 'openmatch': 'none', 'iomatch': 'none',
                         # on FixMatch: its constant weight (USB's classic_cv_imb)
                         'abc': 'none', 'darp': 'none'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'

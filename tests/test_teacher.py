@@ -26,7 +26,7 @@ def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
                              'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch',
-                             'crmatch', 'shrinkmatch', 'darp'}
+                             'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch'}
 
 
 @pytest.mark.parametrize('name', TEACHING)
@@ -39,7 +39,10 @@ def test_teacher_ema_makes_the_targets(name):
 
     def unlabeled_loss(teacher_flag, teacher):
         algorithm = algorithms.ALGORITHMS[name](teacher=teacher_flag)
-        return float(algorithm(student, teacher, random_batch(algorithm, heads=heads)).unlabeled)
+        batch = random_batch(algorithm, heads=heads)
+        if 'inlier' in batch.state:   # OpenMatch: pseudo-labels only on selected inliers
+            batch.state['inlier'] = tf.ones_like(batch.state['inlier'])
+        return float(algorithm(student, teacher, batch).unlabeled)
     ema = [unlabeled_loss('ema', t) for t in teachers]
     own = [unlabeled_loss('student', t) for t in teachers]
     assert abs(ema[0] - ema[1]) > 1e-3 * max(1., abs(ema[0])), ema

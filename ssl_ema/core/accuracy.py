@@ -12,13 +12,15 @@ every split, and for an open-set protocol (data/splits.py) the known-vs-unknown 
 import numpy as np
 import tensorflow as tf
 
+from ssl_ema.nn.heads import UNKNOWN_THRESHOLD
+
 MEDIAN_WINDOWS = (10, 20)
 # Evaluation-record entries that are metrics of every model, not a model: {model: {split: value}}.
 METRICS = ('balanced_accuracy', 'recall', 'open_set')
-# An image is called unknown when its unknown score exceeds this: OpenMatch's one-vs-all rule
-# (arXiv 2105.14148, Sec. 3.3: the outlier probability of the predicted class above 0.5); for a
-# closed-set model the score is 1 - max softmax (Hendrycks & Gimpel 2017's baseline).
-UNKNOWN_THRESHOLD = 0.5
+# An image is called unknown when its unknown score exceeds UNKNOWN_THRESHOLD (0.5, OpenMatch's
+# one-vs-all rule, nn/heads.py): the score of OpenMatch's and IOMatch's heads
+# (nn/heads.unknown_score); for a closed-set model 1 - max softmax (Hendrycks & Gimpel 2017's
+# baseline).
 
 
 def make_predict(model, image_shape):
@@ -40,10 +42,14 @@ def accuracy(predict, x, y, batch_size: int = 1024) -> float:
 
 def make_scores(model, image_shape):
     """A compiled inference-mode (arg-max, unknown score) for `model`; the score is 1 - max
-    softmax, the baseline every closed-set classifier has."""
+    softmax, the baseline every closed-set classifier has, or the model's own when it returns
+    [logits, unknown score] (an open-set algorithm's head, nn/heads.scoring_model)."""
     @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
     def scores(x):
-        logits = tf.cast(model(x, training=False), tf.float32)
+        out = model(x, training=False)
+        logits = tf.cast(out[0] if isinstance(out, (list, tuple)) else out, tf.float32)
+        if isinstance(out, (list, tuple)):
+            return tf.argmax(logits, axis=-1), tf.cast(out[1], tf.float32)
         return tf.argmax(logits, axis=-1), 1. - tf.reduce_max(tf.nn.softmax(logits), axis=-1)
     return scores
 

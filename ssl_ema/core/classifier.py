@@ -73,11 +73,23 @@ def class_names(info: dict) -> list:
 
 
 # ---- the classifier -------------------------------------------------------------------------
+def open_set_heads(run: RunDir):
+    """(heads, name of the unknown-score head) of the run's algorithm if it is an open-set one
+    (algorithms/base.Algorithm.unknown_head: OpenMatch, IOMatch), else None."""
+    from ssl_ema.algorithms import ALGORITHMS
+    algorithm = ALGORITHMS.get(run.config.algorithm)
+    if algorithm is None or not getattr(algorithm, 'unknown_head', None):
+        return None
+    return algorithm.heads, algorithm.unknown_head
+
+
 def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
-                     checkpoint: Optional[str] = None, backbone=None):
+                     checkpoint: Optional[str] = None, backbone=None, unknown: bool = False):
     """(backbone with the checkpoint's `model` weights, checkpoint path, its step). `backbone`:
     the keras.Model a run from Python was given (its architecture; the weights come from the
-    checkpoint)."""
+    checkpoint). `unknown`, for a run of an open-set algorithm: instead of the backbone, the
+    model of [logits, unknown score] with that model's heads (the EMA's averaged heads or the
+    student's; nn/heads.scoring_model)."""
     import tensorflow as tf
     from ssl_ema.nn import backbones
     path = run.checkpoint(checkpoint)
@@ -92,8 +104,17 @@ def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
     net = backbones.for_run(c, tuple(info['image_shape']), info['num_classes'],
                             (info['mean'], info['std']), portable=True, model=backbone)
     key = CHECKPOINT_KEYS[model]
+    objects = {key: list(net.variables)}
+    open_set = open_set_heads(run) if unknown else None
+    if open_set:   # the heads, as the Trainer checkpoints them (core/loop.py)
+        from ssl_ema.nn.heads import scoring_model, with_heads
+        heads_model = with_heads(net, open_set[0])
+        own = {id(v) for v in net.weights}
+        head_variables = [v for v in heads_model.weights if id(v) not in own]
+        objects.update({'heads': head_variables} if model == 'raw' else
+                       {run_dir.AVERAGE_HEADS: {model: head_variables}})
     try:   # the Trainer checkpoints each model as the list of its variables
-        status = tf.train.Checkpoint(**{key: list(net.variables)}).restore(path)
+        status = tf.train.Checkpoint(**objects).restore(path)
         status.assert_existing_objects_matched()
         status.expect_partial()   # the optimizer, the other model, the RNG: not needed here
     except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -107,19 +128,26 @@ def restore_backbone(run: RunDir, info: dict, model: str = 'ema',
     if model != 'raw' and c.ema_bn == 'recompute':   # as the Trainer evaluates the average
         from ssl_ema.core.ema import recompute_statistics
         recompute_statistics(net, run.statistics_batches())
+    if open_set:
+        net = scoring_model(heads_model, *open_set)
     return net, path, step
 
 
 def classifier(backbone, info: dict):
-    """uint8 images -> the run's standardisation -> backbone (inference) -> probabilities."""
+    """uint8 images -> the run's standardisation -> backbone (inference) -> probabilities; a
+    backbone of [logits, unknown score] (an open-set run's, restore_backbone) gives
+    [probabilities, unknown score]."""
     import keras
     images = keras.Input(tuple(info['image_shape']), dtype='uint8', name='images')
     std = np.asarray(info['std'], np.float32)
     # (x - mean) / sqrt(std^2): the same float32 values as SSLData.normalize's (x - mean) / std.
     x = keras.layers.Normalization(mean=info['mean'], variance=np.square(std).tolist(),
                                    dtype='float32', name='standardize')(images)
-    probabilities = keras.layers.Softmax(dtype='float32', name='probabilities')(backbone(x))
-    return keras.Model(images, probabilities, name=f'{backbone.name}_classifier')
+    out = backbone(x)
+    logits, unknown = out if isinstance(out, (list, tuple)) else (out, None)
+    probabilities = keras.layers.Softmax(dtype='float32', name='probabilities')(logits)
+    outputs = probabilities if unknown is None else [probabilities, unknown]
+    return keras.Model(images, outputs, name=f'{backbone.name}_classifier')
 
 
 def save(model, out: str, meta: dict) -> None:
@@ -132,11 +160,19 @@ def save(model, out: str, meta: dict) -> None:
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(
-            'serve', lambda images: {'probabilities': model(images, training=False)},
+            'serve', lambda images: named_outputs(model(images, training=False)),
             input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8, 'images')])
         archive.write_out(os.path.join(directory, SAVED_MODEL), verbose=False)
         files.write_json(os.path.join(directory, EXPORT_INFO), meta)
     files.write_directory_atomically(out, write)
+
+
+def named_outputs(out) -> dict:
+    """The serving signature's outputs: {'probabilities'} and, for an open-set run's export,
+    'unknown' (the unknown score of each image, in [0, 1])."""
+    if isinstance(out, (list, tuple)):
+        return {'probabilities': out[0], 'unknown': out[1]}
+    return {'probabilities': out}
 
 
 def default_out(train_dir: str, model: str, checkpoint: Optional[str] = None) -> str:
@@ -177,17 +213,21 @@ def export_run(train_dir: str, model: str = 'ema', checkpoint: Optional[str] = N
     if skip_if_current and _exported(out) == (model, os.path.basename(run.checkpoint(checkpoint))):
         return out
     info = classifier_info(run)
-    net, path, step = restore_backbone(run, info, model, checkpoint, backbone)
+    net, path, step = restore_backbone(run, info, model, checkpoint, backbone, unknown=True)
     c = run.config
+    open_set = open_set_heads(run) is not None
     meta = {'model': model, 'checkpoint': os.path.basename(path), 'step': step,
             'train_dir': os.path.abspath(train_dir), 'dataset': c.dataset, 'arch': c.arch,
             'algorithm': c.algorithm, 'image_shape': info['image_shape'],
             'num_classes': info['num_classes'], 'class_names': class_names(info),
             'mean': info['mean'], 'std': info['std'],
             'input': 'uint8 images [N, H, W, C], 0..255; standardised inside the model',
-            'output': 'class probabilities [N, num_classes] (softmax)',
+            'output': 'class probabilities [N, num_classes] (softmax)' + (
+                ', and the unknown score [N] in [0, 1] of the open-set head (above 0.5: an '
+                'image of no known class)' if open_set else ''),
             'files': {'keras': KERAS_FILE, 'saved_model': f'{SAVED_MODEL}/ (signature '
-                      'serving_default: images -> probabilities)'}}
+                      'serving_default: images -> probabilities' + (
+                          ', unknown)' if open_set else ')')}}
     save(classifier(net, info), out, meta)
     log(f'exported the {model} classifier of {path} (step {step}) -> {out}/ '
         f'({KERAS_FILE}, {SAVED_MODEL}/, {EXPORT_INFO})')
@@ -198,13 +238,27 @@ def export_run(train_dir: str, model: str = 'ema', checkpoint: Optional[str] = N
 @dataclasses.dataclass
 class Classifier:
     """An exported classifier: `predict(images)` takes uint8 [N, H, W, C] images of
-    `image_shape` and returns class probabilities [N, K] (numpy)."""
-    probabilities: Callable   # uint8 [N, H, W, C] -> float [N, K]
+    `image_shape` and returns class probabilities [N, K] (numpy); an open-set run's export
+    (`open_set`) also gives each image's unknown score in [0, 1], `unknown(images)` [N], both
+    at once from `outputs(images)`."""
+    outputs: Callable   # uint8 [N, H, W, C] -> (float [N, K], float [N] or None)
     image_shape: tuple
     class_names: List[str]
+    open_set: bool = False
+
+    def probabilities(self, images) -> np.ndarray:
+        return self.outputs(images)[0]
 
     def predict(self, images) -> np.ndarray:
         return self.probabilities(np.asarray(images))
+
+    def unknown(self, images) -> np.ndarray:
+        """The unknown score [N] of each image (above 0.5: of no known class); ConfigError for
+        a closed-set classifier, which has none."""
+        if not self.open_set:
+            raise ConfigError('this classifier has no unknown score: only the exports of an '
+                              'open-set algorithm (openmatch, iomatch) give one')
+        return self.outputs(np.asarray(images))[1]
 
 
 def load_classifier(path: str) -> Classifier:
@@ -221,8 +275,11 @@ def load_classifier(path: str) -> Classifier:
         if p.is_file() and p.suffix == '.keras':
             import keras
             model = keras.saving.load_model(p, compile=False)
-            shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
-            call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            shape = tuple(model.input_shape[1:])
+            open_set = isinstance(model.output_shape, list)
+            classes = (model.output_shape[0] if open_set else model.output_shape)[-1]
+            call = tf.function(lambda x: named_outputs(model(x, training=False)),
+                               reduce_retracing=True)
         elif (p / 'saved_model.pb').is_file():
             signature = tf.saved_model.load(str(p)).signatures['serving_default']
             (name, spec), = signature.structured_input_signature[1].items()
@@ -232,7 +289,11 @@ def load_classifier(path: str) -> Classifier:
                 raise ValueError(f'its signature takes {spec.dtype.name} {spec.shape}, not uint8 '
                                  '[N, H, W, C] images')
             shape, classes = tuple(spec.shape[1:]), outputs[key].shape[-1]
-            call = lambda x: signature(**{name: x})[key]   # noqa: E731
+            open_set = 'unknown' in outputs
+
+            def call(x):
+                out = signature(**{name: x})
+                return {'probabilities': out[key], 'unknown': out.get('unknown')}
         else:
             raise ConfigError(f'--model={path} is not an export directory, a .keras file or a '
                               'SavedModel directory (e.g. TRAIN_DIR/export)')
@@ -247,4 +308,10 @@ def load_classifier(path: str) -> Classifier:
                 names = class_names(json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f'{meta_path} is damaged ({one_line(e)})') from None
-    return Classifier(lambda x: np.asarray(call(tf.constant(x))), shape, names)
+
+    def outputs(x):
+        out = call(tf.constant(x))
+        unknown = out.get('unknown')
+        return (np.asarray(out['probabilities']),
+                None if unknown is None else np.asarray(unknown))
+    return Classifier(outputs, shape, names, open_set)

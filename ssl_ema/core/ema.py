@@ -56,10 +56,33 @@ class Average:
         self.bn, self.name = bn, name
         self.model = keras.models.clone_model(model)
         self.model.set_weights(model.get_weights())
+        self._student_weights = list(model.weights)
+        self.heads, self.head_variables = None, []   # carry_heads
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name=f'{name}_updates')
         pairs = list(zip(self.model.weights, model.weights))
         self._averaged = [(s, w) for s, w in pairs if bn == 'average' or w.trainable]
         self._copied = [(s, w) for s, w in pairs if not (bn == 'average' or w.trainable)]
+
+    def carry_heads(self, student_heads, heads) -> None:
+        """Average the algorithm's extra heads too: `self.heads` becomes the averaged model with
+        `heads` (nn/heads.with_heads on self.model), its head weights starting at, and moved
+        towards, those of `student_heads` (the student's with_heads model, built the same way,
+        so the head layers pair up in order) by the same beta_t as the rest. The trainer asks
+        it for an open-set algorithm, whose evaluation, pool pass and export read a head."""
+        from ssl_ema.nn.heads import with_heads
+        self.heads = with_heads(self.model, heads)
+        own = {id(v) for v in self.model.weights}
+        student_base = {id(v) for v in self._student_weights}
+        shadow = [v for v in self.heads.weights if id(v) not in own]
+        weight = [v for v in student_heads.weights if id(v) not in student_base]
+        if [tuple(v.shape) for v in shadow] != [tuple(v.shape) for v in weight]:
+            raise ValueError('the averaged heads do not pair up with the student\'s')
+        for s, w in zip(shadow, weight):
+            s.assign(w)
+        self.head_variables = shadow
+        pairs = list(zip(shadow, weight))
+        self._averaged += [(s, w) for s, w in pairs if self.bn == 'average' or w.trainable]
+        self._copied += [(s, w) for s, w in pairs if not (self.bn == 'average' or w.trainable)]
 
     def __call__(self, x, training=False):
         if not training:

@@ -27,6 +27,7 @@ from ssl_ema.core.ema import averages_of, describe_averages, posthoc_profiles, s
 from ssl_ema.core.engine import Engine
 from ssl_ema.core.optimization import decayed_variables, l2_penalty, learning_rate, make_optimizer
 from ssl_ema.nn import backbones, custom_backbones, losses
+from ssl_ema.nn import heads as heads_lib
 
 
 def _shrink(variable, factor):
@@ -66,11 +67,13 @@ class Trainer(Engine):
             step=self.step, student=list(self.student.variables),
             teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
             optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
-            heads=self.head_variables,
+            heads=self.head_variables, **self._average_heads_checkpoint(),
             averages={a.name: list(a.model.variables) + [a.updates]
                       for a in self._all_averages() if a is not self.ema}), cpu_start)
-        self.scores = {'raw': accuracy.make_scores(self.student, data.image_shape)}
-        self.scores.update({name: accuracy.make_scores(a.model, data.image_shape)
+        self.scores = {'raw': accuracy.make_scores(self._scored(self.student, self.heads),
+                                                   data.image_shape)}
+        self.scores.update({name: accuracy.make_scores(self._scored(a.model, a.heads),
+                                                       data.image_shape)
                             for name, a in self.averages.items()})
         self.unknown_images = getattr(data, 'unknown_test_images', lambda: None)()
         self._statistics_batches = None   # --ema_bn=recompute's, made at the first evaluation
@@ -106,7 +109,8 @@ class Trainer(Engine):
     def _build_algorithm_state(self, data):
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
-        its extra heads (trained with the student, not part of the EMA or the evaluation)."""
+        its extra heads (trained with the student; averaged, evaluated and exported only for an
+        open-set algorithm, whose unknown score is a head's)."""
         labeled_size = data.labeled_size if self.algorithm.needs_labeled_indices else 0
         prior = None   # the labeled class distribution, for the algorithms that keep it (ABC)
         if base.LABELED_PRIOR in base.declared_state(self.algorithm, data.num_classes,
@@ -124,6 +128,23 @@ class Trainer(Engine):
         self.head_variables = [v for v in (self.heads.trainable_variables if self.heads else [])
                                if id(v) not in own]
         self.trainable = list(self.student.trainable_variables) + self.head_variables
+        if self.algorithm.unknown_head:   # its evaluation, pool pass and export read a head
+            for average in self.averages.values():
+                average.carry_heads(self.heads, self.algorithm.heads)
+
+    def _average_heads_checkpoint(self) -> dict:
+        """The averages' heads (an open-set algorithm's), under run_dir.AVERAGE_HEADS; nothing
+        for the others, whose checkpoints keep their layout."""
+        carried = {name: a.head_variables for name, a in self.averages.items() if a.head_variables}
+        return {run_dir.AVERAGE_HEADS: carried} if carried else {}
+
+    def _scored(self, model, heads_model):
+        """What make_scores scores: the classifier, or for an open-set algorithm the model of
+        [logits, its head's unknown score] (nn/heads.scoring_model)."""
+        if not self.algorithm.unknown_head:
+            return model
+        return heads_lib.scoring_model(heads_model, self.algorithm.heads,
+                                       self.algorithm.unknown_head)
 
     # ---- the engine's hooks -----------------------------------------------------------------
     def on_restore(self, step):
@@ -133,12 +154,21 @@ class Trainer(Engine):
     def before_step(self, step):
         """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
         step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
-        every = self.algorithm.pool_pass_every_steps
+        every, fraction = (self.algorithm.pool_pass_every_steps,
+                           self.algorithm.pool_pass_every_fraction)
+        every = every or (max(1, round(fraction * self.cfg.total_steps)) if fraction else 0)
         if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
             return
         state = {k: v.numpy() for k, v in self.state.items()}
-        new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
-                                       step / self.cfg.total_steps)
+        progress = step / self.cfg.total_steps
+        if self.algorithm.unknown_head:   # the EMA model's classes and unknown scores
+            if not hasattr(self, '_ema_scoring'):
+                self._ema_scoring = self._scored(self.ema.model, self.ema.heads)
+            probs, unknown = pool.predict_pool(self._ema_scoring, self.data, unknown=True)
+            new = self.algorithm.from_pool(probs, state, progress, unknown=unknown)
+        else:
+            new = self.algorithm.from_pool(pool.predict_pool(self.ema.model, self.data), state,
+                                           progress)
         for name, value in new.items():
             self.state[name].assign(value)
 

@@ -9,26 +9,38 @@ import numpy as np
 import tensorflow as tf
 
 
-def predict_pool(model, data, flip=None, batch_size: int = 1024) -> np.ndarray:
+def predict_pool(model, data, flip=None, batch_size: int = 1024, unknown: bool = False):
     """Class probabilities [pool size, K] of `model` (inference mode) on every pool image; with
     `flip` (default: where the dataset allows horizontal flips) the mean of the image's and its
     mirror image's probabilities, a test-time augmentation that the weak view already trains on
-    (SimCLRv2 and Noisy Student label with the unaugmented image; flip-averaging is ours)."""
+    (SimCLRv2 and Noisy Student label with the unaugmented image; flip-averaging is ours).
+    `unknown`: `model` returns [logits, unknown score] (nn/heads.scoring_model, an open-set
+    algorithm's), and the result is (probabilities, unknown scores [pool size]), each the mean
+    over the image and its mirror image with `flip`."""
     flip = data.arrays.flip if flip is None else flip
     image_shape = data.image_shape
 
+    def scores(x):
+        out = model(x, training=False)
+        logits, score = out if unknown else (out, tf.zeros(tf.shape(x)[:1]))
+        return tf.nn.softmax(tf.cast(logits, tf.float32)), tf.cast(score, tf.float32)
+
     @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
     def probabilities(x):
-        p = tf.nn.softmax(tf.cast(model(x, training=False), tf.float32))
+        p, u = scores(x)
         if flip:
-            p = (p + tf.nn.softmax(tf.cast(model(tf.reverse(x, [2]), training=False),
-                                           tf.float32))) / 2.
-        return p
+            p_flip, u_flip = scores(tf.reverse(x, [2]))
+            p, u = (p + p_flip) / 2., (u + u_flip) / 2.
+        return p, u
 
     pool = data.pool_images()
-    out = [probabilities(tf.constant(pool[start:start + batch_size])).numpy()
+    out = [[t.numpy() for t in probabilities(tf.constant(pool[start:start + batch_size]))]
            for start in range(0, len(pool), batch_size)]
-    return np.concatenate(out) if out else np.zeros([0, data.num_classes], np.float32)
+    if out:
+        probs, score = (np.concatenate(parts) for parts in zip(*out))
+    else:
+        probs, score = np.zeros([0, data.num_classes], np.float32), np.zeros([0], np.float32)
+    return (probs, score) if unknown else probs
 
 
 def pseudo_labels(probs: np.ndarray, kind: str = 'soft', per_class: int = 0,

@@ -37,6 +37,9 @@ ROOT = 'experiments'   # where default run directories go, relative to the worki
 _NAMED = ('algorithm', 'method', 'dataset', 'labels', 'seed', 'arch')   # in the directory name
 # The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
 CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
+# The averages' heads of an open-set algorithm, {average name: variables} (the student's heads
+# are under 'heads').
+AVERAGE_HEADS = 'average_heads'
 # Settings newer than some run directories, and what a record without them means.
 LEGACY = {'recipe': 'none'}
 
