@@ -104,7 +104,8 @@ def fit(data: Union[str, object] = 'digits', algorithm: Optional[str] = None, ba
     recipe, algorithm, defaults, hyperparameters = fitting.recipe_defaults(
         settings.get('recipe', TrainConfig.recipe),
         _dataset_name(data) if isinstance(data, str) else getattr(data, 'name', ''),
-        algorithm or TrainConfig.algorithm, explicit)
+        algorithm or TrainConfig.algorithm, explicit, settings.get('precision'),
+        settings.get('train_dir'))
     settings = {**defaults, **hyperparameters, **settings, 'recipe': recipe.name}
     cfg, hyperparameters, dataset = _configure(
         'fit', data, 'algorithm', algorithm, algorithms.ALGORITHMS, TrainConfig, settings,

@@ -15,7 +15,8 @@ from ssl_ema.core import fitting
 
 def main(cfg: TrainConfig):
     recipe, name, settings, hyperparameters = fitting.recipe_defaults(
-        cfg.recipe, cfg.dataset, cfg.algorithm, hparams.given_flags())
+        cfg.recipe, cfg.dataset, cfg.algorithm, hparams.given_flags(), cfg.precision,
+        cfg.train_dir)
     cfg = dataclasses.replace(cfg, algorithm=name, recipe=recipe.name, **settings)
     algorithm = algorithms.create(cfg.algorithm, **hyperparameters)
     for name in algorithms.base.ignored_flags(algorithm):

@@ -17,6 +17,8 @@ from ssl_ema.core import fitting, run_dir
 
 def test_auto_picks_the_measured_recipe_only_where_it_was_measured():
     assert recipes.resolve('auto', 'fashion_mnist').name == 'hour'
+    assert recipes.resolve('auto', 'fashion_mnist', bfloat16=True).name == 'hour_bf16'
+    assert recipes.resolve('auto', 'digits', bfloat16=True).name == 'none'
     for dataset in ('digits', 'cifar10', 'svhn', 'imagenet'):
         assert recipes.resolve('auto', dataset).name == 'none'
     assert recipes.resolve('none', 'fashion_mnist').name == 'none'
@@ -81,6 +83,40 @@ def test_a_run_recorded_before_recipes_existed_still_resumes(tmp_path):
     with pytest.raises(ConfigError, match='made with --recipe=none, not --recipe=budget'):
         run_dir.check_compatible(str(tmp_path), run_dir.run_record(
             tiny_config(recipe='budget'), algorithms.create('mean_teacher')), quiet)
+
+
+@pytest.mark.parametrize('native', ['', 'CPU with AVX512_BF16'])
+def test_auto_takes_the_bfloat16_recipe_where_bfloat16_is_native(monkeypatch, native):
+    from ssl_ema.base import machine
+    monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: native)
+    recipe, _, settings, _ = fitting.recipe_defaults('auto', 'fashion_mnist', 'fixmatch', set())
+    assert recipe.name == ('hour_bf16' if native else 'hour')
+    assert settings.get('precision', 'float32') == ('mixed_bfloat16' if native else 'float32')
+    assert settings['train_kimg'] == (896. if native else 448.)
+    # --precision given decides, whatever the machine
+    for precision, name in (('float32', 'hour'), ('mixed_bfloat16', 'hour_bf16'),
+                            ('auto', 'hour_bf16' if native else 'hour')):
+        recipe, _, settings, _ = fitting.recipe_defaults(
+            'auto', 'fashion_mnist', 'fixmatch', {'precision'}, precision)
+        assert recipe.name == name and 'precision' not in settings
+    assert fitting.recipe_defaults('auto', 'digits', 'mean_teacher', set())[0].name == 'none'
+
+
+def test_auto_resumes_a_run_with_the_recipe_it_was_made_with(tmp_path, monkeypatch):
+    from ssl_ema.base import machine
+    from ssl_ema.base.files import write_json
+    monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: '')
+    for made, before_recipes in (('hour_bf16', False), ('budget', False), ('none', True)):
+        record = run_dir.run_record(tiny_config(recipe=made), algorithms.create('fixmatch'))
+        if before_recipes:
+            del record['config']['recipe']
+        write_json(str(tmp_path / 'flags.json'), record)
+        recipe = fitting.recipe_defaults('auto', 'fashion_mnist', 'fixmatch', set(),
+                                         train_dir=str(tmp_path))[0]
+        assert recipe.name == made
+    # a recipe named by the user is the user's: the mismatch is refused as before
+    assert fitting.recipe_defaults('hour', 'fashion_mnist', 'fixmatch', {'recipe'},
+                                   train_dir=str(tmp_path))[0].name == 'hour'
 
 
 def test_a_self_training_round_becomes_the_runs_classifier(digits_data, tmp_path):

@@ -18,9 +18,12 @@ class TrainConfig(Length):
     recipe: str = hparam('auto', 'Named defaults measured for a budget (ssl_ema/base/recipes.py, '
                          'runs/RECIPE.md): hour (FixMatch with an EMA teacher, threshold 0.8, '
                          'uratio 2, 448 kimg: Fashion-MNIST-sized data at 250 labels in an hour '
-                         'of CPU), budget (the same at 128 kimg, the student\'s weak pass kept), '
-                         'none (the toolkit\'s defaults, every run before recipes), or auto: hour '
-                         'for fashion_mnist, none for every other dataset. Flags you give win.')
+                         'of CPU), hour_bf16 (hour in mixed bfloat16 for 896 kimg, where '
+                         'bfloat16 is native), budget (hour at 128 kimg, the student\'s weak pass '
+                         'kept), none (the toolkit\'s defaults, every run before recipes), or '
+                         'auto: for fashion_mnist hour_bf16 where this machine (or --precision) '
+                         'computes bfloat16 natively, else hour; none for every other dataset; '
+                         'on a --train_dir that holds a run, its recipe. Flags you give win.')
     dataset: str = hparam('digits', 'Dataset; digits is embedded in scikit-learn (no download).')
     data_dir: Optional[str] = hparam(None, 'Where dataset files live (default: tensorflow-datasets\''
                                      ' own directory).', run_defining=False)

@@ -62,7 +62,18 @@ RECIPES['hour'] = Recipe(
      'train_kimg': 448.,                   # RECIPE.md section 4: length still pays
      'eval_every_kimg': 16.},
     RECIPES['budget'].rounds, together=(('teacher', 'student_weak_pass'),))
-DEFAULT = 'hour'   # what auto picks where a recipe was measured
+# The hour where bfloat16 is native (an AVX512_BF16 or AMX CPU, an A100-class GPU): a step costs
+# ~0.6x float32's there (RECIPE.md sections 4-5), so the hour buys twice hour's steps.
+RECIPES['hour_bf16'] = Recipe(
+    'hour_bf16', 'hour\'s recipe in mixed bfloat16 for twice its steps, where bfloat16 is native '
+    '(runs/RECIPE.md section 5)',
+    {**RECIPES['hour'].settings,
+     'precision': 'mixed_bfloat16',        # RECIPE.md section 5: ~0.6x float32's CPU a step
+     'train_kimg': 896.,                   # RECIPE.md section 5: length still pays
+     'eval_every_kimg': 32.},              # as many evaluations as hour makes
+    RECIPES['hour'].rounds, together=RECIPES['hour'].together)
+# What auto picks where a recipe was measured: by whether the run computes bfloat16 natively.
+DEFAULT, DEFAULT_BFLOAT16 = 'hour', 'hour_bf16'
 AUTO = 'auto'
 NAMES = (AUTO,) + tuple(RECIPES)
 
@@ -73,10 +84,11 @@ def own_data(dataset: str) -> bool:
     return dataset == 'fashion_mnist'
 
 
-def resolve(name: str, dataset: str) -> Recipe:
-    """The recipe `--recipe=name` means for `dataset`; ConfigError for an unknown name."""
+def resolve(name: str, dataset: str, bfloat16: bool = False) -> Recipe:
+    """The recipe `--recipe=name` means for `dataset`, `bfloat16`: whether the run computes
+    in bfloat16 natively (auto then takes DEFAULT_BFLOAT16); ConfigError for an unknown name."""
     if name == AUTO:
-        name = DEFAULT if own_data(dataset) else 'none'
+        name = (DEFAULT_BFLOAT16 if bfloat16 else DEFAULT) if own_data(dataset) else 'none'
     if name not in RECIPES:
         raise ConfigError(f'--recipe={name} is unknown; valid: {", ".join(NAMES)}')
     return RECIPES[name]

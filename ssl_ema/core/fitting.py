@@ -7,18 +7,29 @@ table and export the EMA classifier (core/classifier.py).
 import dataclasses
 import time
 
-from ssl_ema.base import recipes
+from ssl_ema.base import machine, recipes
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import RunError
 from ssl_ema.core import accuracy, classifier, cluster, run_dir
 
 
-def recipe_defaults(recipe: str, dataset: str, algorithm: str, explicit):
+def recipe_defaults(recipe: str, dataset: str, algorithm: str, explicit, precision=None,
+                    train_dir=None):
     """(recipe, algorithm name, training settings, algorithm hyperparameters) that --recipe sets
     for a run on `dataset` (base/recipes.py), leaving alone every setting in `explicit` (the
-    flags or fit() keywords the user gave). What ssl_ema.train and ssl_ema.fit both apply."""
+    flags or fit() keywords the user gave). What ssl_ema.train and ssl_ema.fit both apply.
+
+    `auto` picks by the machine: the bfloat16 recipe where the run computes bfloat16 natively
+    (`precision`, if given, else what this machine computes natively: base/machine.py), and on
+    a `train_dir` that holds a run, that run's own recipe, so a run resumes as it was made
+    wherever it resumes (a run from before recipes: `none`)."""
     from ssl_ema import algorithms
-    chosen = recipes.resolve(recipe, dataset)
+    saved = run_dir.read_run_record(train_dir) if train_dir and recipe == recipes.AUTO else None
+    if saved is not None and saved['config'].get('recipe', run_dir.LEGACY['recipe']) in recipes.RECIPES:
+        recipe = saved['config'].get('recipe', run_dir.LEGACY['recipe'])
+    bfloat16 = recipe == recipes.AUTO and recipes.own_data(dataset) and machine.resolve_precision(
+        precision if precision and 'precision' in explicit else 'auto') == 'mixed_bfloat16'
+    chosen = recipes.resolve(recipe, dataset, bfloat16)
 
     def fields(name):
         cls = algorithms.ALGORITHMS.get(name)

@@ -63,7 +63,8 @@ def plan(algorithms, label_counts, seeds, out: str, settings: Optional[dict] = N
                                  algorithm=name, labels=label_counts[0], seed=seeds[0],
                                  train_dir=None)
         recipe, _, defaults, hyperparameters = fitting.recipe_defaults(
-            cfg.recipe, cfg.dataset, name, hparams.given_flags() | set(values) | {'algorithm'})
+            cfg.recipe, cfg.dataset, name, hparams.given_flags() | set(values) | {'algorithm'},
+            cfg.precision)
         values = dict(defaults, **hyperparameters, **values, recipe=recipe.name)
         own = ALGORITHMS[name].__dataclass_fields__
         algorithm = create(name, **{k: v for k, v in values.items() if k in own})
