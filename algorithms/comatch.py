@@ -1,36 +1,51 @@
-"""CoMatch (Li, Xiong and Hoi, ICCV 2021, arXiv:2011.11183): pseudo-labels smoothed by a memory of
-embeddings, and a contrastive loss shaped by the pseudo-label graph.
+"""CoMatch (Li, Xiong and Hoi, "CoMatch: Semi-supervised Learning with Contrastive Graph
+Regularization", ICCV 2021, arXiv:2011.11183; the authors' code salesforce/CoMatch,
+Train_CoMatch.py): pseudo-labels smoothed by a memory of embeddings, and a contrastive loss
+shaped by the pseudo-label graph.
 
 Every image gets class probabilities and a unit-length embedding (base.Projection). For the
-unlabeled images, with a weak and two strong views (Sec. 3.2-3.3):
-- p^w, the weak view's prediction aligned to a uniform class distribution over the last 32
-  batches (USB's DistAlignQueueHook, da_len 32; base.align_to_uniform);
-- memory-smoothed pseudo-label: q = alpha p^w + (1 - alpha) sum_k a_k q_k, a_k =
-  softmax_k(z^w . z_k / t) over a FIFO queue of the last weak-view and labeled embeddings z_k
-  with their probabilities q_k (p^w, or the label's one-hot) (nn/memory.similarities, smooth;
-  the state `queue_embeddings`, `queue_probs`, `queue_pointer`: base.enqueue);
-- L_u: cross-entropy of the first strong view's prediction to q (a soft target), where
-  max q >= tau;
-- the pseudo-label graph W^q_bj = q_b . q_j with self-loops, zeroed below T = 0.8, rows
-  normalised, is the target of the embedding graph softmax_j(z^s1_b . z^s2_j / t) between the
-  two strong views: L_ctr, their cross-entropy (nn/memory.pseudo_label_graph,
+unlabeled images, with a weak and two strong views, each step named as the authors' code
+comments name it (the paper's equation numbers are not cited: its text past the abstract could
+not be read when this was checked; every formula was checked against the authors' code and
+USB's algorithms/comatch/comatch.py):
+- "DA": p^w, the weak view's prediction aligned to a uniform class distribution over the last
+  32 batches (the authors' prob_list of batch means, at most 32; USB's DistAlignQueueHook,
+  da_len 32; base.align_to_uniform);
+- "memory-smoothing": q = alpha p^w + (1 - alpha) sum_k a_k q_k, a_k = softmax_k(z^w . z_k / t)
+  over a FIFO queue of the last weak-view and labeled embeddings z_k with their probabilities
+  q_k (p^w before smoothing, or the label's one-hot) (nn/memory.similarities, smooth; the state
+  `queue_embeddings`, `queue_probs`, `queue_pointer`: base.enqueue);
+- "unsupervised classification loss" L_u: cross-entropy of the first strong view's prediction
+  to q (a soft target), where max q >= tau, averaged over every unlabeled image;
+- "pseudo-label graph with self-loop": W^q_bj = q_b . q_j, 1 on the diagonal, zeroed below
+  T = 0.8, rows normalised, is the target of the "embedding similarity" graph
+  softmax_j(z^s1_b . z^s2_j / t) between the two strong views: the "contrastive loss" L_ctr,
+  their cross-entropy averaged over the rows (nn/memory.pseudo_label_graph,
   graph_contrastive_loss).
-Loss = L_s + lambda_u L_u + lambda_c L_ctr. The graph spans the global batch: under
-tf.distribute each replica's rows meet every replica's columns (replica_concat), so two replicas
-train as one device does (USB's graph is per GPU).
+Loss = L_s + lambda_u L_u + lambda_c L_ctr (the authors' loss_x + lam_u * loss_u + lam_c *
+loss_contrast). The graph spans the global batch: under tf.distribute each replica's rows meet
+every replica's columns (replica_concat), so two replicas train as one device does (USB's graph
+is per GPU).
 
-Defaults: USB's config/classic_cv/comatch/comatch_cifar10_40_0.yaml and the paper's CIFAR
-setting: tau = 0.95, T = 0.8, t = 0.2, alpha = 0.9, lambda_u = lambda_c = 1, soft pseudo-labels
-(hard_label: False), 64-dimensional embeddings, a queue of 5 batches of (1 + uratio) x 64 =
-2560 rows (queue_batch 5), DA over 32 batches, uratio 7 (runs/algorithms/comatch.flags). Those
-configs now carry use_epass: True, added after USB's published results; we follow the published
-setting, one projection head.
+Defaults: the authors' Train_CoMatch.py arguments and USB's
+config/classic_cv/comatch/comatch_cifar10_40_0.yaml agree: tau = 0.95 (--thr, p_cutoff),
+T = 0.8 (--contrast-th, contrast_p_cutoff), t = 0.2 (--temperature, T), alpha = 0.9 (--alpha,
+smoothing_alpha), lambda_u = lambda_c = 1 (--lam-u, --lam-c; ulb_loss_ratio,
+contrast_loss_ratio), soft pseudo-labels (hard_label: False), 64-dimensional embeddings
+(--low-dim, proj_size), a queue of 5 batches of (1 + uratio) x 64 = 2560 rows (--queue-batch,
+queue_batch 5), DA over 32 batches (da_len), uratio 7 (--mu; runs/algorithms/comatch.flags).
+USB's configs now carry use_epass: True, added after USB's published results; we follow the
+published setting, one projection head.
 
-Deliberate differences: USB smooths from its second epoch once queue_batch steps have passed;
-here once the queue is full (`metrics['queue_full']`), which is what the wait stands for (its rows
-start at zero). USB's DA window starts at zeros; here at 1/C. The contrastive loss uses the exact
-log-softmax (USB adds 1e-7 inside the log). With --teacher=ema p^w comes from the EMA model; the
-embeddings stay the student's (gradient stopped): heads are not averaged (core/ema.py).
+Deliberate differences: USB smooths from its second epoch once queue_batch steps have passed
+(epoch > 0 and it > queue_batch), the authors from step queue_batch + 1 (epoch > 0 or it >
+queue_batch, by which the queue is full); here once the queue is full (`metrics['queue_full']`),
+one step before the authors. The DA window starts at 1/C (USB's at zeros, the authors' list
+empty: both align the first batches by the mean of those seen so far). The contrastive loss
+uses the exact log-softmax (both add 1e-7 inside the log). The projection head is USB's
+Dense - ReLU - Dense (the authors' WideResnet has a LeakyReLU of slope 0.1 between its fc1 and
+fc2). With --teacher=ema p^w comes from the EMA model; the embeddings stay the student's
+(gradient stopped): heads are not averaged (core/ema.py).
 """
 import tensorflow as tf
 
@@ -75,21 +90,27 @@ class CoMatch(EmbeddingMemory):
         weak, strong1, strong2 = batch.unlabeled
         (labeled_logits, weak_logits, strong_logits, _), (labeled_z, weak_z, z1, z2) = \
             concat_forward_heads(batch.heads, batch.labeled_x, weak, strong1, strong2)
-        xe = losses.cross_entropy(batch.labels, labeled_logits)
+        xe = losses.cross_entropy(batch.labels, labeled_logits)   # L_s
         probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        # "DA": p^w aligned to uniform over the last 32 batch means
         probs, p_model = align_to_uniform(probs, batch.state['p_model'])
         old, t = batch.state, self.similarity_temperature
         weak_z, labeled_z = tf.stop_gradient(weak_z), tf.stop_gradient(labeled_z)
         full = old['queue_full'] > 0
+        # "memory-smoothing": q = alpha p^w + (1 - alpha) sum_k softmax_k(z^w . z_k / t) q_k
         neighbours = tf.matmul(memory.similarities(weak_z, old['queue_embeddings'], t),
                                old['queue_probs'])
         target = tf.where(full, memory.smooth(probs, neighbours, self.smoothing_alpha), probs)
+        # L_u: soft cross-entropy of the first strong view to q where max q >= tau
         mask = losses.confidence_mask(target, self.confidence_threshold)
         pseudo = losses.soft_cross_entropy(target, strong_logits, mask)
+        # "pseudo-label graph with self-loop" W^q = q q^T, diagonal 1, zeroed below T, rows
+        # normalised; L_ctr: its cross-entropy to softmax_j(z^s1_b . z^s2_j / t)
         graph = memory.pseudo_label_graph(target, replica_concat(target),
                                           self.contrast_threshold, replica_offset(target))
         contrast = memory.graph_contrastive_loss(graph, z1, replica_concat(z2), t)
-        # The queue takes the global batch's weak views (with p^w) then its labeled images.
+        # "update memory bank": the global batch's weak views (with p^w before smoothing, the
+        # authors' probs_orig) then its labeled images (with their one-hot labels)
         embeddings = tf.concat([replica_concat(weak_z), replica_concat(labeled_z)], 0)
         rows_probs = tf.concat([replica_concat(probs),
                                 replica_concat(tf.one_hot(batch.labels, probs.shape[-1]))], 0)
@@ -99,6 +120,7 @@ class CoMatch(EmbeddingMemory):
         state = {'p_model': p_model, 'queue_embeddings': queue, 'queue_probs': queue_probs,
                  'queue_pointer': pointer,
                  'queue_full': tf.cast(full | (written >= self.queue_size), tf.int32)}
+        # L_s + lambda_u L_u + lambda_c L_ctr
         return Losses(xe, self.consistency_weight * pseudo + self.contrast_weight * contrast,
                       {'pseudo_label': pseudo, 'contrast': contrast,
                        'mask': tf.reduce_mean(mask), 'queue_full': tf.cast(full, tf.float32)},

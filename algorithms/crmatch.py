@@ -1,5 +1,7 @@
-"""CRMatch (Fan, Kukleva, Dai and Schiele, "Revisiting Consistency Regularization for Deep
-Semi-supervised Learning", GCPR 2021 / IJCV 2022, arXiv:2112.05825).
+"""CRMatch (Fan, Kukleva and Schiele, "Revisiting Consistency Regularization for Semi-Supervised
+Learning", GCPR 2021, arXiv:2112.05825; extended in IJCV 2022). The abstract says the code "will
+be published"; no release by the authors was found, so USB's algorithms/crmatch/crmatch.py is
+the reference implementation here.
 
 FixMatch's pseudo-labels (the weak view's confident argmax trains the strong view) with two more
 terms on the same joint pass:
@@ -13,22 +15,26 @@ terms on the same joint pass:
   view, each in all four rotations (USB's RotNet loader over the unlabeled set with the labeled
   transform).
 Loss = H(y, p(x_l)) + lambda_u L_u + lambda_d L_dist + lambda_rot L_rot, every weight 1 (USB's
-train_step adds the four unweighted; rot_loss_ratio only switches the rotation term on). The
-terms are named as the paper names them; its equation numbers are not cited here, as its text
-was not at hand when this was written (the math follows USB's implementation).
+train_step: total_loss = Lx + Lu + Ld, then += Lrot; rot_loss_ratio only switches the rotation
+term on). The terms are named as the paper's abstract and USB name them; its equation numbers
+are not cited: its text past the abstract could not be read when this was checked (the math
+follows USB's implementation).
 
 The heads, and why they sit where they do. USB's rotation head is an MLP (Dense(width) - ReLU -
 Dense(4)) on the pooled features, and ours is that one (nn/heads.MLP on the layer 'features').
 Its feature-distance head is a linear map of the flattened feature map before the pooling, to the
-features' width (8 x 8 x 128 -> 128 on WRN-28-2): the paper compares features that keep where
-things are, which the pooling averages away, so ours reads the same map, found by name (the input
-of the layer named 'features': nn/backbones.feature_map), never by position. A custom backbone
-that returns pooled features has no map; its head then reads the features, as USB's ViT one does.
+features' width (8 x 8 x 128 -> 128 on WRN-28-2; USB's ds_classifier on backbone.extract(x)
+flattened): the map keeps where things are, which the pooling averages away, so ours reads the
+same map, found by name (the input of the layer named 'features': nn/backbones.feature_map),
+never by position. A custom backbone that returns pooled features has no map; its head then
+reads the features, as USB's ViT one does.
 
-Defaults: USB's config/classic_cv/crmatch/crmatch_cifar10_40_0.yaml: tau = 0.95, hard
-pseudo-labels, rotation weight 1 (runs/algorithms/crmatch.flags for the rest). With
---teacher=ema the pseudo-labels and their mask come from the EMA model; the feature-distance
-vectors are always the student's.
+Defaults: USB's config/classic_cv/crmatch/crmatch_cifar10_40_0.yaml: tau = 0.95 (p_cutoff), hard
+pseudo-labels (hard_label), lambda_u = 1 (ulb_loss_ratio, which USB's train_step does not
+apply), the rotation term on (get_argument's rot_loss_ratio 1.0; the config sets none),
+lambda_d = 1 as USB adds Ld (runs/algorithms/crmatch.flags for the rest). With --teacher=ema the
+pseudo-labels and their mask come from the EMA model; the feature-distance vectors are always
+the student's.
 """
 import tensorflow as tf
 
@@ -69,16 +75,20 @@ class CRMatch(Algorithm):
 
     def __call__(self, student, teacher, batch):
         weak, strong = batch.unlabeled
+        # RotNet's images: as many unlabeled weak views as the labeled batch, in 4 rotations
         rotated, turns = all_rotations(weak[:tf.shape(batch.labeled_x)[0]])
         logits, rotation_logits, vectors = concat_forward_heads(
             batch.heads, batch.labeled_x, weak, strong, rotated)
         labeled, weak_logits, strong_logits, _ = logits
-        xe = losses.cross_entropy(batch.labels, labeled)
+        xe = losses.cross_entropy(batch.labels, labeled)   # USB's Lx
+        # Lu: the weak view's confident argmax (>= tau) trains the strong view
         pseudo, mask = losses.confident_pseudo_label_loss(
             target_logits(self, teacher, weak, weak_logits), strong_logits,
             self.confidence_threshold)
+        # Ld, FeatDistLoss: mean of mask * max(0, cos(z_weak, z_strong)) (USB's
+        # cosine_embedding_loss(logits_ds_s, logits_ds_w, -1) * mask)
         distance = feature_distance(vectors[1], vectors[2], mask)
-        rotation = losses.cross_entropy(turns, rotation_logits[3])
+        rotation = losses.cross_entropy(turns, rotation_logits[3])   # Lrot, over 4 angles
         unlabeled = (self.consistency_weight * pseudo + self.distance_weight * distance
                      + self.rotation_weight * rotation)
         return Losses(xe, unlabeled, {'pseudo_label': pseudo, 'feature_distance': distance,

@@ -8,14 +8,18 @@ is shrunk by removing the classes ranked 2, 3, ..., c - 1 by q, the most confusi
 smallest c >= 2 for which the top-1 class is confident among what is left,
 q_(1) / (q_(1) + sum_{j >= c} q_(j)) >= tau; an auxiliary head then learns the top-1 class on the
 strong view by cross-entropy over the kept classes only (`shrunk_loss`). Both reweighting
-principles (the authors' code numbers them 1 and 2): each image's term is multiplied by its
-original confidence max q, and the batch's term by an EMA (momentum 0.999) of the share of
-certain images (state 'certain_ratio', which starts at the first batch's share, as the
+principles of the abstract (the authors' code comments number them: "for our loss reweighting
+principle 1", "... principle 2"): each image's term is multiplied by its original confidence
+max q (principle 1), and the batch's term by an EMA (momentum 0.999) of the share of certain
+images (principle 2; state 'certain_ratio', which starts at the first batch's share, as the
 authors'). An image whose space shrinks to the top-1 and the least likely class without becoming
-confident contributes nothing (the authors').
-Loss = H(y, p(x_l)) + L_u + certain_ratio * L_shrink (the authors' weights). The math follows
-the authors' CIFAR/shrinkmatch.py; the paper's equation numbers are not cited here, as its text
-was not at hand when this was written.
+confident contributes nothing (the authors' loss_u_shrink *= max_probs[b] * (sub_conf >=
+conf_thresh)).
+Loss = H(y, p(x_l)) + L_u + certain_ratio * L_shrink (the authors' loss_x + loss_u +
+(loss_u_shrink / B) * certain_ratio_ema). The math follows the authors' CIFAR/shrinkmatch.py
+(shrink_loss and train); the paper's equation numbers are not cited: its text past the abstract
+could not be read when this was checked. A test (tests/test_shrinkmatch.py) checks shrunk_loss
+against a transcription of the authors' loop on random batches.
 
 The shrinking is vectorised: with q sorted in decreasing order, the mass left after removing the
 classes before c is a reversed cumulative sum, sum_{j >= c} q_(j), so the shrunk confidence of
@@ -28,10 +32,16 @@ LeakyReLU(0.1) - Dense(C) on the pooled features of width d (nn/heads.MLP). It t
 strong views but runs in the joint pass, so its batch norm normalises over the whole batch (the
 authors' over the strong views alone).
 
-Defaults: the authors' CIFAR/shrinkmatch.py and script/dist_train.sh (CIFAR-10): tau = 0.95,
-distribution alignment on (--DA) over 32 batches, certain-ratio momentum 0.999; the optimiser's
-in runs/algorithms/shrinkmatch.flags. The alignment window starts uniform (the shared
-base.align_to_uniform) where the authors' starts empty. With --teacher=ema q is the EMA model's.
+Defaults: the authors' CIFAR/shrinkmatch.py and script/dist_train.sh (CIFAR-10): tau = 0.95
+(--threshold), distribution alignment on (--DA) over 32 batches (network/shrinkmatch.py DA_len),
+certain-ratio momentum 0.999; the optimiser's in runs/algorithms/shrinkmatch.flags. The
+alignment window starts uniform (the shared base.align_to_uniform) where the authors' starts at
+zeros (the mean of the batches seen so far, once renormalised). The certain ratio's EMA runs
+through the whole of training, as the authors' ImageNet/shrinkmatch.py (which checkpoints it)
+and STL10-SVHN/models/shrinkmatch (one train() over every step) keep it; their
+CIFAR/shrinkmatch.py sets certain_ratio_ema = None at the start of every train() call, one per
+epoch of 1024 steps, so there it restarts from each epoch's first batch. With
+--teacher=ema q is the EMA model's.
 """
 import tensorflow as tf
 
@@ -52,7 +62,8 @@ def shrunk_loss(probs, logits, threshold):
     sorted_probs = tf.gather(probs, order, batch_dims=1)
     sorted_logits = tf.gather(logits, order, batch_dims=1)
     top = sorted_probs[:, :1]
-    # shrunk[:, c] = q_(1) / (q_(1) + sum_{j >= c} q_(j)): classes 1 .. c-1 removed
+    # shrunk[:, c] = q_(1) / (q_(1) + sum_{j >= c} q_(j)): classes 1 .. c-1 removed (the
+    # authors' sub_conf, for every c at once)
     shrunk = top / (top + tf.cumsum(sorted_probs, axis=-1, reverse=True))
     position = tf.range(num_classes)
     below = tf.cast((position[None] >= 2) & (shrunk < threshold), tf.int32)
@@ -64,7 +75,9 @@ def shrunk_loss(probs, logits, threshold):
     per_image = tf.reduce_logsumexp(kept_logits, -1) - sorted_logits[:, 0]
     confidence = top[:, 0]
     uncertain = confidence < threshold
-    weight = tf.where(uncertain & reached, confidence, 0.)   # principle 1: times max q
+    # principle 1: times max q, and 0 unless the shrunk set reached tau (the authors'
+    # loss_u_shrink *= max_probs[b] * (sub_conf >= conf_thresh))
+    weight = tf.where(uncertain & reached, confidence, 0.)
     if num_classes < 3:   # nothing to remove between the top-1 and the rest
         weight = tf.zeros_like(weight)
     return (tf.reduce_mean(weight * per_image),
@@ -103,11 +116,14 @@ class ShrinkMatch(Algorithm):
         xe = losses.cross_entropy(batch.labels, labeled)
         probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
         window = batch.state['p_model']
-        if self.prediction_window:
+        if self.prediction_window:   # the authors' distribution_alignment (--DA)
             probs, window = align_to_uniform(probs, window)
-        mask = losses.confidence_mask(probs, self.confidence_threshold)
+        mask = losses.confidence_mask(probs, self.confidence_threshold)   # certain: max q >= tau
         pseudo = losses.soft_cross_entropy(probs, strong_logits, mask)   # L_u: soft targets
+        # L_shrink on the auxiliary head's strong-view logits, principle 1 inside
         shrink, cut = shrunk_loss(probs, auxiliary[2], self.confidence_threshold)
+        # Principle 2: an EMA of the certain share, from the first batch's (the authors'
+        # certain_ratio_ema = mask.mean() if None, else * 0.999 + mask.mean() * 0.001)
         certain = replica_mean(tf.reduce_mean(mask))
         old = batch.state['certain_ratio']
         ratio = tf.where(old < 0., certain, losses.moving_average(old, certain,

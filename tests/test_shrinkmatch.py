@@ -36,6 +36,40 @@ def test_shrunk_class_set_and_its_weight():
     np.testing.assert_allclose(float(loss), .5 * (lse(0., .6, .8) - 0.) / 3, rtol=1e-6)
 
 
+def authors_shrunk_loss(probs, logits, threshold):
+    """A transcription of the authors' per-image, per-class loop (LiheYoung/ShrinkMatch
+    CIFAR/shrinkmatch.py, shrink_loss) in float64: for each uncertain image, remove the classes
+    ranked 2..c-1 for c = 2, 3, ... until the top-1's confidence among the rest reaches the
+    threshold or c is the last class; cross-entropy to the top-1 over the kept classes, times
+    max q and whether the threshold was reached; summed, then divided by B (their train)."""
+    total = 0.
+    for q, z in zip(probs, logits):
+        order = np.argsort(-q, kind='stable')
+        q, z = q[order], z[order]
+        if q[0] >= threshold:
+            continue
+        for c in range(2, len(q)):
+            shrunk = q[0] / (q[0] + q[c:].sum())
+            if shrunk >= threshold or c == len(q) - 1:
+                kept = np.concatenate([z[:1], z[c:]])
+                total += (lse(*kept) - z[0]) * q[0] * (shrunk >= threshold)
+                break
+    return total / len(probs)
+
+
+def test_vectorised_shrinking_equals_the_authors_loop_on_random_batches():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        classes = int(rng.integers(2, 12))
+        probs = rng.dirichlet(np.full(classes, rng.uniform(.1, 2.)), 6)
+        logits = rng.normal(size=(6, classes))
+        threshold = float(rng.uniform(.3, .97))
+        loss, _ = shrunk_loss(tf.constant(probs, tf.float32), tf.constant(logits, tf.float32),
+                              threshold)
+        np.testing.assert_allclose(float(loss), authors_shrunk_loss(probs, logits, threshold),
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_loss_and_certain_ratio_on_a_tiny_batch():
     """No alignment (window 0), so q is the weak view's softmax: image 0 is certain and trains
     the strong view with its soft q; image 1 (.6, .3, .06, .04) shrinks to {1st, 4th} (.6/.64 =

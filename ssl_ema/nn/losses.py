@@ -63,8 +63,8 @@ def constant_rampup(progress, length):
 
 def cosine_rampup(progress, length):
     """1/2 - cos(pi t) / 2 with t = min(1, progress / length): AdaMatch's warm-up mu(t) = 1/2 -
-    cos(min(pi, 2 pi t / T)) / 2 (Berthelot et al. 2022, Sec. 3.4) when length is 1/2;
-    1 everywhere when length is 0."""
+    cos(min(pi, 2 pi t / T)) / 2 (Berthelot et al. 2022; the authors' ScheduleCosPhases(1,
+    [(0.5, 1), (1, wu)], start_value=0)) when length is 1/2; 1 everywhere when length is 0."""
     return 0.5 - 0.5 * tf.cos(math.pi * linear_rampup(progress, length))
 
 
@@ -254,16 +254,17 @@ def align_distribution(probs, p_target, p_model):
 
 
 def relative_threshold(labeled_probs, tau):
-    """AdaMatch's relative confidence threshold (Sec. 3.3): tau times the mean over the labeled
-    images of their largest class probability, so the bar follows how confident the model is on
-    images whose labels it is taught."""
+    """AdaMatch's relative confidence threshold (the paper's name; the authors'
+    confidence_ratio = softmax(logit_sx_weak).max(1).mean(0) * confidence): tau times the mean
+    over the labeled images of their largest class probability, so the bar follows how
+    confident the model is on images whose labels it is taught."""
     return tau * tf.reduce_mean(tf.reduce_max(labeled_probs, axis=-1))
 
 
 def dash_threshold(rho_hat, stage, scale, decay, floor):
-    """Dash's dynamic loss threshold (Xu et al. 2021, Algorithm 1): rho = C gamma^-k rho_hat
-    at stage k (0 when training on unlabeled images starts; negative k counts as 0), never
-    below rho_min (`floor`, USB's)."""
+    """Dash's dynamic loss threshold (Xu et al. 2021; USB's DashThresholdingHook.update):
+    rho = C gamma^-k rho_hat at stage k (0 when training on unlabeled images starts; negative k
+    counts as 0), never below rho_min (`floor`, USB's)."""
     stage = tf.maximum(tf.cast(stage, tf.float32), 0.)
     return tf.maximum(scale * tf.pow(decay, -stage) * rho_hat, floor)
 

@@ -13,7 +13,7 @@ def similarity_logits(embeddings, memory, temperature):
 
 def similarities(embeddings, memory, temperature):
     """softmax_k(z_b . m_k / t): how much each memory row is like each embedding, [B, K]
-    (SimMatch's q, Sec. 3.2; CoMatch's a_k, Sec. 3.2)."""
+    (SimMatch's q, Sec. 3.2; CoMatch's a_k, its "memory-smoothing")."""
     return tf.nn.softmax(similarity_logits(embeddings, memory, temperature))
 
 
@@ -33,13 +33,13 @@ def aggregate(similarity, memory_labels, num_classes):
 
 def smooth(probs, neighbours, alpha):
     """alpha p + (1 - alpha) p_neighbours: a prediction smoothed by its memory neighbours'
-    labels (SimMatch's label propagation, CoMatch's memory-smoothed pseudo-label, Sec. 3.2)."""
+    labels (SimMatch's label propagation, CoMatch's memory-smoothed pseudo-label)."""
     return alpha * probs + (1. - alpha) * neighbours
 
 
 def pseudo_label_graph(probs, column_probs, threshold, offset=0):
-    """CoMatch's pseudo-label graph with self-loops (Sec. 3.3): W_bj = p_b . p_j, 1 where j is b
-    itself, 0 where below `threshold`, each row normalised to sum 1. Rows are this replica's
+    """CoMatch's pseudo-label graph with self-loops (the authors' Q): W_bj = p_b . p_j, 1 where j
+    is b itself, 0 where below `threshold`, each row normalised to sum 1. Rows are this replica's
     images `probs` [B, C]; columns the global batch's `column_probs` [M, C], in which this
     replica's images start at `offset`."""
     graph = tf.matmul(probs, column_probs, transpose_b=True)
@@ -50,8 +50,8 @@ def pseudo_label_graph(probs, column_probs, threshold, offset=0):
 
 
 def graph_contrastive_loss(graph, embeddings, column_embeddings, temperature):
-    """CoMatch's contrastive loss (Sec. 3.3): the cross-entropy between each row of the
-    pseudo-label graph and the embedding graph softmax_j(z_b . z'_j / t) of one strong view's
-    embeddings against the other's, averaged over the rows."""
+    """CoMatch's contrastive loss (the authors' loss_contrast): the cross-entropy between each
+    row of the pseudo-label graph and the embedding graph softmax_j(z_b . z'_j / t) of one strong
+    view's embeddings against the other's, averaged over the rows."""
     log_graph = tf.nn.log_softmax(similarity_logits(embeddings, column_embeddings, temperature))
     return tf.reduce_mean(-tf.reduce_sum(graph * log_graph, -1))
