@@ -29,13 +29,25 @@ def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: in
 # A state of this name [K] starts at the labeled images' class distribution (the trainer's data).
 LABELED_PRIOR = 'labeled_prior'
 
+# A dimension of a State's shape of this value is the width of the student's pooled features
+# (nn/backbones.features), which the trainer knows once the model is built (DASO's prototypes).
+FEATURES = -1
+
+
+def uses_feature_width(states: Dict[str, State]) -> bool:
+    """Whether a dimension of any of `states` is FEATURES."""
+    return any(FEATURES in s.shape for s in states.values())
+
 
 def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0,
-                  labeled_prior=None) -> Dict[str, tf.Tensor]:
+                  labeled_prior=None, feature_width: int = None) -> Dict[str, tf.Tensor]:
     """The algorithm's declared state at its initial values (the trainer's variables start so);
-    a LABELED_PRIOR state at `labeled_prior` when given."""
-    out = {name: tf.fill(s.shape, tf.cast(s.initial, s.dtype)) for name, s in
-           declared_state(algorithm, num_classes, pool_size, labeled_size).items()}
+    a LABELED_PRIOR state at `labeled_prior` when given; FEATURES dimensions `feature_width`."""
+    declared = declared_state(algorithm, num_classes, pool_size, labeled_size)
+    if uses_feature_width(declared) and feature_width is None:
+        raise ValueError(f'{algorithm.name}\'s state needs the feature width')
+    out = {name: tf.fill([feature_width if d == FEATURES else d for d in s.shape],
+                         tf.cast(s.initial, s.dtype)) for name, s in declared.items()}
     if labeled_prior is not None and LABELED_PRIOR in out:
         out[LABELED_PRIOR] = tf.constant(labeled_prior, out[LABELED_PRIOR].dtype)
     return out

@@ -108,7 +108,7 @@ def test_no_gradient_reaches_the_teacher_and_it_stays_unchanged(name):
     teacher.model.set_weights([w + 0.1 for w in student.get_weights()])   # a distinct teacher
     before = [np.array(w) for w in teacher.model.weights]
     batch = tiny_batch(algorithm.views)   # and what the newer algorithms ask for (state, ...)
-    batch.state = algorithms.base.initial_state(algorithm, 10, 8, 4)
+    batch.state = algorithms.base.initial_state(algorithm, 10, 8, 4, feature_width=128)
     batch.unlabeled_index, batch.labeled_index = tf.range(8), tf.range(4)
     batch.labeled_views = tuple(batch.labeled_x + 0.02 * (i + 1)
                                 for i in range(len(algorithm.labeled_views)))

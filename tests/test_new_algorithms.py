@@ -178,7 +178,7 @@ class Model:
 def random_batch(algorithm, num_classes=10, heads=None, seed=0):
     rng = tf.random.Generator.from_seed(seed)
     x = lambda n, i=0: tf.random.stateless_uniform((n, 8, 8, 1), [seed, n + i])  # noqa: E731
-    state = base.initial_state(algorithm, num_classes, 16, 4)
+    state = base.initial_state(algorithm, num_classes, 16, 4, feature_width=128)
     views = tuple(x(8, i) for i in range(len(algorithm.views)))
     return Batch(x(4), tf.constant([0, 1, 2, 3]), views,
                  tf.constant(1.), rng, tf.constant(.5), state=state,

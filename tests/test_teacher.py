@@ -26,7 +26,8 @@ def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
                              'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch',
-                             'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch'}
+                             'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch',
+                             'crest', 'crest_plus', 'daso'}
 
 
 @pytest.mark.parametrize('name', TEACHING)
@@ -42,6 +43,8 @@ def test_teacher_ema_makes_the_targets(name):
         batch = random_batch(algorithm, heads=heads)
         if 'inlier' in batch.state:   # OpenMatch: pseudo-labels only on selected inliers
             batch.state['inlier'] = tf.ones_like(batch.state['inlier'])
+        if 'daso_distribution' in batch.state:   # DASO: classes 3 and 7 take linear labels
+            batch.state['daso_distribution'] = tf.one_hot(0, 10)
         return float(algorithm(student, teacher, batch).unlabeled)
     ema = [unlabeled_loss('ema', t) for t in teachers]
     own = [unlabeled_loss('student', t) for t in teachers]

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ema.algorithms import Batch, base
+from ssl_ema.algorithms import state as algorithm_state
 from ssl_ema.base import machine
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.core import accuracy, cluster, pool, run_dir, snapshots
@@ -113,12 +114,15 @@ class Trainer(Engine):
         open-set algorithm, whose unknown score is a head's)."""
         labeled_size = data.labeled_size if self.algorithm.needs_labeled_indices else 0
         prior = None   # the labeled class distribution, for the algorithms that keep it (ABC)
-        if base.LABELED_PRIOR in base.declared_state(self.algorithm, data.num_classes,
-                                                     data.unlabeled_size, labeled_size):
+        declared = base.declared_state(self.algorithm, data.num_classes, data.unlabeled_size,
+                                       labeled_size)
+        if base.LABELED_PRIOR in declared:
             labels = data.arrays.y_train[data.split.labeled]
             prior = np.bincount(labels, minlength=data.num_classes) / len(labels)
+        width = (backbones.features(self.student).shape[-1]   # DASO's prototypes
+                 if algorithm_state.uses_feature_width(declared) else None)
         initial = base.initial_state(self.algorithm, data.num_classes, data.unlabeled_size,
-                                     labeled_size, prior)
+                                     labeled_size, prior, width)
         self.state = {name: tf.Variable(value, trainable=False, name=f'algorithm_state_{name}',
                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                       for name, value in initial.items()}

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 import re
+import weakref
 
 import keras
 import tensorflow as tf
@@ -148,6 +149,22 @@ def features(model):
         raise ConfigError(f'the model {model.name} has no layer named {FEATURES!r} (the pooled '
                           'features under its classification head): a backbone that keeps its '
                           'own head has none; give it without its head') from None
+
+
+def logits_and_features(model):
+    """A Keras model sharing every layer of `model` that returns [its logits, its pooled
+    features] (`features`) from one pass, and the model of its classification head alone, from
+    the pooled features to the logits (DASO's prototypes, CoSSL's classifier trained on mixed
+    features). Built once per model."""
+    if model not in _LOGITS_AND_FEATURES:
+        pooled = features(model)
+        _LOGITS_AND_FEATURES[model] = (
+            keras.Model(model.inputs, [model.outputs[0], pooled], name=f'{model.name}_features'),
+            keras.Model(pooled, model.outputs[0], name=f'{model.name}_classifier'))
+    return _LOGITS_AND_FEATURES[model]
+
+
+_LOGITS_AND_FEATURES = weakref.WeakKeyDictionary()   # model -> logits_and_features(model)
 
 
 def feature_map(model):
