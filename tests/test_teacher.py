@@ -26,7 +26,8 @@ def test_every_target_making_algorithm_has_the_teacher_flag():
     assert set(TEACHING) == {'pi_model', 'pseudo_label', 'mixmatch', 'fixmatch', 'uda',
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
                              'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch',
-                             'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch'}
+                             'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch', 'saw',
+                             'debiaspl', 'adsh'}
 
 
 @pytest.mark.parametrize('name', TEACHING)
