@@ -17,7 +17,7 @@ USB's adsh/utils.py takes class 0 as the head class and starts every threshold a
 exp(-tau_1) = 0.39 (its scores are -log confidences initialised to tau_1), so until its first
 pass nearly every pseudo-label counts; its rho is one rank short and, when no head-class image
 reaches tau_1, 1 (every image passes). Ours: the head class is the one with the most labeled
-images (the labeled prior's arg-max), every threshold starts at tau_1 (FixMatch's, until the
+images (the labeled prior's arg-max; among equals, the pool's most predicted), every threshold starts at tau_1 (FixMatch's, until the
 first pass), and a pass in which no head-class image reaches tau_1 sets every threshold to
 tau_1; a class the pool never predicts keeps its threshold. The confidences come from a pass of
 the EMA model over the pool (core/pool.py) every `adapt_every_fraction` of training, as USB's
@@ -57,6 +57,15 @@ def adaptive_thresholds(probs, head, tau, previous):
     return thresholds.astype(np.float32)
 
 
+def head_class(prior, probs):
+    """The class with the most labeled images; among classes with equally many (a balanced
+    labeled set), the one the pool is most often predicted as, then the first."""
+    prior = np.asarray(prior, np.float64)
+    tied = prior >= prior.max() * (1. - 1e-6)
+    predicted = np.bincount(np.argmax(probs, 1), minlength=len(prior))
+    return int(np.argmax(np.where(tied, predicted, -1)))
+
+
 @register('adsh')
 class ADSH(WeakStrong):
     base_algorithm: str = hparam('fixmatch', 'Algorithm whose thresholds ADSH adapts (USB\'s '
@@ -85,7 +94,7 @@ class ADSH(WeakStrong):
                 'thresholds': State((num_classes,), self.confidence_threshold)}
 
     def from_pool(self, probabilities, state, progress, unknown=None):
-        head = int(np.argmax(state[LABELED_PRIOR]))
+        head = head_class(state[LABELED_PRIOR], probabilities)
         return {'thresholds': adaptive_thresholds(probabilities, head, self.confidence_threshold,
                                                   state['thresholds'])}
 
