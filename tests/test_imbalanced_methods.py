@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import straight_and_resumed, tiny_config, weights_of
+from conftest import assert_resumed_exactly, straight_and_resumed, tiny_config
 from ssl_ema import algorithms
 from ssl_ema.algorithms import Batch
 from ssl_ema.algorithms.acr import (acr_targets, adaptive_tau, anchor_divergences,
@@ -294,11 +294,6 @@ def test_interrupted_run_resumes_to_the_same_weights_and_state(name, digits_data
                       ema_decay=decay)
     algorithm = algorithms.ALGORITHMS[name](**RESUMED[name])
     straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, stop)
-    for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
-                    weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for key, value in straight.state.items():
-        np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-4,
-                                   atol=1e-6)
+    assert_resumed_exactly(straight, resumed)
     initial = algorithms.base.initial_state(algorithm, 10, digits_data.unlabeled_size, 50)
     assert not np.allclose(np.array(straight.state[CHANGED[name]]), initial[CHANGED[name]])
