@@ -245,9 +245,18 @@ class WeakStrong(Algorithm):
         """One training pass over labeled, weak and strong images (shared batch norm). Returns
         (labeled cross-entropy, the targets' class probabilities on the weak view, gradient
         stopped and from --teacher, strong-view logits)."""
+        labeled, weak_logits, strong_logits = self.weak_strong_logits(student, teacher, batch)
+        return (losses.cross_entropy(batch.labels, labeled), tf.nn.softmax(weak_logits),
+                strong_logits)
+
+    def weak_strong_logits(self, student, teacher, batch: Batch):
+        """weak_strong's pass, in logits: (labeled logits, the targets' weak-view logits,
+        gradient stopped and from --teacher, strong-view logits), for the methods that reweigh
+        the labeled loss or shift the logits (SAW, DebiasPL)."""
         weak, strong = batch.unlabeled
-        xe, (weak_logits, strong_logits) = forward(student, batch, weak, strong)
-        return xe, tf.nn.softmax(target_logits(self, teacher, weak, weak_logits)), strong_logits
+        labeled, weak_logits, strong_logits = concat_forward(student, batch.labeled_x, weak,
+                                                             strong)
+        return labeled, target_logits(self, teacher, weak, weak_logits), strong_logits
 
 
 class EmbeddingMemory(Algorithm):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import straight_and_resumed, tiny_config, weights_of
+from conftest import assert_resumed_exactly, straight_and_resumed, tiny_config
 from ssl_ema import algorithms
 from ssl_ema.algorithms import Batch
 from ssl_ema.algorithms.abc import abc_keep_probability, abc_loss
@@ -90,10 +90,5 @@ def test_interrupted_darp_resumes_to_the_same_weights_and_state(digits_data, tmp
     algorithm = algorithms.ALGORITHMS['darp'](refine_every_steps=2, start_fraction=0.3,
                                               confidence_threshold=0.2)
     straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 4)
-    for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
-                    weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for key, value in straight.state.items():
-        np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-4,
-                                   atol=1e-6)
+    assert_resumed_exactly(straight, resumed)
     assert np.array(straight.state['refined']).sum() > 0   # it did refine

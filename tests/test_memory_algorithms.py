@@ -41,7 +41,7 @@ def test_heads_only_for_the_algorithms_that_ask(digits_data, tmp_path):
     under the names today's run directories hold."""
     with_heads = {name for name, cls in algorithms.ALGORITHMS.items() if cls().heads}
     assert with_heads == {'remixmatch', 'simmatch', 'comatch', 'crmatch', 'shrinkmatch', 'abc',
-                          'openmatch', 'iomatch', 'cossl'}
+                          'openmatch', 'iomatch', 'cossl', 'acr'}
     fixmatch = Trainer(tiny_config(), algorithms.ALGORITHMS['fixmatch'](), digits_data,
                        str(tmp_path / 'f'))
     simmatch = Trainer(tiny_config(), algorithms.ALGORITHMS['simmatch'](projection_units=8),

@@ -344,7 +344,8 @@ def test_ramp_up_is_a_flag_with_each_papers_default():
                         'shrinkmatch': 'none', 'openmatch': 'none', 'iomatch': 'none',
                         # on FixMatch: its constant weight (USB's classic_cv_imb)
                         'abc': 'none', 'darp': 'none', 'crest': 'none', 'crest_plus': 'none',
-                        'daso': 'none', 'cossl': 'none'}
+                        'daso': 'none', 'cossl': 'none', 'saw': 'none', 'debiaspl': 'none',
+                        'adsh': 'none', 'acr': 'none'}
     assert algorithms.ALGORITHMS['mean_teacher'](ramp_up='linear').ramp_up == 'linear'
     assert algorithms.ALGORITHMS['remixmatch'](ramp_up='sigmoid').ramp_up == 'sigmoid'
     from ssl_ema.base.errors import ConfigError

@@ -27,7 +27,7 @@ def test_every_target_making_algorithm_has_the_teacher_flag():
                              'flexmatch', 'freematch', 'softmatch', 'remixmatch', 'adamatch',
                              'dash', 'simmatch', 'comatch', 'defixmatch', 'sequencematch',
                              'crmatch', 'shrinkmatch', 'darp', 'openmatch', 'iomatch',
-                             'crest', 'crest_plus', 'daso'}
+                             'crest', 'crest_plus', 'daso', 'saw', 'debiaspl', 'adsh'}
 
 
 @pytest.mark.parametrize('name', TEACHING)
