@@ -73,9 +73,11 @@ def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xl
     # VAT's adversarial direction is the normalised gradient of a finite difference at step xi
     # (Eq. 12), which magnifies the rounding of XLA's other summation order in the backward pass
     # (measured: its consistency 2e-4 apart, the updates 1e-3 of the largest, their cosine
-    # 0.999999); its random start is the same draw (nn/draws.py). Every other algorithm: 1e-4.
-    vat = name == 'vat'
-    rtol = 1e-3 if vat else 1e-4
+    # 0.999999); its random start is the same draw (nn/draws.py). ACR's two logit-adjusted heads
+    # on one backbone: its first conv's updates 4.4e-4 of the largest apart on an AVX-512 CPU
+    # (CI, 2026-12-03; 1.2e-6 on AVX2), its losses within 1e-4. Every other algorithm: 1e-4.
+    loose = name in ('vat', 'acr')
+    rtol = 1e-3 if loose else 1e-4
     # The two steps' updates themselves (the weights alone barely move in two steps), to rtol of
     # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
     scale = max(np.abs(a).max() for a in map(np.array, plain['updates']))
@@ -84,9 +86,9 @@ def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xl
         for key in a:
             np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=1e-6,
                                        err_msg=f'{name} step {step} {key}')
-    spread = (2 if vat else 1) * rtol * scale   # what an update may differ by
+    spread = (2 if loose else 1) * rtol * scale   # what an update may differ by
     for a, b in zip(plain['weights'], xla['weights']):
-        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread if vat else 1e-6, err_msg=name)
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread if loose else 1e-6, err_msg=name)
     for a, b in zip(plain['updates'], xla['updates']):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=spread, err_msg=name)
     for key, value in plain['state'].items():

@@ -168,14 +168,14 @@ def test_an_interrupted_predict_leaves_no_csv(tmp_path, monkeypatch):
 
     def interrupted(path):
         classifier = load(path)
-        forward = classifier.probabilities
+        forward = classifier.outputs
 
-        def probabilities(x):
+        def outputs(x):
             calls.append(len(x))
             if len(calls) == 2:
                 raise KeyboardInterrupt
             return forward(x)
-        classifier.probabilities = probabilities
+        classifier.outputs = outputs
         return classifier
     monkeypatch.setattr(predict, 'load_classifier', interrupted)
     out = tmp_path / 'out' / 'p.csv'

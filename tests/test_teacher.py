@@ -33,8 +33,12 @@ def test_every_target_making_algorithm_has_the_teacher_flag():
 @pytest.mark.parametrize('name', TEACHING)
 def test_teacher_ema_makes_the_targets(name):
     """Two EMA teachers predicting different classes give different unlabeled losses with
-    --teacher=ema (the targets are theirs), and the same one with --teacher=student."""
+    --teacher=ema (the targets are theirs), and the same one with --teacher=student. The student
+    leans to class 3, so that targets of class 3 and of class 7 cost it clearly different losses
+    (a student at chance would make the gap the luck of its random weights)."""
+    tf.keras.utils.set_random_seed(0)
     student = backbones.build('small_cnn', (8, 8, 1), 10)
+    student.layers[-1].weights[1].assign(2. * tf.one_hot(3, 10))
     heads = base.with_heads(student, algorithms.ALGORITHMS[name]().heads or {'rotation': 4})
     teachers = [confident_teacher(student, 3), confident_teacher(student, 7)]
 
