@@ -1,7 +1,10 @@
 """Run directories written before the one engine (core/engine.py) resume with today's code to
-the very tensors their uninterrupted runs ended with: a FixMatch run and a BYOL pretraining run,
-each interrupted at step 3 of 4 by the code of commit f7c3b83 (tests/fixtures/old_runs/make.py
-says how they were made)."""
+the tensors their uninterrupted runs end with: a FixMatch run and a BYOL pretraining run, each
+interrupted at step 3 of 4 by the code of commit f7c3b83 (tests/fixtures/old_runs/make.py says
+how they were made). On the CPU that made them they are bit-identical to the old code's
+uninterrupted run (uninterrupted_sha256.json); another CPU rounds the first three steps
+differently (AVX2 against AVX-512: 76 of 90 FixMatch tensors' hashes differ), so the test
+compares with today's code's uninterrupted run on this machine, to rounding."""
 import dataclasses
 import hashlib
 import json
@@ -24,15 +27,26 @@ def _copy(name, tmp_path):
     return train_dir
 
 
-def _assert_uninterrupted_tensors(train_dir, name):
+def _assert_uninterrupted_tensors(train_dir, name, straight_dir):
+    """The resumed run's final tensors (those the old uninterrupted run's hashes name) are the
+    ones the uninterrupted run in `straight_dir` ended with: the same bytes where the old code's
+    hash matches (the fixtures' CPU), else equal to rounding."""
     with open(os.path.join(FIXTURES, 'uninterrupted_sha256.json')) as f:
         expected = json.load(f)[name]
     reader = tf.train.load_checkpoint(os.path.join(train_dir, 'checkpoints'))
+    straight = tf.train.load_checkpoint(os.path.join(straight_dir, 'checkpoints'))
     assert tf.train.latest_checkpoint(os.path.join(train_dir, 'checkpoints')).endswith('ckpt-4')
-    got = {k: hashlib.sha256(np.ascontiguousarray(reader.get_tensor(k)).tobytes()).hexdigest()[:16]
-           for k in expected}
-    differ = sorted(k for k in expected if got[k] != expected[k])
-    assert not differ, f'{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:3]}'
+    for key, digest in expected.items():
+        got, want = reader.get_tensor(key), straight.get_tensor(key)
+        scale = float(np.max(np.abs(want))) if np.size(want) else 0.
+        # Each tensor to 3e-3 of its largest value (measured on AVX2: FixMatch's within 5e-5,
+        # BYOL's within 1.5e-3, a batch-norm offset of its first layer; one wrong step, e.g. its
+        # learning rate, moves the weights by ~3e-2 of theirs); tensors below 1e-3 are rounding
+        # noise themselves (a bias before batch norm, whose gradient is 0 but for rounding, and
+        # its optimizer slots), left to the hash.
+        if (hashlib.sha256(np.ascontiguousarray(got).tobytes()).hexdigest()[:16] != digest
+                and scale >= 1e-3):
+            np.testing.assert_allclose(got, want, rtol=0, atol=3e-3 * scale, err_msg=key)
 
 
 def _records(train_dir):
@@ -40,7 +54,7 @@ def _records(train_dir):
         return [json.loads(line) for line in f]
 
 
-def test_an_old_training_run_resumes_bit_identically(tmp_path):
+def test_an_old_training_run_resumes_to_the_uninterrupted_tensors(tmp_path):
     from ssl_ema import algorithms
     from ssl_ema.base.config import TrainConfig
     from ssl_ema.core import fitting
@@ -50,7 +64,10 @@ def test_an_old_training_run_resumes_bit_identically(tmp_path):
     cfg = TrainConfig(algorithm='fixmatch', uratio=2, train_dir=train_dir, **SETTINGS)
     fitting.fit(cfg, algorithms.ALGORITHMS['fixmatch'](), log=lines.append)
     assert f'Resuming {train_dir} at step 3/4' in lines
-    _assert_uninterrupted_tensors(train_dir, 'fixmatch')
+    straight = str(tmp_path / 'straight')
+    fitting.fit(dataclasses.replace(cfg, train_dir=straight), algorithms.ALGORITHMS['fixmatch'](),
+                log=quiet)
+    _assert_uninterrupted_tensors(train_dir, 'fixmatch', straight)
     after = _records(train_dir)
     assert after[:len(before)] == before and [r['step'] for r in after] == [2, 4]
     # the same record format, and the class metrics evaluations now add (balanced accuracy,
@@ -59,7 +76,7 @@ def test_an_old_training_run_resumes_bit_identically(tmp_path):
     assert set(before[-1]) <= set(after[-1])
 
 
-def test_an_old_pretraining_run_resumes_bit_identically(tmp_path):
+def test_an_old_pretraining_run_resumes_to_the_uninterrupted_tensors(tmp_path):
     from ssl_ema.algorithms import pretraining as methods
     from ssl_ema.base.pretraining_config import PretrainConfig
     from ssl_ema.core.pretraining import pretrain
@@ -67,7 +84,10 @@ def test_an_old_pretraining_run_resumes_bit_identically(tmp_path):
     before = _records(train_dir)
     cfg = dataclasses.replace(PretrainConfig(method='byol', **SETTINGS), train_dir=train_dir)
     pretrain(cfg, methods.create('byol', hidden_dim=32, projection_dim=16), log=quiet)
-    _assert_uninterrupted_tensors(train_dir, 'byol')
+    straight = str(tmp_path / 'straight')
+    pretrain(dataclasses.replace(cfg, train_dir=straight),
+             methods.create('byol', hidden_dim=32, projection_dim=16), log=quiet)
+    _assert_uninterrupted_tensors(train_dir, 'byol', straight)
     after = _records(train_dir)
     assert after[:len(before)] == before and [r['step'] for r in after] == [0, 2, 4]
     assert set(after[-1]) == set(before[-1])
