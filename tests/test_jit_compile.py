@@ -20,14 +20,12 @@ NAMES = sorted(algorithms.ALGORITHMS)
 # its per-image state and class rates move (SequenceMatch's too; DeFixMatch's two pseudo-label
 # terms are live); the others' 0.95 selects none. CoMatch's queue is full after the first step
 # (48 rows), so the second step smooths with it. ShrinkMatch's .2 leaves some images certain and
-# shrinks the others' class spaces. CRMatch keeps 0.95 (its rotation head and feature-map head
-# compile, FeatDistLoss is masked out): with tau = 0 its losses and head updates agree to 1e-5,
-# but its backbone's conv updates differ by ~4e-4 of their largest (the bar below is 1e-4), a gap
-# not yet explained (issue 28).
+# shrinks the others' class spaces. CRMatch's tau = 0 selects every image, so its FeatDistLoss is
+# live and trains the feature-map head (at 0.95 it would be masked out).
 OVERRIDES = {'flexmatch': {'confidence_threshold': 0.},
              'sequencematch': {'confidence_threshold': 0.},
              'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48},
-             'shrinkmatch': {'confidence_threshold': .2}}
+             'shrinkmatch': {'confidence_threshold': .2}, 'crmatch': {'confidence_threshold': 0.}}
 
 STEPS = '''
 import json, sys, tempfile
@@ -75,8 +73,16 @@ def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xl
     # (measured: its consistency 2e-4 apart, the updates 1e-3 of the largest, their cosine
     # 0.999999); its random start is the same draw (nn/draws.py). ACR's two logit-adjusted heads
     # on one backbone: its first conv's updates 4.4e-4 of the largest apart on an AVX-512 CPU
-    # (CI, 2026-12-03; 1.2e-6 on AVX2), its losses within 1e-4. Every other algorithm: 1e-4.
-    loose = name in ('vat', 'acr')
+    # (CI, 2026-12-03; 1.2e-6 on AVX2), its losses within 1e-4. CRMatch with FeatDistLoss live:
+    # its second step's conv updates 9e-4 of that step's largest apart (6.4e-4 of the two steps'),
+    # its losses within 1e-6. Not its loss: from the same weights the two second steps' gradients
+    # agree to 2e-6. The first steps leave weights up to 1.6e-7 apart, which moves one input of the
+    # last LeakyReLU (a strong view's) from -1.4e-6 to +5.8e-7, across the kink (slope 0.1 -> 1);
+    # moved 1e-4 off zero in both, the gap is 1e-6 (at tau = .2, 4.9e-4: a max-pool window whose
+    # two largest inputs are 5e-7 apart, ordered one way by each summation). A chance flip of one
+    # activation's derivative, of ~1e-3 of an update, that any algorithm can meet; CRMatch's
+    # passes are the largest here (144 images, with the rotated ones). Every other one: 1e-4.
+    loose = name in ('vat', 'acr', 'crmatch')
     rtol = 1e-3 if loose else 1e-4
     # The two steps' updates themselves (the weights alone barely move in two steps), to rtol of
     # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
