@@ -155,6 +155,12 @@ class Algorithm:
     # predicted with; every average then carries the heads (core/ema.Average.carry_heads).
     # None: a closed-set algorithm, scored by 1 - max softmax.
     unknown_head = None
+    # True: the targets read a head's output (SimMatch's and CoMatch's embeddings, IOMatch's
+    # outlier scores). With --teacher=ema every average then carries the heads, and the
+    # targets' head outputs are the averaged heads' on the EMA features (target_outputs), as
+    # the EMA teacher of USB, the CoMatch authors' ImageNet code and SimMatch's is the whole
+    # model with its projection head. (averages_carry_heads)
+    targets_read_heads = False
     # A pass of the EMA model over the whole unlabeled pool (core/pool.py) every this many steps
     # (0: never), or every this fraction of training (pool_pass_every_fraction, when the steps
     # are 0): the trainer hands its class probabilities to `from_pool` (DARP, OpenMatch).
@@ -230,6 +236,36 @@ def target_logits(algorithm, teacher, x, student_logits):
     return tf.stop_gradient(student_logits)
 
 
+def target_outputs(algorithm, teacher, parts, student_outputs):
+    """target_logits for an algorithm whose targets read its heads (`targets_read_heads`): the
+    outputs targets come from, gradient stopped, as concat_forward_heads returns them (for each
+    output, the logits then each head's, its value on each of `parts`). --teacher=student: the
+    student's own `student_outputs`, already computed on `parts`; --teacher=ema: the EMA model
+    with its averaged heads (teacher.heads, core/ema.Average.carry_heads) on `parts`, one
+    inference-mode pass, so the heads read the EMA features through the averaged head weights,
+    never the student's."""
+    if algorithm.teacher == 'ema':
+        if teacher.heads is None:
+            raise ValueError(f'{algorithm.name} with --teacher=ema needs an EMA teacher that '
+                             'carries its heads (core/ema.Average.carry_heads)')
+        outputs = teacher.heads(tf.concat(parts, 0), training=False)
+        sizes = [tf.shape(p)[0] for p in parts]
+        return [[tf.stop_gradient(v) for v in tf.split(out, sizes, 0)] for out in outputs]
+    return [[tf.stop_gradient(v) for v in out] for out in student_outputs]
+
+
+def averages_carry_heads(algorithm) -> bool:
+    """Whether every average carries the algorithm's heads (core/ema.Average.carry_heads, under
+    run_dir.AVERAGE_HEADS in the checkpoint): an open-set algorithm's, whose evaluation, pool
+    pass and export read a head, and with --teacher=ema the heads its targets read
+    (`targets_read_heads`). The others' averages, and their checkpoints, are the classifier
+    alone."""
+    if not algorithm.heads:
+        return False
+    return bool(algorithm.unknown_head) or (algorithm.targets_read_heads
+                                            and getattr(algorithm, 'teacher', None) == 'ema')
+
+
 def teacher_field(default='student'):
     """The --teacher field of an algorithm that makes targets from a model's prediction."""
     return hparam(default, 'Model whose predictions become the targets: student or ema.')
@@ -262,7 +298,9 @@ class WeakStrong(Algorithm):
 class EmbeddingMemory(Algorithm):
     """SimMatch's and CoMatch's shared frame: a normalised projection head of the field
     `projection_units` (Projection), and distribution alignment to uniform over the last
-    `prediction_window` (>= 1) batches (align_to_uniform), whose window is the state 'p_model'."""
+    `prediction_window` (>= 1) batches (align_to_uniform), whose window is the state 'p_model'.
+    The targets read the projection head: with --teacher=ema the EMA's averaged one."""
+    targets_read_heads = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -44,15 +44,21 @@ one step before the authors. The DA window starts at 1/C (USB's at zeros, the au
 empty: both align the first batches by the mean of those seen so far). The contrastive loss
 uses the exact log-softmax (both add 1e-7 inside the log). The projection head is USB's
 Dense - ReLU - Dense (the authors' WideResnet has a LeakyReLU of slope 0.1 between its fc1 and
-fc2). With --teacher=ema p^w comes from the EMA model; the embeddings stay the student's
-(gradient stopped): heads are not averaged (core/ema.py).
+fc2).
+
+--teacher=ema: the teacher's side is the EMA model's, its averaged projection head included
+(base.target_outputs; core/ema.Average.carry_heads): p^w, and the weak-view and labeled
+embeddings that smooth q and enter the memory, as the momentum encoder (with its projection
+head) of the authors' imagenet/Model.py makes them. The graph's two strong views stay the
+student's (the authors' CIFAR code; their ImageNet code takes the second from the momentum
+encoder, with a queue of its own).
 """
 import tensorflow as tf
 
 from ssl_ema.nn import losses, memory
 from ssl_ema.algorithms.base import (EmbeddingMemory, Losses, State, align_to_uniform,
                                      concat_forward_heads, enqueue, hparam, register,
-                                     replica_concat, replica_offset, target_logits,
+                                     replica_concat, replica_offset, target_outputs,
                                      teacher_field)
 
 
@@ -91,11 +97,14 @@ class CoMatch(EmbeddingMemory):
         (labeled_logits, weak_logits, strong_logits, _), (labeled_z, weak_z, z1, z2) = \
             concat_forward_heads(batch.heads, batch.labeled_x, weak, strong1, strong2)
         xe = losses.cross_entropy(batch.labels, labeled_logits)   # L_s
-        probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        # The teacher's side (--teacher's, gradient stopped): p^w and the memory's embeddings.
+        (_, weak_logits), (labeled_z, weak_z) = target_outputs(
+            self, teacher, (batch.labeled_x, weak), ((labeled_logits, weak_logits),
+                                                     (labeled_z, weak_z)))
+        probs = tf.nn.softmax(weak_logits)
         # "DA": p^w aligned to uniform over the last 32 batch means
         probs, p_model = align_to_uniform(probs, batch.state['p_model'])
         old, t = batch.state, self.similarity_temperature
-        weak_z, labeled_z = tf.stop_gradient(weak_z), tf.stop_gradient(labeled_z)
         full = old['queue_full'] > 0
         # "memory-smoothing": q = alpha p^w + (1 - alpha) sum_k softmax_k(z^w . z_k / t) q_k
         neighbours = tf.matmul(memory.similarities(weak_z, old['queue_embeddings'], t),

@@ -20,13 +20,15 @@ arguments): thresholds 0.95 (p_cutoff) and 0.5 (q_cutoff), lambda_u, the OVA and
 1 (ulb_loss_ratio, mb_loss_ratio, op_loss_ratio), projection width 128 (proj_size), no
 distribution alignment (dist_align False), no rotation head (use_rot False); uratio 7 in
 runs/algorithms/iomatch.flags. The open-set loss is off during epoch 0 of 256: 1/256 of training.
+--teacher=ema takes p and the OVA pairs o_k from the EMA model with its averaged heads
+(base.target_outputs), so q is one model's; the paper's targets are the student's own.
 """
 import tensorflow as tf
 
 from ssl_ema.nn import losses, open_set
 from ssl_ema.nn.heads import UNKNOWN_THRESHOLD, ova_probabilities, split_open_set
 from ssl_ema.algorithms.base import (Algorithm, ConfigError, Losses, OpenSetProjection,
-                                     concat_forward_heads, hparam, register, target_logits,
+                                     concat_forward_heads, hparam, register, target_outputs,
                                      teacher_field)
 
 
@@ -36,6 +38,7 @@ class IOMatch(Algorithm):
     ramp_up = 'none'
     heads = {'open_set': OpenSetProjection(128)}
     unknown_head = 'open_set'
+    targets_read_heads = True   # the OVA pairs of the weak view
     teacher: str = teacher_field()   # the paper's targets are the student's own
     consistency_weight: float = hparam(1., 'Weight lambda_u of the closed-set loss on unlabeled '
                                        'images (IOMatch ulb_loss_ratio 1.0).')
@@ -64,12 +67,15 @@ class IOMatch(Algorithm):
         logits, heads = concat_forward_heads(batch.heads, batch.labeled_x, weak, strong)
         logits = [tf.cast(x, tf.float32) for x in logits]
         k = logits[0].shape[-1]
-        (ova_labeled, _), (ova_weak, _), (_, open_strong) = (split_open_set(h, k) for h in heads)
+        (ova_labeled, _), _, (_, open_strong) = (split_open_set(h, k) for h in heads)
         labeled = (losses.cross_entropy(batch.labels, logits[0])
                    + self.ova_weight * open_set.ova_loss(ova_labeled, batch.labels))
-        # p from --teacher (IOMatch: the student); the OVA scores are the student's heads'
-        p = tf.stop_gradient(tf.nn.softmax(target_logits(self, teacher, weak, logits[1])))
-        outlier = tf.stop_gradient(ova_probabilities(ova_weak)[:, 0, :])
+        # p and the OVA pairs from --teacher (IOMatch: the student), gradient stopped
+        (weak_logits,), (weak_heads,) = target_outputs(self, teacher, (weak,),
+                                                       ((logits[1],), (heads[1],)))
+        p = tf.nn.softmax(tf.cast(weak_logits, tf.float32))
+        ova_weak, _ = split_open_set(tf.cast(weak_heads, tf.float32), k)
+        outlier = ova_probabilities(ova_weak)[:, 0, :]
         q = open_set_targets(p, outlier)
         inlier = tf.cast(tf.reduce_sum(p * outlier, -1) < UNKNOWN_THRESHOLD, tf.float32)
         closed_mask = inlier * losses.confidence_mask(p, self.confidence_threshold)

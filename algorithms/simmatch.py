@@ -27,16 +27,21 @@ commit 639cfbf); we follow the published setting, one head.
 Deliberate differences: USB switches L_in and the aggregation off during its first epoch (1/1024
 of training) while the memory fills from random rows; here the memory starts empty (zeros, labels
 -1) and both start once every labeled image has a row (`metrics['memory_ready']`), the condition
-the warm-up stands for. USB's DA window starts at zeros; here at 1/C (as AdaMatch's). With
---teacher=ema the weak view's class prediction p^w comes from the EMA model; the embeddings stay
-the student's (gradient stopped): heads are not averaged (core/ema.py).
+the warm-up stands for. USB's DA window starts at zeros; here at 1/C (as AdaMatch's).
+
+--teacher=ema: the teacher's side of every target is the EMA model's, its averaged projection head
+included (base.target_outputs; core/ema.Average.carry_heads): p^w, the weak view's embedding z^w
+and the labeled embeddings z written into the memory, as SimMatch's EMA teacher (the one USB
+uses outside CIFAR, SVHN and STL-10: ema_feats_x_lb from the EMA model) is the whole model with
+its head. The strong view's q^s stays the student's. The memory's momentum stays
+--bank_momentum (USB's EMA-teacher setting overwrites rows: --bank_momentum=0).
 """
 import tensorflow as tf
 
 from ssl_ema.nn import losses, memory
 from ssl_ema.algorithms.base import (EmbeddingMemory, Losses, State, align_to_uniform,
                                      concat_forward_heads, hparam, register, replica_concat,
-                                     scatter_last, target_logits, teacher_field)
+                                     scatter_last, target_outputs, teacher_field)
 
 
 @register('simmatch')
@@ -71,12 +76,16 @@ class SimMatch(EmbeddingMemory):
         (labeled_logits, weak_logits, strong_logits), (labeled_z, weak_z, strong_z) = \
             concat_forward_heads(batch.heads, batch.labeled_x, weak, strong)
         xe = losses.cross_entropy(batch.labels, labeled_logits)
-        probs = tf.nn.softmax(target_logits(self, teacher, weak, weak_logits))
+        # The teacher's side (--teacher's, gradient stopped): p^w, z^w and the memory's new z.
+        (_, weak_logits), (labeled_z, weak_z) = target_outputs(
+            self, teacher, (batch.labeled_x, weak), ((labeled_logits, weak_logits),
+                                                     (labeled_z, weak_z)))
+        probs = tf.nn.softmax(weak_logits)
         probs, p_model = align_to_uniform(probs, batch.state['p_model'])
         bank, bank_labels = batch.state['bank'], batch.state['bank_labels']
         ready = tf.reduce_all(bank_labels >= 0)   # every labeled image has its row
         owners, t = tf.maximum(bank_labels, 0), self.similarity_temperature
-        similarity = memory.similarities(tf.stop_gradient(weak_z), bank, t)
+        similarity = memory.similarities(weak_z, bank, t)
         instance_target = memory.unfold(similarity, probs, owners)
         target = tf.where(ready, memory.smooth(probs, memory.aggregate(
             similarity, owners, probs.shape[-1]), self.smoothing_alpha), probs)
@@ -88,7 +97,7 @@ class SimMatch(EmbeddingMemory):
         index = replica_concat(tf.cast(batch.labeled_index, tf.int32))
         rows = tf.math.l2_normalize(
             self.bank_momentum * tf.gather(bank, index)
-            + (1. - self.bank_momentum) * replica_concat(tf.stop_gradient(labeled_z)), -1)
+            + (1. - self.bank_momentum) * replica_concat(labeled_z), -1)
         everyone = tf.ones_like(index, tf.bool)
         state = {'p_model': p_model, 'bank': scatter_last(bank, index, rows, everyone),
                  'bank_labels': scatter_last(bank_labels, index,

@@ -90,9 +90,14 @@ def check_resumes(cfg, algorithm, data, tmp_path, stop_at):
 
 def assert_resumed_exactly(straight, resumed):
     """The resumed run ended where the straight one did: the student's weights, the algorithm's
-    heads (ABC's, ACR's, ...) and its state."""
-    for a, b in zip(weights_of(straight.student) + [np.array(v) for v in straight.head_variables],
-                    weights_of(resumed.student) + [np.array(v) for v in resumed.head_variables]):
+    heads (ABC's, ACR's, ...), the EMA teacher's averaged heads (when it carries them) and the
+    algorithm's state."""
+    def weights(t):
+        return (weights_of(t.student) + [np.array(v) for v in t.head_variables]
+                + [np.array(v) for v in t.ema.head_variables])
+    ours, theirs = weights(straight), weights(resumed)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for key, value in straight.state.items():
         np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-4,

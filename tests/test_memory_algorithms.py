@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import logged_values, straight_and_resumed, tiny_config, weights_of
+from conftest import (assert_resumed_exactly, logged_values, straight_and_resumed, tiny_config,
+                      weights_of)
 from ssl_ema import algorithms
 from ssl_ema.algorithms import Batch, base
+from ssl_ema.core import run_dir
+from ssl_ema.core.ema import EMA
 from ssl_ema.core.loop import Trainer
 from ssl_ema.nn import backbones, memory
+from test_new_algorithms import random_batch
 
 MEMORY = ['simmatch', 'comatch']
 
@@ -255,26 +259,115 @@ def test_invalid_values_are_refused_by_flag():
         algorithms.ALGORITHMS['comatch'](contrast_threshold=2.)
 
 
+# ---- the EMA teacher's heads ------------------------------------------------------------------
+
+def test_the_averages_carry_the_heads_the_ema_targets_read():
+    carrying = {teacher: {name for name, cls in algorithms.ALGORITHMS.items()
+                          if base.averages_carry_heads(
+                              cls(**({'teacher': teacher} if 'teacher' in cls.__dataclass_fields__
+                                     else {})))}
+                for teacher in ('student', 'ema')}
+    assert carrying == {'student': {'openmatch', 'iomatch'},   # open-set: a head is scored
+                        'ema': {'openmatch', 'iomatch', 'simmatch', 'comatch'}}
+
+
+@pytest.mark.parametrize('name', MEMORY)
+def test_with_the_ema_teacher_the_embeddings_are_the_averaged_heads(name, monkeypatch):
+    """--teacher=ema: the weak views' embeddings the memory is searched with and the labeled (and
+    CoMatch's weak) ones it stores are the averaged projection head's on the EMA features, one
+    inference-mode pass; moving only the averaged head's weights moves them, not p^w."""
+    algorithm = algorithms.ALGORITHMS[name](teacher='ema', projection_units=4,
+                                            **({'bank_momentum': 0.} if name == 'simmatch' else {}))
+    tf.keras.utils.set_random_seed(0)
+    student = backbones.build('small_cnn', (8, 8, 1), 10)
+    heads = base.with_heads(student, algorithm.heads)
+    teacher = EMA(student)
+    teacher.carry_heads(heads, algorithm.heads)
+    batch = random_batch(algorithm, heads=heads)
+    searched, similarities = [], memory.similarities
+    monkeypatch.setattr(memory, 'similarities',
+                        lambda z, *rest: searched.append(z) or similarities(z, *rest))
+    images = tf.concat([batch.labeled_x, batch.unlabeled[0]], 0)
+
+    def step():   # (the teacher's labeled and weak embeddings, what the step used and stored)
+        out = algorithm(student, teacher, batch)
+        z = np.array(teacher.heads(images, training=False)[1])
+        stored = (out.state['bank'] if name == 'simmatch'   # rows of labeled images 0..3
+                  else out.state['queue_embeddings'][:12])   # 8 weak rows, then 4 labeled
+        np.testing.assert_allclose(searched[-1], z[4:], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stored, z[:4] if name == 'simmatch' else
+                                   np.concatenate([z[4:], z[:4]]), rtol=1e-5, atol=1e-6)
+        return z, np.array(out.state['p_model'])
+    # carry_heads starts the average at the student's head (before the step's training-mode
+    # pass moves the student's batch-norm statistics)
+    own = np.array(heads(images, training=False)[1])
+    z, p_model = step()
+    np.testing.assert_allclose(own, z, rtol=1e-5, atol=1e-6)
+    for v in teacher.head_variables:   # averaged head weights unlike the student's
+        v.assign(tf.random.stateless_normal(v.shape, [1, 2]) * .1)
+    moved, moved_p_model = step()
+    assert not np.allclose(moved, z, atol=1e-3)
+    assert not np.allclose(own, moved, atol=1e-3)
+    np.testing.assert_allclose(moved_p_model, p_model, rtol=1e-6)   # p^w: the classifier's
+
+
+def test_every_average_carries_the_heads_by_its_own_rule_and_only_then(digits_data, tmp_path):
+    """SimMatch with --teacher=ema: every average (the teacher, --ema_decays', Polyak's) carries
+    the projection head from the student's, checkpointed under average_heads, and each moves it
+    towards the student's by its own beta_t. With --teacher=student, or targets that read no
+    head (ShrinkMatch), or no heads (FixMatch): no averaged heads, the checkpoint as before."""
+    cfg = tiny_config(ema_decays='0.9', polyak_start_fraction=0.)
+
+    def trainer(name, **kwargs):
+        return Trainer(cfg, algorithms.ALGORITHMS[name](**kwargs), digits_data,
+                       str(tmp_path / f'{name}{len(kwargs)}'))
+    layout = {'step', 'student', 'teacher', 'ema_updates', 'optimizer', 'rng', 'algorithm_state',
+              'heads', 'averages'}
+    for t in (trainer('simmatch', teacher='student', projection_units=8),
+              trainer('shrinkmatch', teacher='ema'), trainer('fixmatch', teacher='ema')):
+        assert set(t._checkpointed()) == layout
+        assert all(a.heads is None and not a.head_variables for a in t.averages.values())
+    t = trainer('simmatch', teacher='ema', projection_units=8)
+    assert set(t._checkpointed()) == layout | {run_dir.AVERAGE_HEADS}
+    assert set(t._checkpointed()[run_dir.AVERAGE_HEADS]) == {'ema', 'ema_0.9', 'polyak'}
+    start = [np.array(v) for v in t.head_variables]
+    for a in t.averages.values():
+        for shadow, weight in zip(a.head_variables, start):
+            np.testing.assert_array_equal(np.array(shadow), weight)
+    for v in t.head_variables:
+        v.assign_add(tf.ones_like(v))
+    for a in t.averages.values():
+        keep = float(a.current_decay())   # EMA's warm-up 1/10, Polyak's 0 at the first update
+        a.update()
+        for shadow, weight in zip(a.head_variables, start):
+            np.testing.assert_allclose(np.array(shadow),
+                                       keep * weight + (1. - keep) * (weight + 1.),
+                                       rtol=1e-5, atol=1e-6)
+
+
 # ---- runs -------------------------------------------------------------------------------------
 
 SETTINGS = {'simmatch': {}, 'comatch': {'queue_size': 100}}   # full after three steps of 48
 
 
-@pytest.mark.parametrize('name', MEMORY)
-def test_interrupted_run_resumes_to_the_same_weights_heads_and_memory(name, digits_data,
+@pytest.mark.parametrize('name, teacher', [('simmatch', 'ema'), ('comatch', 'student')])
+def test_interrupted_run_resumes_to_the_same_weights_heads_and_memory(name, teacher, digits_data,
                                                                       tmp_path):
+    """SimMatch with --teacher=ema (its averaged projection head checkpointed and restored),
+    CoMatch with --teacher=student."""
     cfg = tiny_config(algorithm=name, train_steps=8, eval_every_kimg=0.125, log_every_steps=1)
-    algorithm = algorithms.ALGORITHMS[name](**SETTINGS[name])
+    algorithm = algorithms.ALGORITHMS[name](teacher=teacher, **SETTINGS[name])
     straight, resumed, _ = straight_and_resumed(cfg, algorithm, digits_data, tmp_path, 6)
-    # weights, heads and memory: the memory was in use before the interruption and after it
-    # (SimMatch's from step 5, once 4 steps of 16 of 50 labels filled it; CoMatch's from step 4,
-    # after three of 48 rows)
-    for a, b in zip(weights_of(straight.student) + straight.head_variables,
-                    weights_of(resumed.student) + resumed.head_variables):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
-    for key, value in straight.state.items():
-        np.testing.assert_allclose(np.array(resumed.state[key]), np.array(value), rtol=1e-5,
-                                   atol=1e-6, err_msg=key)
+    # weights, heads, averaged heads and memory: the memory was in use before the interruption
+    # and after it (SimMatch's from step 5, once 4 steps of 16 of 50 labels filled it; CoMatch's
+    # from step 4, after three of 48 rows)
+    assert_resumed_exactly(straight, resumed)
+    for a, b in zip(weights_of(straight.ema.model), weights_of(resumed.ema.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert bool(straight.ema.head_variables) == (teacher == 'ema')
+    if teacher == 'ema':   # an average of the head, not the student's head
+        assert not np.allclose(np.array(straight.ema.head_variables[0]),
+                               np.array(straight.head_variables[0]))
     assert all(np.any(np.array(v) != s.initial) for v, s in zip(
         straight.state.values(), base.declared_state(algorithm, 10, 1, 50).values()))
 

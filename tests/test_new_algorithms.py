@@ -242,12 +242,13 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 # predictions of the next step, differ from one device's), and its guesses from the EMA model,
 # whose inference-mode predictions do not depend on how the batch is split.
 # CoMatch: a queue the first step fills (48 rows), so the second smooths with it.
+# SimMatch: the EMA teacher, its averaged projection head updated on every replica's copy.
 # ShrinkMatch: tau .2, so some images are certain (the certain ratio moves) and the others'
 # class spaces shrink, through its auxiliary head's batch norm.
 # SequenceMatch: tau .15, so that its curriculum's class rates move (its warm-up's thresholds
 # start at 0, so every image is already masked in).
 SETTINGS = {'remixmatch': ({'teacher': 'ema'}, 1), 'comatch': ({'queue_size': 48}, 2),
-            'shrinkmatch': ({'confidence_threshold': .2}, 2),
+            'simmatch': ({'teacher': 'ema'}, 2), 'shrinkmatch': ({'confidence_threshold': .2}, 2),
             'sequencematch': ({'confidence_threshold': .15}, 2)}
 out = {}
 for name in sys.argv[1:]:

@@ -4,7 +4,10 @@ interrupted at step 3 of 4 by the code of commit f7c3b83 (tests/fixtures/old_run
 how they were made). On the CPU that made them they are bit-identical to the old code's
 uninterrupted run (uninterrupted_sha256.json); another CPU rounds the first three steps
 differently (AVX2 against AVX-512: 76 of 90 FixMatch tensors' hashes differ), so the test
-compares with today's code's uninterrupted run on this machine, to rounding."""
+compares with today's code's uninterrupted run on this machine, to rounding. A SimMatch run with
+--teacher=ema interrupted the same way by the code of commit a5aadac (make_simmatch_ema.py),
+before the averages carried its projection head, resumes with averaged heads restarted from the
+student's."""
 import dataclasses
 import hashlib
 import json
@@ -92,3 +95,41 @@ def test_an_old_pretraining_run_resumes_to_the_uninterrupted_tensors(tmp_path):
     assert after[:len(before)] == before and [r['step'] for r in after] == [0, 2, 4]
     assert set(after[-1]) == set(before[-1])
     assert os.path.exists(os.path.join(train_dir, 'backbone.keras'))
+
+
+def test_an_old_simmatch_run_with_the_ema_teacher_resumes_its_averaged_head_from_the_students(
+        tmp_path):
+    """Its checkpoint has no average_heads: the run resumes from everything else, the averaged
+    head starts at the student's restored head (trained at step 3, once the memory was full) and
+    takes the EMA's step towards the student's next one (warm-up decay 4/13 at update 3); the
+    new checkpoint holds it."""
+    from ssl_ema import algorithms
+    from ssl_ema.base.config import TrainConfig
+    from ssl_ema.core import fitting, run_dir
+    train_dir = _copy('simmatch_ema', tmp_path)
+    checkpoints = os.path.join(train_dir, 'checkpoints')
+    old = tf.train.load_checkpoint(checkpoints)
+    assert not run_dir.checkpoint_holds(tf.train.latest_checkpoint(checkpoints),
+                                        run_dir.AVERAGE_HEADS)
+    before = _records(train_dir)
+    lines = []
+    cfg = TrainConfig(algorithm='simmatch', uratio=2, train_dir=train_dir,
+                      **dict(SETTINGS, batch=32, eval_every_kimg=2 * 32 / 1024))
+    fitting.fit(cfg, algorithms.ALGORITHMS['simmatch'](teacher='ema', projection_units=8),
+                log=lines.append)
+    assert f'Resuming {train_dir} at step 3/4' in lines
+    assert tf.train.latest_checkpoint(checkpoints).endswith('ckpt-4')
+    new = tf.train.load_checkpoint(checkpoints)
+    assert int(new.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')) == 4
+    keep = min(cfg.ema_decay, 4 / 13)
+
+    def head(reader, key, i):
+        return reader.get_tensor(f'{key}/{i}/.ATTRIBUTES/VARIABLE_VALUE')
+    for i in range(4):   # the projection head's two kernels and biases
+        start, end = head(old, 'heads', i), head(new, 'heads', i)
+        assert np.abs(end - start).max() > 1e-5   # the step trained the head
+        # shadow = keep start + (1 - keep) end, to well within the step's size
+        np.testing.assert_allclose(head(new, f'{run_dir.AVERAGE_HEADS}/ema', i) - start,
+                                   (1. - keep) * (end - start), rtol=0, atol=1e-7)
+    after = _records(train_dir)
+    assert after[:len(before)] == before and [r['step'] for r in after] == [2, 4]

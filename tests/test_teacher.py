@@ -41,6 +41,10 @@ def test_teacher_ema_makes_the_targets(name):
     student.layers[-1].weights[1].assign(2. * tf.one_hot(3, 10))
     heads = base.with_heads(student, algorithms.ALGORITHMS[name]().heads or {'rotation': 4})
     teachers = [confident_teacher(student, 3), confident_teacher(student, 7)]
+    with_ema = algorithms.ALGORITHMS[name](teacher='ema')
+    if base.averages_carry_heads(with_ema):   # as the Trainer (core/loop.py)
+        for teacher in teachers:
+            teacher.carry_heads(heads, with_ema.heads)
 
     def unlabeled_loss(teacher_flag, teacher):
         algorithm = algorithms.ALGORITHMS[name](teacher=teacher_flag)

@@ -57,7 +57,7 @@ class Average:
         self.model = keras.models.clone_model(model)
         self.model.set_weights(model.get_weights())
         self._student_weights = list(model.weights)
-        self.heads, self.head_variables = None, []   # carry_heads
+        self.heads, self.head_variables, self._head_pairs = None, [], []   # carry_heads
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name=f'{name}_updates')
         pairs = list(zip(self.model.weights, model.weights))
         self._averaged = [(s, w) for s, w in pairs if bn == 'average' or w.trainable]
@@ -68,7 +68,9 @@ class Average:
         `heads` (nn/heads.with_heads on self.model), its head weights starting at, and moved
         towards, those of `student_heads` (the student's with_heads model, built the same way,
         so the head layers pair up in order) by the same beta_t as the rest. The trainer asks
-        it for an open-set algorithm, whose evaluation, pool pass and export read a head."""
+        it when algorithms/base.averages_carry_heads: for an open-set algorithm, whose
+        evaluation, pool pass and export read a head, and with --teacher=ema for an algorithm
+        whose targets read a head (SimMatch's and CoMatch's embeddings)."""
         from ssl_ema.nn.heads import with_heads
         self.heads = with_heads(self.model, heads)
         own = {id(v) for v in self.model.weights}
@@ -77,12 +79,18 @@ class Average:
         weight = [v for v in student_heads.weights if id(v) not in student_base]
         if [tuple(v.shape) for v in shadow] != [tuple(v.shape) for v in weight]:
             raise ValueError('the averaged heads do not pair up with the student\'s')
-        for s, w in zip(shadow, weight):
-            s.assign(w)
         self.head_variables = shadow
-        pairs = list(zip(shadow, weight))
+        self._head_pairs = list(zip(shadow, weight))
+        self.restart_heads()
+        pairs = self._head_pairs
         self._averaged += [(s, w) for s, w in pairs if self.bn == 'average' or w.trainable]
         self._copied += [(s, w) for s, w in pairs if not (self.bn == 'average' or w.trainable)]
+
+    def restart_heads(self) -> None:
+        """The averaged heads set to the student's current head weights (their start in
+        carry_heads; a run resumed from a checkpoint without them restarts them so)."""
+        for shadow, weight in self._head_pairs:
+            shadow.assign(weight)
 
     def __call__(self, x, training=False):
         if not training:

@@ -89,6 +89,11 @@ class Engine:
         """Lines logged when training starts (after a resume's)."""
         return []
 
+    def checkpoint_to_restore(self, path: str) -> tf.train.Checkpoint:
+        """The tf.train.Checkpoint that restores the saved checkpoint `path`: the loop's own, or
+        one of fewer objects for a run directory older than some of them (core/loop.py)."""
+        return self.checkpoint
+
     def on_restore(self, step: int) -> None:
         """After the checkpoint of `step` was restored (before the history is cut to it)."""
 
@@ -111,7 +116,7 @@ class Engine:
     # ---- state -------------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint if any; returns the step to continue from."""
-        self.records.restore(self.checkpoint)
+        self.records.restore(self.checkpoint_to_restore)
         step = int(self.step.numpy())
         self.on_restore(step)
         self.records.keep_history_up_to(step)

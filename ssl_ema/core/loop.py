@@ -62,15 +62,8 @@ class Trainer(Engine):
         self.decayed = decayed_variables(self.student) if cfg.weight_decay else []
         # Model-input units per unit of the anchors' [-1, 1] pixel scale, per channel.
         self.pixel_scale = tf.constant(getattr(data, 'pixel_scale', 1.), tf.float32)
-        # Model variables are listed explicitly: this includes the dropout seed generators,
-        # which Keras models do not expose to tf.train.Checkpoint themselves.
-        self.open_records(tf.train.Checkpoint(
-            step=self.step, student=list(self.student.variables),
-            teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
-            optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
-            heads=self.head_variables, **self._average_heads_checkpoint(),
-            averages={a.name: list(a.model.variables) + [a.updates]
-                      for a in self._all_averages() if a is not self.ema}), cpu_start)
+        self.open_records(tf.train.Checkpoint(**self._checkpointed()), cpu_start)
+        self._older_checkpoint = None   # checkpoint_to_restore's, for an older run directory
         self.scores = {'raw': accuracy.make_scores(self._scored(self.student, self.heads),
                                                    data.image_shape)}
         self.scores.update({name: accuracy.make_scores(self._scored(a.model, a.heads),
@@ -110,8 +103,8 @@ class Trainer(Engine):
     def _build_algorithm_state(self, data):
         """Variables for the algorithm's declared state (checkpointed; every replica keeps the
         first replica's update, which the algorithm computes from cross-replica statistics) and
-        its extra heads (trained with the student; averaged, evaluated and exported only for an
-        open-set algorithm, whose unknown score is a head's)."""
+        its extra heads (trained with the student; evaluated and exported only for an open-set
+        algorithm, whose unknown score is a head's; averaged when base.averages_carry_heads)."""
         labeled_size = data.labeled_size if self.algorithm.needs_labeled_indices else 0
         prior = None   # the labeled class distribution, for the algorithms that keep it (ABC)
         declared = base.declared_state(self.algorithm, data.num_classes, data.unlabeled_size,
@@ -132,15 +125,46 @@ class Trainer(Engine):
         self.head_variables = [v for v in (self.heads.trainable_variables if self.heads else [])
                                if id(v) not in own]
         self.trainable = list(self.student.trainable_variables) + self.head_variables
-        if self.algorithm.unknown_head:   # its evaluation, pool pass and export read a head
+        # An open-set algorithm's evaluation, pool pass and export read a head; with
+        # --teacher=ema SimMatch's, CoMatch's and IOMatch's targets do (base.target_outputs).
+        if base.averages_carry_heads(self.algorithm):
             for average in self.averages.values():
                 average.carry_heads(self.heads, self.algorithm.heads)
 
+    def _checkpointed(self) -> dict:
+        """What the checkpoint holds, by key. Model variables are listed explicitly: this
+        includes the dropout seed generators, which Keras models do not expose to
+        tf.train.Checkpoint themselves."""
+        return dict(
+            step=self.step, student=list(self.student.variables),
+            teacher=list(self.ema.model.variables), ema_updates=self.ema.updates,
+            optimizer=self.optimizer, rng=self.rng, algorithm_state=self.state,
+            heads=self.head_variables, **self._average_heads_checkpoint(),
+            averages={a.name: list(a.model.variables) + [a.updates]
+                      for a in self._all_averages() if a is not self.ema})
+
     def _average_heads_checkpoint(self) -> dict:
-        """The averages' heads (an open-set algorithm's), under run_dir.AVERAGE_HEADS; nothing
-        for the others, whose checkpoints keep their layout."""
+        """The averages' heads (when they carry them: base.averages_carry_heads), under
+        run_dir.AVERAGE_HEADS; nothing for the others, whose checkpoints keep their layout."""
         carried = {name: a.head_variables for name, a in self.averages.items() if a.head_variables}
         return {run_dir.AVERAGE_HEADS: carried} if carried else {}
+
+    def checkpoint_to_restore(self, path):
+        """The run's checkpoint, or for a run directory made before the averages carried
+        SimMatch's and CoMatch's heads with --teacher=ema (their checkpoints have no
+        run_dir.AVERAGE_HEADS), one without the averaged heads: that run resumes from
+        everything else, and its averaged heads restart from the student's restored heads
+        (on_restore; the start carry_heads gives them), averaging as usual from there on (its
+        steps before took the teacher's embeddings from the student's heads, as the code that
+        wrote it did)."""
+        self._older_checkpoint = None
+        objects = self._checkpointed()
+        if run_dir.AVERAGE_HEADS not in objects or run_dir.checkpoint_holds(
+                path, run_dir.AVERAGE_HEADS):
+            return self.checkpoint
+        del objects[run_dir.AVERAGE_HEADS]
+        self._older_checkpoint = tf.train.Checkpoint(**objects)
+        return self._older_checkpoint
 
     def _scored(self, model, heads_model):
         """What make_scores scores: the classifier, or for an open-set algorithm the model of
@@ -152,6 +176,12 @@ class Trainer(Engine):
 
     # ---- the engine's hooks -----------------------------------------------------------------
     def on_restore(self, step):
+        older = self._older_checkpoint   # checkpoint_to_restore's
+        if older is not None:
+            for average in self.averages.values():
+                average.restart_heads()
+            self.checkpoint.save_counter.assign(older.save_counter)
+            self._older_checkpoint = None
         if self.chief:
             snapshots.remove_snapshots_after(self.train_dir, step)   # the resumed run redoes them
 

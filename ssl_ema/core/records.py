@@ -44,11 +44,15 @@ class RunRecords:
         # (every thread's, as /usr/bin/time's user + system) of the processes before this one.
         self.wall_time = self.cpu_time = 0.
 
-    def restore(self, checkpoint: tf.train.Checkpoint) -> None:
+    def restore(self, checkpoint) -> None:
         """Restore the latest checkpoint (the chief's, on every worker) if there is one, and
-        drop the evaluations logged after it: the resumed run redoes them."""
+        drop the evaluations logged after it: the resumed run redoes them. `checkpoint`: the
+        tf.train.Checkpoint to restore into, or a function of the latest checkpoint's path that
+        returns it (a loop whose checkpoint gained objects since older run directories)."""
         latest = tf.train.latest_checkpoint(self.checkpoint_dir)
         if latest:
+            if not isinstance(checkpoint, tf.train.Checkpoint):
+                checkpoint = checkpoint(latest)
             checkpoint.restore(latest).assert_existing_objects_matched()
 
     def keep_history_up_to(self, step: int) -> None:

@@ -37,8 +37,10 @@ ROOT = 'experiments'   # where default run directories go, relative to the worki
 _NAMED = ('algorithm', 'method', 'dataset', 'labels', 'seed', 'arch')   # in the directory name
 # The model of a run by name (--model) -> its key in the Trainer's tf.train.Checkpoint.
 CHECKPOINT_KEYS = {'ema': 'teacher', 'raw': 'student'}
-# The averages' heads of an open-set algorithm, {average name: variables} (the student's heads
-# are under 'heads').
+# The averages' heads, {average name: variables} (the student's heads are under 'heads'): an
+# open-set algorithm's, and with --teacher=ema those of an algorithm whose targets read them
+# (algorithms/base.averages_carry_heads). SimMatch's and CoMatch's older checkpoints lack them
+# (core/loop.Trainer.checkpoint_to_restore).
 AVERAGE_HEADS = 'average_heads'
 # Settings newer than some run directories, and what a record without them means.
 LEGACY = {'recipe': 'none'}
@@ -122,6 +124,13 @@ def read_run_record(train_dir: str) -> Optional[dict]:
         raise ConfigError(f'{path} is damaged or from an older version ({one_line(e)}); move '
                           f'{train_dir} away or use another --train_dir') from None
     return record
+
+
+def checkpoint_holds(path: str, key: str) -> bool:
+    """True if the checkpoint `path` holds objects under the top-level `key` of the
+    tf.train.Checkpoint that wrote it."""
+    import tensorflow as tf
+    return any(name.split('/')[0] == key for name, _ in tf.train.list_variables(path))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ feature-distance head: backbones.feature_map), and the open-set heads whose "unk
 open-set algorithm is evaluated and exported with: K one-vs-all classifiers (OpenMatch's) or
 IOMatch's projection with its one-vs-all and (K+1)-way classifiers. Only the algorithms that
 declare heads get them (algorithms/base.Algorithm.heads; the trainer builds and checkpoints
-them, and the averages carry an open-set algorithm's heads, core/ema.Average.carry_heads)."""
+them, and the averages carry an open-set algorithm's heads, and with --teacher=ema those the
+targets read: core/ema.Average.carry_heads, algorithms/base.averages_carry_heads)."""
 import dataclasses
 from typing import Dict, Union
 
