@@ -27,6 +27,14 @@ OVERRIDES = {'flexmatch': {'confidence_threshold': 0.},
              'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48},
              'shrinkmatch': {'confidence_threshold': .2}, 'crmatch': {'confidence_threshold': 0.}}
 
+# Algorithms whose hard pseudo-labels, at these thresholds on a fresh model, take the argmax of
+# near-uniform predictions (SequenceMatch's warm-up thresholds start at 0: every image is masked
+# in) or whose passes meet such ties (OpenMatch): XLA's other summation order flips one from the
+# first step (AVX2, 2026-12-07: the first step's updates 1e-3 (SequenceMatch) and 4.2e-4
+# (OpenMatch) of the largest apart, the two steps' 3e-2 and 8e-3), so their updates are compared
+# as vectors: cosine 1 - 2e-4 and 1 - 1.4e-5 measured, the first step's losses within 1e-7.
+FLIPPING = ('sequencematch', 'openmatch')
+
 STEPS = '''
 import json, sys, tempfile
 import numpy as np
@@ -82,7 +90,7 @@ def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xl
     # two largest inputs are 5e-7 apart, ordered one way by each summation). A chance flip of one
     # activation's derivative, of ~1e-3 of an update, that any algorithm can meet; CRMatch's
     # passes are the largest here (144 images, with the rotated ones). Every other one: 1e-4.
-    loose = name in ('vat', 'acr', 'crmatch')
+    loose = name in ('vat', 'acr', 'crmatch')   # and FLIPPING: see there
     rtol = 1e-3 if loose else 1e-4
     # The two steps' updates themselves (the weights alone barely move in two steps), to rtol of
     # the largest (some, e.g. a bias before batch norm, are rounding noise of ~1e-8).
@@ -90,13 +98,20 @@ def test_jit_compiled_step_equals_the_plain_step(name, steps_with_and_without_xl
     for step, (a, b) in enumerate(zip(plain['metrics'], xla['metrics'])):
         assert a.keys() == b.keys(), (name, step)
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=1e-6,
+            np.testing.assert_allclose(b[key], a[key], rtol=rtol if step == 0 or
+                                       name not in FLIPPING else 1e-3, atol=1e-6,
                                        err_msg=f'{name} step {step} {key}')
-    spread = (2 if loose else 1) * rtol * scale   # what an update may differ by
-    for a, b in zip(plain['weights'], xla['weights']):
-        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread if loose else 1e-6, err_msg=name)
-    for a, b in zip(plain['updates'], xla['updates']):
-        np.testing.assert_allclose(b, a, rtol=rtol, atol=spread, err_msg=name)
+    if name in FLIPPING:
+        u, v = (np.concatenate([np.ravel(x) for x in run['updates']]) for run in (plain, xla))
+        assert u @ v / (np.linalg.norm(u) * np.linalg.norm(v)) > 1 - 1e-3, name
+        assert abs(np.linalg.norm(v) / np.linalg.norm(u) - 1) < 1e-2, name
+    else:
+        spread = (2 if loose else 1) * rtol * scale   # what an update may differ by
+        for a, b in zip(plain['weights'], xla['weights']):
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=spread if loose else 1e-6,
+                                       err_msg=name)
+        for a, b in zip(plain['updates'], xla['updates']):
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=spread, err_msg=name)
     for key, value in plain['state'].items():
         np.testing.assert_allclose(xla['state'][key], value, rtol=1e-4, atol=1e-6,
                                    err_msg=f'{name} {key}')
