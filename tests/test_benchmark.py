@@ -274,3 +274,22 @@ def test_tiny_grid_interrupted_resumed_and_not_retrained(tmp_path):
 
     again = grid.plan(['supervised', 'mean_teacher'], [50], [1, 2], out, settings=TINY)
     assert [r.status for r in again] == ['done'] * 4   # a third run would train nothing
+
+
+def test_an_interrupt_as_a_training_starts_stops_that_training(tmp_path, monkeypatch):
+    """Ctrl-C landing inside Popen (the training started, not yet recorded) is held until the
+    training is recorded: run_grid then stops it and re-raises, never leaving it to train on."""
+    runs = grid.plan(['supervised'], [50], [1], str(tmp_path / 'bench'), settings=TINY)
+    monkeypatch.setattr(grid, 'train_command',
+                        lambda run: [sys.executable, '-c', 'import time; time.sleep(120)'])
+    started = []
+    popen = subprocess.Popen
+
+    def interrupted_popen(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGINT)   # delivered before Popen returns
+        return started[-1]
+    monkeypatch.setattr(grid.subprocess, 'Popen', interrupted_popen)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(runs, log=lambda line: None)
+    assert len(started) == 1 and started[0].poll() is not None   # stopped, not training on

@@ -1,10 +1,13 @@
 """A benchmark's grid: every (algorithm, label count, seed) run planned and checked before
 anything trains, then trained one process each (`python -m ssl_ema.train`), `jobs` at a time,
 resuming what was started and leaving alone what is done. The results: core/report.py."""
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -122,7 +125,33 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else '(no output)'
 
 
-def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float = 0.5,
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM held while a training is started and recorded, raised after it (as
+    KeyboardInterrupt): one that lands inside Popen would leave a started training unrecorded,
+    never stopped, to train to its end (seen: a grid interrupted as its second run started
+    finished that run). Outside the main thread, where no handler can be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _say(line: str) -> None:
+    """A progress line, out at once even into a pipe (`| tee`, a driver reading the lines)."""
+    print(line, flush=True)
+
+
+def run_grid(runs: List[GridRun], jobs: int = 1, log=_say, poll_seconds: float = 0.5,
              gpus: Optional[List[str]] = None) -> List[GridRun]:
     """Train every run that is not done, `jobs` processes at a time; return the runs that failed.
 
@@ -149,14 +178,14 @@ def run_grid(runs: List[GridRun], jobs: int = 1, log=print, poll_seconds: float 
                 slot = min(set(range(jobs)) - {r[4] for r in running.values()})
                 os.makedirs(run.cfg.train_dir, exist_ok=True)
                 log_path = os.path.join(run.cfg.train_dir, 'train.log')
-                with open(log_path, 'a') as log_file:
+                with open(log_path, 'a') as log_file, _interrupts_held():
                     command = train_command(run)
                     log_file.write(' '.join(command) + '\n')
                     log_file.flush()
                     # Own session: a Ctrl-C reaches only this process, which forwards one SIGTERM.
                     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                env=slot_envs[slot], start_new_session=True)
-                running[process] = (i, run, time.time(), log_path, slot)
+                    running[process] = (i, run, time.time(), log_path, slot)
                 what = (f'resume    {run.name} from step {run.step}/{run.cfg.total_steps}'
                         if run.status == 'resume' else
                         f'train     {run.name} ({run.cfg.total_steps} steps)')
