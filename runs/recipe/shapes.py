@@ -122,7 +122,7 @@ if __name__ == '__main__':
     parser.add_argument('--test_per_class', type=int, default=300)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--clutter', action='store_true',
-                        help='gradient backgrounds and a distractor stroke (a harder set: small_cnn '
-                        'with 250 labels learns little of it)')
+                        help='gradient backgrounds and a distractor stroke (a harder set: '
+                        'small_cnn with 250 labels learns little of it)')
     args = parser.parse_args()
     write(args.root, args.train_per_class, args.test_per_class, args.seed, args.clutter)
