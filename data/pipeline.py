@@ -175,16 +175,22 @@ class SSLData:
                                                                  (batch, first))
 
     def labeled(self, batch: int, start_step: int = 0, share: Share = ONE_DEVICE,
-                views: Sequence[str] = (), indices: bool = False) -> tf.data.Dataset:
-        """(images, labels) per step, with the run's --augment: this share's rows of each batch.
+                views: Sequence[str] = (), indices: bool = False,
+                augment: str = '') -> tf.data.Dataset:
+        """(images, labels) per step, with `augment` (--labeled_augment; empty: the run's
+        --augment): this share's rows of each batch.
         `views` (e.g. ('strong',): DeFixMatch's) add more augmentations of the same images, each
         with a seed of its own (the first view's is unchanged), and `indices` the images' indices
         in the labeled set: (images, labels, *views[, indices])."""
         steps, base, rows = self._batches(self._labeled_x, batch, _LABELED, start_step, share)
+        augment = augment or self.augment
+        if augment not in augment_lib.AUGMENTATIONS:
+            raise DataError(f'--labeled_augment={augment} is unknown; valid: '
+                            f'{", ".join(sorted(augment_lib.AUGMENTATIONS))}')
 
         def make(step, idx, x):
             seed = tf.random.experimental.stateless_fold_in(base, step)
-            out = (self._augment(self.augment, x, seed, rows), tf.gather(self._labels, idx))
+            out = (self._augment(augment, x, seed, rows), tf.gather(self._labels, idx))
             out += tuple(self._augment(self.augment if v == 'weak' else v, x,
                                        tf.random.experimental.stateless_fold_in(seed, i + 1), rows)
                          for i, v in enumerate(views))
@@ -221,11 +227,11 @@ class SSLData:
 
     def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0,
               indices: bool = False, share: Share = ONE_DEVICE, labeled_views: Sequence[str] = (),
-              labeled_indices: bool = False):
+              labeled_indices: bool = False, labeled_augment: str = ''):
         """((labeled images, labels[, labeled views][, labeled indices]), unlabeled views
         [+ indices]) per step, prefetched: this share's rows of each global batch."""
         return tf.data.Dataset.zip((self.labeled(batch, start_step, share, labeled_views,
-                                                 labeled_indices),
+                                                 labeled_indices, labeled_augment),
                                     self.unlabeled(batch * uratio, views, start_step, indices,
                                                    share))).prefetch(tf.data.AUTOTUNE)
 

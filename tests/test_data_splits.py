@@ -118,3 +118,23 @@ def test_labeled_stream_covers_labeled_images_each_epoch(tiny_data):
     batches = _take(tiny_data.labeled(batch=3), 2)          # 6 labeled images = one epoch
     labels = np.concatenate([b[1] for b in batches])
     assert sorted(labels.tolist()) == sorted(tiny_data.arrays.y_train[tiny_data.split.labeled].tolist())
+
+
+def test_labeled_augment_changes_the_labeled_batch_alone(tiny_data):
+    """--labeled_augment=strong: the labeled batch is the strong augmentation of the same images
+    (same labels, same draws' seed), and the unlabeled views stay as --augment makes them."""
+    views = ('weak', 'strong')
+    (x, y), unlabeled = _take(tiny_data.train(batch=4, uratio=2, views=views), 1)[0]
+    (xs, ys), unlabeled_s = _take(tiny_data.train(batch=4, uratio=2, views=views,
+                                                  labeled_augment='strong'), 1)[0]
+    np.testing.assert_array_equal(y, ys)
+    for a, b in zip(unlabeled, unlabeled_s):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(x, xs)
+    (none_x, none_y), = _take(tiny_data.labeled(batch=4, augment='none'), 1)
+    np.testing.assert_array_equal(none_y, y)
+    raw = tiny_data.arrays.x_train[tiny_data.split.labeled]
+    # 'none' is the labeled images themselves, normalised: the augmentations start from them.
+    assert any(np.allclose(none_x[0], tiny_data.normalize(r).numpy(), atol=1e-5) for r in raw)
+    with pytest.raises(Exception, match='--labeled_augment=bogus is unknown'):
+        tiny_data.labeled(batch=4, augment='bogus')

@@ -54,6 +54,9 @@ class TrainConfig(Length):
                             'the largest every mismatch level can supply.')
     augment: str = hparam('weak', 'Augmentation of labeled images and of unlabeled views that '
                           'the algorithm does not ask to be strong: weak, strong or none.')
+    labeled_augment: str = hparam('', 'Augmentation of the labeled batch alone: weak, strong '
+                                  '(RandAugment and Cutout, as the unlabeled strong view) or '
+                                  'none; empty: --augment. Unlabeled views keep --augment.')
     image_size: str = hparam('', 'H or H,W pixels: every image is scaled to cover that size '
                              '(bilinear, antialiased) and centre-cropped, before --augment; '
                              'evaluation, the exported classifier and predict --resize use the '
@@ -203,6 +206,9 @@ class TrainConfig(Length):
                      positive_ints=('batch', 'uratio', 'labels', 'log_every_steps',
                                     'keep_checkpoints', 'cpu_devices'),
                      positive=('train_kimg', 'eval_every_kimg', 'lr'))
+        if self.labeled_augment not in ('', 'weak', 'strong', 'none'):
+            raise ConfigError(f'--labeled_augment={self.labeled_augment} is unknown; valid: weak, '
+                              'strong, none (empty: as --augment)')
         if self.recipe not in recipes.NAMES:
             raise ConfigError(f'--recipe={self.recipe} is unknown; valid: '
                               f'{", ".join(recipes.NAMES)}')

@@ -290,9 +290,11 @@ class Trainer(Engine):
         def share_batches(share):   # called once per worker: it builds only its share
             if views:
                 return self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                       self.algorithm.needs_indices, share=share, **labeled)
+                                       self.algorithm.needs_indices, share=share,
+                                       labeled_augment=cfg.labeled_augment, **labeled)
             # supervised: never touch the unlabeled pool
-            return self.data.labeled(cfg.batch, start_step, share=share).map(
+            return self.data.labeled(cfg.batch, start_step, share=share,
+                                     augment=cfg.labeled_augment).map(
                 lambda x, y: ((x, y), ()))
         return self.distributed_batches(share_batches)
 
