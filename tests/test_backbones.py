@@ -22,6 +22,17 @@ def test_wrn_depth_and_width_from_the_name():
     assert small.count_params() < backbones.build('wrn16_2', (16, 16, 3), 4).count_params()
 
 
+def test_small_cnn_width_from_the_name():
+    """small_cnn_wW: W, 2W, 4W channels (the default's are 32, 64, 128); W=32 is small_cnn."""
+    convs = lambda m: [layer.filters for layer in m.layers if hasattr(layer, 'filters')]
+    assert convs(backbones.build('small_cnn', (8, 8, 1), 10)) == [32, 32, 64, 64, 128]
+    narrow = backbones.build('small_cnn_w16', (8, 8, 1), 10)
+    assert convs(narrow) == [16, 16, 32, 32, 64] and narrow.name == 'small_cnn_w16'
+    assert convs(backbones.build('small_cnn_w32', (8, 8, 1), 10)) == [32, 32, 64, 64, 128]
+    with pytest.raises(Exception, match='--arch=small_cnn_w0 is unknown; valid: .*small_cnn_wW'):
+        backbones.build('small_cnn_w0', (8, 8, 1), 10)
+
+
 def test_auto_picks_by_image_size():
     assert backbones.resolve('auto', (8, 8, 1)) == 'small_cnn'
     assert backbones.resolve('auto', (32, 32, 3)) == 'wrn28_2'

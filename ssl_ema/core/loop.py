@@ -282,16 +282,16 @@ class Trainer(Engine):
     def batches(self, start_step):
         cfg, views = self.cfg, tuple(self.algorithm.views)
 
-        # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch).
+        # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch), the
+        # labeled batch's own augmentation only when --labeled_augment is given.
         labeled = {k: v for k, v in (('labeled_views', tuple(self.algorithm.labeled_views)),
-                                     ('labeled_indices', self.algorithm.needs_labeled_indices))
-                   if v}
+                                     ('labeled_indices', self.algorithm.needs_labeled_indices),
+                                     ('labeled_augment', cfg.labeled_augment)) if v}
 
         def share_batches(share):   # called once per worker: it builds only its share
             if views:
                 return self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                       self.algorithm.needs_indices, share=share,
-                                       labeled_augment=cfg.labeled_augment, **labeled)
+                                       self.algorithm.needs_indices, share=share, **labeled)
             # supervised: never touch the unlabeled pool
             return self.data.labeled(cfg.batch, start_step, share=share,
                                      augment=cfg.labeled_augment).map(
