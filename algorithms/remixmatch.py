@@ -27,8 +27,8 @@ import dataclasses
 import tensorflow as tf
 
 from ssl_ema.nn import draws, losses
-from ssl_ema.algorithms.base import (Algorithm, Losses, State, hparam, register, replica_mean,
-                                     target_logits, teacher_field)
+from ssl_ema.algorithms.base import (Algorithm, Losses, State, WeakStrong, check_base, hparam,
+                                     register, replica_mean, target_logits, teacher_field)
 from ssl_ema.nn.backbones import call_keeping_statistics
 
 
@@ -118,6 +118,54 @@ class ReMixMatchParts:
         ramped = self.consistency_weight * mixed + self.pre_mixup_weight * pre_mixup
         unlabeled = batch.ramp * ramped + self.rotation_weight * rotation
         return xe, unlabeled, {'mixed': mixed, 'pre_mixup': pre_mixup, 'rotation': rotation}
+
+
+# The bases a method plugged on one (ABC, DARP) runs on, and the defaults of its fields declared
+# None, which follow the base: lambda_u, FixMatch's 1; on ReMixMatch w_match 1.5 (USB's
+# classic_cv_imb remixmatch_abc and remixmatch_darp ulb_loss_ratio; the ABC and DARP authors'
+# lambda_u for ReMixMatch, ABCremix.py and train.py).
+BASE_DEFAULTS = {'fixmatch': {'consistency_weight': 1.}, 'remixmatch': {'consistency_weight': 1.5}}
+
+
+class Plugged(WeakStrong, ReMixMatchParts):
+    """A method plugged on a base algorithm, --base_algorithm (ABC, DARP); `plugged_as` says what
+    it does with it. On FixMatch (WeakStrong) it writes the base's loss itself; on ReMixMatch it
+    takes ReMixMatch's views, rotation head (after its own `own_heads`), alignment state and
+    linear ramp-up, and its loss from ReMixMatchParts."""
+    plugged_as = ''
+    own_heads = {}
+    teacher = 'student'   # the guesses of a method without --teacher: the student's own
+
+    def __post_init__(self):
+        check_base(self, BASE_DEFAULTS, self.plugged_as)
+        for name, value in self.base_defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        super().__post_init__()
+
+    @property
+    def base_defaults(self):
+        """The defaults of the fields that follow the base (core/run_dir names a run by them)."""
+        return BASE_DEFAULTS[self.base_algorithm]
+
+    @property
+    def on_remixmatch(self):
+        return self.base_algorithm == 'remixmatch'
+
+    @property
+    def views(self):
+        return self.remixmatch_views if self.on_remixmatch else WeakStrong.views
+
+    @property
+    def heads(self):
+        return dict(self.own_heads, **(ReMixMatch.heads if self.on_remixmatch else {}))
+
+    @property
+    def ramp_up(self):
+        return ReMixMatch.ramp_up if self.on_remixmatch else WeakStrong.ramp_up
+
+    def base_state(self, num_classes):
+        return self.remixmatch_state(num_classes) if self.on_remixmatch else {}
 
 
 @register('remixmatch')
