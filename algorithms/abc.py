@@ -1,5 +1,6 @@
 """ABC (Lee et al., NeurIPS 2021, arXiv 2110.10368): an auxiliary balanced classifier trained
-beside a base algorithm (--base_algorithm, FixMatch: USB's classic_cv_imb fixmatch_abc).
+beside a base algorithm (--base_algorithm: FixMatch or ReMixMatch, USB's classic_cv_imb
+fixmatch_abc and remixmatch_abc).
 
 Both classifiers share the backbone's features and one training pass. The base algorithm trains
 its own head, `head_imbalanced` (a Dense head on the pooled features), with its usual loss; the
@@ -12,23 +13,34 @@ trains its strong view on that hard pseudo-label under a Bernoulli mask of proba
 the masks' schedule). The masks are drawn from the run's checkpointed generator. The loss
 added: abc_weight * (labeled term + unlabeled term). Defaults: tau = 0.95, abc_weight 1 (USB's
 abc_p_cutoff, abc_loss_ratio), the base's lambda_u = 1 and tau = 0.95 (FixMatch's).
+
+On ReMixMatch the base is ReMixMatch's whole loss (mixup, distribution alignment, pre-mixup,
+rotation; remixmatch.py) with head_imbalanced as its classifier, w_match = 1.5 (remixmatch.py
+BASE_DEFAULTS). The balanced classifier's weak and strong views are ReMixMatch's weak view and
+its first strong view (USB's abc.py takes the first of ReMixMatch's strong features; the
+authors' ABCremix.py adds the same term on the second one too); its labeled term reads the
+un-mixed labeled images, a pass keeping the batch-norm statistics (as USB's remixmatch.py
+passes x_lb).
 """
 import tensorflow as tf
 
 from ssl_ema.nn import losses
-from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
-                                     check_base, hparam, register)
-
-BASES = ('fixmatch',)   # the base algorithms whose head ABC trains beside its own
+from ssl_ema.nn.backbones import call_keeping_statistics
+from ssl_ema.algorithms.base import LABELED_PRIOR, ConfigError, Losses, State, hparam, register
+from ssl_ema.algorithms.remixmatch import Plugged
 
 
 @register('abc')
-class ABC(WeakStrong):
-    heads = {'imbalanced': 0}   # the base algorithm's classifier, one unit per class
+class ABC(Plugged):
+    plugged_as = 'trains beside'
+    own_heads = {'imbalanced': 0}   # the base algorithm's classifier, one unit per class
     base_algorithm: str = hparam('fixmatch', 'Algorithm that trains beside ABC\'s balanced '
-                                 'classifier, on its own head (USB\'s classic_cv_imb: fixmatch).')
-    consistency_weight: float = hparam(1., 'Weight lambda_u of the base\'s unlabeled loss.')
-    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau.')
+                                 'classifier, on its own head (USB\'s classic_cv_imb: fixmatch, '
+                                 'remixmatch).')
+    consistency_weight: float = hparam(None, 'Weight lambda_u of the base\'s unlabeled loss '
+                                       '(None: the base\'s).')
+    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau (fixmatch).')
+
     abc_threshold: float = hparam(0.95, 'Confidence an unlabeled prediction of the balanced '
                                   'classifier needs to be its pseudo-label (USB abc_p_cutoff).')
     abc_weight: float = hparam(1., 'Weight of the balanced classifier\'s loss (USB '
@@ -36,15 +48,17 @@ class ABC(WeakStrong):
 
     def __post_init__(self):
         super().__post_init__()
-        check_base(self, BASES, 'trains beside')
         if not 0 <= self.abc_threshold <= 1 or self.abc_weight < 0:
             raise ConfigError('--abc_threshold must be in [0, 1] and --abc_weight >= 0')
 
     def state(self, num_classes, pool_size):
-        return {LABELED_PRIOR: State((num_classes,), 1. / num_classes)}
+        return {LABELED_PRIOR: State((num_classes,), 1. / num_classes),
+                **self.base_state(num_classes)}
 
     def __call__(self, student, teacher, batch):
         del teacher   # the base's pseudo-labels are its own head's (FixMatch's student)
+        if self.on_remixmatch:
+            return self.on_remixmatch_loss(student, batch)
         weak, strong = batch.unlabeled
         sizes = [tf.shape(batch.labeled_x)[0], tf.shape(weak)[0], tf.shape(strong)[0]]
         balanced, imbalanced = (tf.split(tf.cast(o, tf.float32), sizes) for o in batch.heads(
@@ -61,6 +75,22 @@ class ABC(WeakStrong):
                       {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
                        'abc_labeled': abc_labeled, 'abc_unlabeled': abc_unlabeled,
                        'abc_mask': tf.reduce_mean(abc_mask)})
+
+    def on_remixmatch_loss(self, student, batch):
+        def outputs(x):   # (balanced, imbalanced) logits, keeping the batch-norm statistics
+            return [tf.cast(o, tf.float32) for o in call_keeping_statistics(batch.heads, x)[:2]]
+        balanced_weak, imbalanced_weak = outputs(batch.unlabeled[0])
+        balanced_strong, imbalanced_strong = outputs(batch.unlabeled[1])
+        guess, state = self.guess(None, batch, imbalanced_weak)
+        xe, unlabeled, metrics = self.anchored(batch.heads, batch, guess, 1, imbalanced_strong)
+        abc_labeled, abc_unlabeled, abc_mask = abc_loss(
+            (call_keeping_statistics(student, batch.labeled_x), balanced_weak, balanced_strong),
+            batch.labels, batch.state[LABELED_PRIOR], batch.progress, batch.rng,
+            self.abc_threshold)
+        return Losses(xe + self.abc_weight * abc_labeled,
+                      unlabeled + self.abc_weight * abc_unlabeled,
+                      dict(metrics, abc_labeled=abc_labeled, abc_unlabeled=abc_unlabeled,
+                           abc_mask=tf.reduce_mean(abc_mask)), state)
 
 
 def abc_keep_probability(prior, classes, progress=None):

@@ -218,7 +218,8 @@ def align_to_uniform(probs, window):
 
 def check_base(plugged, bases: Tuple[str, ...], what: str) -> None:
     """ConfigError unless the --base_algorithm of a method plugged on one (ABC, DARP) is among
-    the `bases` it is written for; `what` says what the method does with it."""
+    the `bases` it is written for (names, or a dict keyed by them); `what` says what the method
+    does with it."""
     if plugged.base_algorithm not in bases:
         raise ConfigError(f'--base_algorithm={plugged.base_algorithm} is not one {plugged.name} '
                           f'{what}; valid: {", ".join(bases)}')
@@ -373,9 +374,11 @@ def define_algorithm_flags(registry=None, shared_help=None, module_name=__name__
     for field, owned in owners.items():
         if len(owned) > 1 and field not in flags.FLAGS:
             help_text = shared_help.get(field, owned[0][1].metadata['help'])
-            defaults = ', '.join(f'{name} {f.default}' for name, f in owned)
-            define[type(owned[0][1].default)](field, None, f'{help_text} Default: {defaults}.',
-                                              module_name=module_name)
+            # (None: a plugged method's default that follows its base, remixmatch.BASE_DEFAULTS)
+            defaults = ', '.join(f'{name} ' + ("its base's" if f.default is None else
+                                               str(f.default)) for name, f in owned)
+            kind = next(type(f.default) for _, f in owned if f.default is not None)
+            define[kind](field, None, f'{help_text} Default: {defaults}.', module_name=module_name)
     for cls in registry.values():
         define_flags(cls, cls.__module__)   # skips the shared flags defined above
 

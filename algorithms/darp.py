@@ -1,6 +1,6 @@
 """DARP (Kim et al., NeurIPS 2020, arXiv 2007.08844): distribution aligning refinery of
-pseudo-labels, plugged on a base algorithm (--base_algorithm, FixMatch: USB's classic_cv_imb
-fixmatch_darp).
+pseudo-labels, plugged on a base algorithm (--base_algorithm: FixMatch or ReMixMatch, USB's
+classic_cv_imb fixmatch_darp and remixmatch_darp).
 
 Under class imbalance the pseudo-labels of the pool pile onto the head classes. DARP refines them
 all at once: the pool's label distributions Q are projected onto the matrices X whose rows are
@@ -18,16 +18,22 @@ up by its pool index. The base's confidence mask stays on its own prediction, th
 pseudo-label is the refined distribution's arg-max (USB's gen_ulb_targets). Defaults: alpha 2,
 T = 10 iterations, refinement every 10 steps, from epoch 200 of 256 (USB's
 fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml: darp_alpha, darp_iter_T,
-darp_num_refine_iter, darp_warmup_epochs).
+darp_num_refine_iter, darp_warmup_epochs; its remixmatch_darp configs the same).
+
+On ReMixMatch (the authors' train_remix in training_functions.py) DARP refines ReMixMatch's
+guess: the pool's distributions are aligned by the run's p(y) and p~(y) and sharpened
+(ReMixMatchParts.aligned_guess) before the projection, and the refined distribution, a soft
+target, replaces the guess wherever ReMixMatch uses it: the mixup targets of the weak and strong
+views and the pre-mixup term's target. (USB's ReMixMatch never asks its pseudo-labelling hook, so
+its remixmatch_darp trains ReMixMatch unrefined.) w_match 1.5 (remixmatch.py BASE_DEFAULTS).
 """
 import numpy as np
 import tensorflow as tf
 
 from ssl_ema.nn import losses
-from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, WeakStrong,
-                                     check_base, hparam, register, teacher_field)
-
-BASES = ('fixmatch',)   # the base algorithms DARP refines the pseudo-labels of
+from ssl_ema.algorithms.base import (LABELED_PRIOR, ConfigError, Losses, State, hparam, register,
+                                     teacher_field)
+from ssl_ema.algorithms.remixmatch import Plugged
 
 
 def darp_projection(probs, target, alpha: float = 2., iterations: int = 10, newton_steps=30):
@@ -61,12 +67,14 @@ def darp_projection(probs, target, alpha: float = 2., iterations: int = 10, newt
 
 
 @register('darp')
-class DARP(WeakStrong):
+class DARP(Plugged):
+    plugged_as = 'refines'
     needs_indices = True
     base_algorithm: str = hparam('fixmatch', 'Algorithm whose pseudo-labels DARP refines '
-                                 '(USB\'s classic_cv_imb: fixmatch).')
-    consistency_weight: float = hparam(1., 'Weight lambda_u of the base\'s unlabeled loss.')
-    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau.')
+                                 '(USB\'s classic_cv_imb: fixmatch, remixmatch).')
+    consistency_weight: float = hparam(None, 'Weight lambda_u of the base\'s unlabeled loss '
+                                       '(None: the base\'s).')
+    confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau (fixmatch).')
     teacher: str = teacher_field()
     darp_alpha: float = hparam(2., 'DARP\'s alpha: alpha * m_j images start as class j\'s '
                                'candidates (USB darp_alpha 2.0).')
@@ -79,7 +87,6 @@ class DARP(WeakStrong):
 
     def __post_init__(self):
         super().__post_init__()
-        check_base(self, BASES, 'refines')
         if self.darp_alpha <= 0 or self.darp_iterations < 1 or self.refine_every_steps < 1 \
                 or not 0 <= self.start_fraction <= 1:
             raise ConfigError('--darp_alpha must be > 0, --darp_iterations and '
@@ -96,22 +103,36 @@ class DARP(WeakStrong):
     def state(self, num_classes, pool_size):
         # refined: each pool image's refined distribution, all zeros until the first refinement.
         return {'refined': State((pool_size, num_classes), 0.),
-                LABELED_PRIOR: State((num_classes,), 1. / num_classes)}
+                LABELED_PRIOR: State((num_classes,), 1. / num_classes),
+                **self.base_state(num_classes)}
 
     def from_pool(self, probabilities, state, progress, unknown=None):
+        if self.on_remixmatch:   # the guess ReMixMatch would make of each pool image
+            probabilities = np.asarray(self.aligned_guess(probabilities, state))
         target = state[LABELED_PRIOR] * len(probabilities)
         return {'refined': darp_projection(probabilities, target, self.darp_alpha,
                                            self.darp_iterations)}
 
-    def __call__(self, student, teacher, batch):
-        xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
-        mask = losses.confidence_mask(probs, self.confidence_threshold)
+    def refined(self, batch, probs):
+        """(the batch's refined distributions, `probs` where the pool is not refined yet; 1. where
+        that moved the arg-max, else 0.)"""
         refined = tf.gather(batch.state['refined'], batch.unlabeled_index)
         ready = tf.reduce_sum(refined, -1, keepdims=True) > 0
         target = tf.where(ready, refined, probs)
+        return target, tf.cast(tf.argmax(target, -1) != tf.argmax(probs, -1), tf.float32)
+
+    def __call__(self, student, teacher, batch):
+        if self.on_remixmatch:
+            guess, state = self.student_guess(student, teacher, batch)
+            target, changed = self.refined(batch, guess)
+            xe, unlabeled, metrics = self.anchored(student, batch, target)
+            return Losses(xe, unlabeled, dict(metrics, refined_changed=tf.reduce_mean(changed)),
+                          state)
+        xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
+        mask = losses.confidence_mask(probs, self.confidence_threshold)
+        target, changed = self.refined(batch, probs)
         hard = tf.one_hot(tf.argmax(target, -1), tf.shape(probs)[-1])
         pseudo = losses.soft_cross_entropy(hard, tf.cast(strong_logits, tf.float32), mask)
-        changed = tf.cast(tf.argmax(target, -1) != tf.argmax(probs, -1), tf.float32)
         return Losses(xe, self.consistency_weight * pseudo,
                       {'pseudo_label': pseudo, 'mask': tf.reduce_mean(mask),
                        'refined_changed': tf.reduce_mean(changed)})

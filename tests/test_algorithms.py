@@ -73,7 +73,8 @@ def test_helpfull_lists_each_algorithms_flags_with_defaults():
     for default in ['fixmatch 1.0', 'ict 100.0', 'mixmatch 75.0', 'pi_model 10.0', 'pseudo_label 1.0',
                     'uda 1.0', 'vat 0.3', 'mean_teacher 50.0', 'fixmatch 0.95', 'pseudo_label 0.95',
                     'uda 0.8', 'mixmatch 0.5', 'uda 0.4', 'ict 1.0', 'mixmatch 0.75',
-                    'crmatch 1.0, remixmatch 0.5', 'shrinkmatch 32']:
+                    'crmatch 1.0, darp 0.5, remixmatch 0.5', 'shrinkmatch 32',
+                    "darp its base's"]:
         assert default in sections['base'], default
 
 

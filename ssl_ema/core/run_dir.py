@@ -59,9 +59,10 @@ def default_train_dir(cfg, algorithm, arch: str, prefix: str = '') -> str:
                if k not in _NAMED and k != 'recipe' and v != defaults[k]]
     if recipe.name != 'none':
         changed.append(('recipe', recipe.name))
-    fields = type(algorithm).__dataclass_fields__
+    own = {k: f.default for k, f in type(algorithm).__dataclass_fields__.items()}
+    own.update(getattr(algorithm, 'base_defaults', {}))   # those that follow a plugged base
     changed += [(k, v) for k, v in dataclasses.asdict(algorithm).items()
-                if v != recipe.settings.get(k, fields[k].default)]
+                if v != recipe.settings.get(k, own[k])]
     dataset = re.sub(r'[^\w.-]+', '_', os.path.basename(cfg.dataset.rstrip('/')))
     if ':' in arch:   # keras:PATH, keras_hub:HANDLE, model:NAME -> keras-<stem>-<crc32>, ...
         kind, source = arch.split(':', 1)
