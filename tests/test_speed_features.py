@@ -128,6 +128,19 @@ def test_auto_precision_is_bfloat16_only_where_the_machine_computes_it_natively(
     assert machine.resolve_precision('mixed_float16', cpu_flags=flags) == 'mixed_float16'
 
 
+@pytest.mark.parametrize('flags, environ, gpus, expected', [
+    ({'avx2', 'fma'}, {}, [], 'CPU without AVX-512'),
+    ({'avx2', 'avx512f'}, {}, [], ''),
+    ({'avx2', 'avx512f'}, {'ONEDNN_MAX_CPU_ISA': 'AVX2'}, [], 'oneDNN held to AVX2'),
+    ({'avx2', 'avx512f'}, {'ONEDNN_MAX_CPU_ISA': 'avx512_core'}, [], ''),
+    ({'avx2'}, {}, [(7, 0)], ''),                                  # a GPU trains
+])
+def test_avx2_only_names_why_float32_is_no_wider_than_avx2(flags, environ, gpus, expected):
+    from ssl_ema.base import machine
+    why = machine.avx2_only(cpu_flags=flags, environ=environ, gpu_capabilities=gpus)
+    assert why.startswith(expected) and bool(why) == bool(expected)
+
+
 def test_auto_precision_builds_the_layers_in_the_machines_choice(monkeypatch):
     from ssl_ema.base import machine
     for native, dtype in (('CPU with AVX512_BF16', 'bfloat16'), ('', 'float32')):

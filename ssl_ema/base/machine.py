@@ -15,21 +15,28 @@ def cpu_model() -> str:
     return f'{model}, {fields.get("CPU(s)", "?").strip()} CPUs'
 
 
+def _cpuinfo_flags():
+    """The CPU's flags (a set) from /proc/cpuinfo, None where it cannot be read."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((set(line.split(':', 1)[1].split()) for line in f
+                         if line.startswith('flags')), set())
+    except OSError:
+        return None
+
+
 def cpu_flags() -> str:
     """The instruction sets that decide a CPU step's speed, from /proc/cpuinfo's (lscpu's)
     flags: AVX2, AVX-512, bfloat16 (AVX512_BF16) and AMX, each 'yes' or 'no'."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((set(line.split(':', 1)[1].split()) for line in f
-                          if line.startswith('flags')), set())
-    except OSError:
+    flags = _cpuinfo_flags()
+    if flags is None:
         return 'CPU flags unknown'
     have = {'AVX2': 'avx2' in flags, 'AVX-512': 'avx512f' in flags,
             'bf16': bool({'avx512_bf16', 'amx_bf16'} & flags), 'AMX': 'amx_tile' in flags}
     text = ', '.join(f'{name} {"yes" if ok else "no"}' for name, ok in have.items())
     # oneDNN (TensorFlow's x86 kernels) can be held to an older instruction set, e.g.
     # ONEDNN_MAX_CPU_ISA=AVX2 times an AVX-512 machine's convolutions as an AVX2 CPU runs them.
-    limit = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA')
+    limit = _onednn_limit(os.environ)
     return f'{text}; oneDNN limited to {limit} (ONEDNN_MAX_CPU_ISA)' if limit else text
 
 
@@ -79,17 +86,38 @@ def native_bfloat16(cpu_flags=None, environ=os.environ, gpu_capabilities=None) -
     if gpu_capabilities:
         return 'GPUs of compute capability >= 8.0' if min(gpu_capabilities) >= (8, 0) else ''
     if cpu_flags is None:
-        try:
-            with open('/proc/cpuinfo') as f:
-                cpu_flags = next((set(line.split(':', 1)[1].split()) for line in f
-                                  if line.startswith('flags')), set())
-        except OSError:
-            cpu_flags = set()
+        cpu_flags = _cpuinfo_flags() or set()
     found = sorted({'avx512_bf16', 'amx_bf16'} & set(cpu_flags))
-    limit = (environ.get('ONEDNN_MAX_CPU_ISA') or environ.get('DNNL_MAX_CPU_ISA') or '').upper()
+    limit = _onednn_limit(environ)
     if not found or (limit and limit not in _BF16_ISAS):
         return ''
     return 'CPU with ' + ' and '.join(f.upper() for f in found)
+
+
+def _onednn_limit(environ) -> str:
+    """The instruction set oneDNN is held to (ONEDNN_MAX_CPU_ISA), upper case; '' if none."""
+    return (environ.get('ONEDNN_MAX_CPU_ISA') or environ.get('DNNL_MAX_CPU_ISA') or '').upper()
+
+
+def avx2_only(cpu_flags=None, environ=os.environ, gpu_capabilities=None) -> str:
+    """Why this machine computes float32 no wider than AVX2 ('' if it does not): no GPU, and a
+    CPU without AVX-512, or one whose oneDNN ONEDNN_MAX_CPU_ISA holds below AVX-512. A step of
+    small_cnn costs ~2.5x an AVX-512 CPU's CPU-seconds there (runs/RECIPE.md section 6), so an
+    hour buys fewer steps. Arguments as native_bfloat16's (`gpu_capabilities`: any list, one
+    entry per visible GPU)."""
+    if gpu_capabilities is None:
+        import tensorflow as tf
+        gpu_capabilities = tf.config.list_physical_devices('GPU')
+    if gpu_capabilities:
+        return ''
+    if cpu_flags is None:
+        cpu_flags = _cpuinfo_flags() or set()
+    if 'avx512f' not in cpu_flags:
+        return 'CPU without AVX-512'
+    limit = _onednn_limit(environ)
+    if limit and not limit.startswith(('AVX512', 'AVX10')) and limit not in ('ALL', 'DEFAULT'):
+        return f'oneDNN held to {limit} (ONEDNN_MAX_CPU_ISA)'
+    return ''
 
 
 def resolve_precision(precision: str, **machine) -> str:
