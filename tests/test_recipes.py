@@ -18,6 +18,9 @@ from ssl_ema.core import fitting, run_dir
 def test_auto_picks_the_measured_recipe_only_where_it_was_measured():
     assert recipes.resolve('auto', 'fashion_mnist').name == 'hour'
     assert recipes.resolve('auto', 'fashion_mnist', bfloat16=True).name == 'hour_bf16'
+    assert recipes.resolve('auto', 'fashion_mnist', avx2=True).name == 'hour_avx2'
+    assert recipes.resolve('auto', 'fashion_mnist', bfloat16=True, avx2=True).name == 'hour_bf16'
+    assert recipes.resolve('auto', 'digits', avx2=True).name == 'none'
     assert recipes.resolve('auto', 'digits', bfloat16=True).name == 'none'
     for dataset in ('digits', 'cifar10', 'svhn', 'imagenet'):
         assert recipes.resolve('auto', dataset).name == 'none'
@@ -85,17 +88,23 @@ def test_a_run_recorded_before_recipes_existed_still_resumes(tmp_path):
             tiny_config(recipe='budget'), algorithms.create('mean_teacher')), quiet)
 
 
-@pytest.mark.parametrize('native', ['', 'CPU with AVX512_BF16'])
-def test_auto_takes_the_bfloat16_recipe_where_bfloat16_is_native(monkeypatch, native):
+@pytest.mark.parametrize('native, avx2', [('', ''), ('CPU with AVX512_BF16', ''),
+                                          ('', 'CPU without AVX-512')])
+def test_auto_takes_the_recipe_of_the_machines_kind(monkeypatch, native, avx2):
+    """bfloat16 where it is native, else the AVX2 recipe where float32 is no wider than AVX2,
+    else hour."""
     from ssl_ema.base import machine
     monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: native)
+    monkeypatch.setattr(machine, 'avx2_only', lambda **_: avx2)
+    float32 = 'hour_avx2' if avx2 else 'hour'
     recipe, _, settings, _ = fitting.recipe_defaults('auto', 'fashion_mnist', 'fixmatch', set())
-    assert recipe.name == ('hour_bf16' if native else 'hour')
+    assert recipe.name == ('hour_bf16' if native else float32)
     assert settings.get('precision', 'float32') == ('mixed_bfloat16' if native else 'float32')
-    assert settings['train_kimg'] == (896. if native else 448.)
+    assert settings['train_kimg'] == recipes.RECIPES[recipe.name].settings['train_kimg']
+    assert settings['uratio'] == (1 if avx2 else 2)
     # --precision given decides, whatever the machine
-    for precision, name in (('float32', 'hour'), ('mixed_bfloat16', 'hour_bf16'),
-                            ('auto', 'hour_bf16' if native else 'hour')):
+    for precision, name in (('float32', float32), ('mixed_bfloat16', 'hour_bf16'),
+                            ('auto', 'hour_bf16' if native else float32)):
         recipe, _, settings, _ = fitting.recipe_defaults(
             'auto', 'fashion_mnist', 'fixmatch', {'precision'}, precision)
         assert recipe.name == name and 'precision' not in settings
@@ -106,7 +115,9 @@ def test_auto_resumes_a_run_with_the_recipe_it_was_made_with(tmp_path, monkeypat
     from ssl_ema.base import machine
     from ssl_ema.base.files import write_json
     monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: '')
-    for made, before_recipes in (('hour_bf16', False), ('budget', False), ('none', True)):
+    monkeypatch.setattr(machine, 'avx2_only', lambda **_: '')
+    for made, before_recipes in (('hour_bf16', False), ('hour_avx2', False), ('budget', False),
+                                 ('none', True)):
         record = run_dir.run_record(tiny_config(recipe=made), algorithms.create('fixmatch'))
         if before_recipes:
             del record['config']['recipe']

@@ -72,8 +72,19 @@ RECIPES['hour_bf16'] = Recipe(
      'train_kimg': 896.,                   # RECIPE.md section 5: length still pays
      'eval_every_kimg': 32.},              # as many evaluations as hour makes
     RECIPES['hour'].rounds, together=RECIPES['hour'].together)
-# What auto picks where a recipe was measured: by whether the run computes bfloat16 natively.
-DEFAULT, DEFAULT_BFLOAT16 = 'hour', 'hour_bf16'
+# The hour on a CPU whose float32 is no wider than AVX2 (no AVX-512): a step costs ~2.5x an
+# AVX-512 CPU's there (RECIPE.md section 6), so hour's 448 kimg would take ~8,000 CPU-s.
+RECIPES['hour_avx2'] = Recipe(
+    'hour_avx2', 'hour\'s recipe for the steps an hour of CPU buys where float32 is no wider '
+    'than AVX2 (runs/RECIPE.md section 7)',
+    {**RECIPES['hour'].settings,
+     'uratio': 1,                          # RECIPE.md section 7: at equal CPU, a tie or better
+     'train_kimg': 320.,                   # RECIPE.md section 7: what ~3,300 CPU-s buy there
+     'eval_every_kimg': 32.},
+    RECIPES['hour'].rounds, together=RECIPES['hour'].together)
+# What auto picks where a recipe was measured: by whether the run computes bfloat16 natively,
+# else whether its float32 is no wider than AVX2.
+DEFAULT, DEFAULT_BFLOAT16, DEFAULT_AVX2 = 'hour', 'hour_bf16', 'hour_avx2'
 AUTO = 'auto'
 NAMES = (AUTO,) + tuple(RECIPES)
 
@@ -84,11 +95,13 @@ def own_data(dataset: str) -> bool:
     return dataset == 'fashion_mnist'
 
 
-def resolve(name: str, dataset: str, bfloat16: bool = False) -> Recipe:
+def resolve(name: str, dataset: str, bfloat16: bool = False, avx2: bool = False) -> Recipe:
     """The recipe `--recipe=name` means for `dataset`, `bfloat16`: whether the run computes
-    in bfloat16 natively (auto then takes DEFAULT_BFLOAT16); ConfigError for an unknown name."""
+    in bfloat16 natively (auto then takes DEFAULT_BFLOAT16), `avx2`: whether its float32 is no
+    wider than AVX2 (DEFAULT_AVX2, unless bfloat16); ConfigError for an unknown name."""
     if name == AUTO:
-        name = (DEFAULT_BFLOAT16 if bfloat16 else DEFAULT) if own_data(dataset) else 'none'
+        name = ((DEFAULT_BFLOAT16 if bfloat16 else DEFAULT_AVX2 if avx2 else DEFAULT)
+                if own_data(dataset) else 'none')
     if name not in RECIPES:
         raise ConfigError(f'--recipe={name} is unknown; valid: {", ".join(NAMES)}')
     return RECIPES[name]

@@ -20,16 +20,19 @@ def recipe_defaults(recipe: str, dataset: str, algorithm: str, explicit, precisi
     flags or fit() keywords the user gave). What ssl_ema.train and ssl_ema.fit both apply.
 
     `auto` picks by the machine: the bfloat16 recipe where the run computes bfloat16 natively
-    (`precision`, if given, else what this machine computes natively: base/machine.py), and on
+    (`precision`, if given, else what this machine computes natively: base/machine.py), else
+    the AVX2 one on a CPU that computes float32 no wider than AVX2 (machine.avx2_only), and on
     a `train_dir` that holds a run, that run's own recipe, so a run resumes as it was made
     wherever it resumes (a run from before recipes: `none`)."""
     from ssl_ema import algorithms
     saved = run_dir.read_run_record(train_dir) if train_dir and recipe == recipes.AUTO else None
     if saved is not None and saved['config'].get('recipe', run_dir.LEGACY['recipe']) in recipes.RECIPES:
         recipe = saved['config'].get('recipe', run_dir.LEGACY['recipe'])
-    bfloat16 = recipe == recipes.AUTO and recipes.own_data(dataset) and machine.resolve_precision(
+    measured = recipe == recipes.AUTO and recipes.own_data(dataset)
+    bfloat16 = measured and machine.resolve_precision(
         precision if precision and 'precision' in explicit else 'auto') == 'mixed_bfloat16'
-    chosen = recipes.resolve(recipe, dataset, bfloat16)
+    avx2 = measured and not bfloat16 and bool(machine.avx2_only())
+    chosen = recipes.resolve(recipe, dataset, bfloat16, avx2)
 
     def fields(name):
         cls = algorithms.ALGORITHMS.get(name)
