@@ -150,12 +150,15 @@ class SSLData:
         """uint8 images, or floats in 0..255 units -> per-channel standardised float32."""
         return (tf.cast(images, tf.float32) - self.mean) / self.std
 
-    def _augment(self, name, images, seed, rows=None):
-        """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised."""
+    def _augment(self, name, images, seed, rows=None, fill='anchors'):
+        """uint8 images -> augmented in [0, 1] (the range the ops need) -> normalised. `fill`
+        (--augment_fill): what the augment.py ops give the pixels they uncover."""
         unit = tf.cast(images, tf.float32) / 255.0
         # `rows`: this share's place in the global batch, whose draws every augmentation and
         # view makes (augment.py, views.py).
-        unit = _AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows)
+        own = {'fill': augment_lib.edge_colour(unit)} if (
+            fill == 'edge' and name in augment_lib.AUGMENTATIONS) else {}
+        unit = _AUGMENTATIONS[name](unit, seed, flip=self.arrays.flip, rows=rows, **own)
         return self.normalize(unit * 255.0)
 
     def _batches(self, images, batch, stream, start_step, share):
@@ -176,9 +179,9 @@ class SSLData:
 
     def labeled(self, batch: int, start_step: int = 0, share: Share = ONE_DEVICE,
                 views: Sequence[str] = (), indices: bool = False,
-                augment: str = '') -> tf.data.Dataset:
+                augment: str = '', fill: str = 'anchors') -> tf.data.Dataset:
         """(images, labels) per step, with `augment` (--labeled_augment; empty: the run's
-        --augment): this share's rows of each batch.
+        --augment) and `fill` (--augment_fill): this share's rows of each batch.
         `views` (e.g. ('strong',): DeFixMatch's) add more augmentations of the same images, each
         with a seed of its own (the first view's is unchanged), and `indices` the images' indices
         in the labeled set: (images, labels, *views[, indices])."""
@@ -187,12 +190,16 @@ class SSLData:
         if augment not in augment_lib.AUGMENTATIONS:
             raise DataError(f'--labeled_augment={augment} is unknown; valid: '
                             f'{", ".join(sorted(augment_lib.AUGMENTATIONS))}')
+        if fill not in augment_lib.FILLS:
+            raise DataError(f'--augment_fill={fill} is unknown; valid: '
+                            f'{", ".join(augment_lib.FILLS)}')
 
         def make(step, idx, x):
             seed = tf.random.experimental.stateless_fold_in(base, step)
-            out = (self._augment(augment, x, seed, rows), tf.gather(self._labels, idx))
+            out = (self._augment(augment, x, seed, rows, fill), tf.gather(self._labels, idx))
             out += tuple(self._augment(self.augment if v == 'weak' else v, x,
-                                       tf.random.experimental.stateless_fold_in(seed, i + 1), rows)
+                                       tf.random.experimental.stateless_fold_in(seed, i + 1), rows,
+                                       fill)
                          for i, v in enumerate(views))
             return out + (idx,) if indices else out
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -208,7 +215,8 @@ class SSLData:
         return int(len(self._unlabeled_x))
 
     def unlabeled(self, batch: int, views: Sequence[str], start_step: int = 0,
-                  indices: bool = False, share: Share = ONE_DEVICE) -> tf.data.Dataset:
+                  indices: bool = False, share: Share = ONE_DEVICE,
+                  fill: str = 'anchors') -> tf.data.Dataset:
         """A tuple of augmented views of the same unlabeled images per step.
 
         A view named 'weak' gets the run's --augment; other names ('strong', 'none') are taken
@@ -220,20 +228,20 @@ class SSLData:
         def make(step, idx, x):
             seeds = tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base, step), len(views))
-            out = tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i], rows)
+            out = tuple(self._augment(self.augment if v == 'weak' else v, x, seeds[i], rows, fill)
                         for i, v in enumerate(views))
             return out + (idx,) if indices else out
         return steps.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train(self, batch: int, uratio: int, views: Sequence[str], start_step: int = 0,
               indices: bool = False, share: Share = ONE_DEVICE, labeled_views: Sequence[str] = (),
-              labeled_indices: bool = False, labeled_augment: str = ''):
+              labeled_indices: bool = False, labeled_augment: str = '', fill: str = 'anchors'):
         """((labeled images, labels[, labeled views][, labeled indices]), unlabeled views
         [+ indices]) per step, prefetched: this share's rows of each global batch."""
         return tf.data.Dataset.zip((self.labeled(batch, start_step, share, labeled_views,
-                                                 labeled_indices, labeled_augment),
+                                                 labeled_indices, labeled_augment, fill),
                                     self.unlabeled(batch * uratio, views, start_step, indices,
-                                                   share))).prefetch(tf.data.AUTOTUNE)
+                                                   share, fill))).prefetch(tf.data.AUTOTUNE)
 
     def pool_images(self):
         """The whole unlabeled pool in index order (the indices `unlabeled` yields), normalised,

@@ -110,17 +110,24 @@ def solarize(images, threshold):
     return tf.where(images >= _per_image(threshold), 1.0 - images, images)
 
 
-def _transform(images, rows):
+def _transform(images, rows, fill=None):
     """Projective transform with per-image rows [a0, a1, a2, b0, b1, b2] (output -> input pixel:
-    x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2), bilinear, grey fill."""
+    x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2), bilinear, grey fill (or `fill`, per image
+    [B, 1, 1, C]: the transform of images - fill with fill 0, plus fill, is exactly that)."""
+    if fill is not None:
+        return _projective(images - fill, rows, 0.) + fill
+    return _projective(images, rows, FILL)
+
+
+def _projective(images, rows, fill_value):
     matrix = tf.stack(rows, axis=1)
     matrix = tf.concat([matrix, tf.zeros_like(matrix[:, :2])], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=matrix, output_shape=tf.shape(images)[1:3], fill_value=FILL,
-        interpolation='BILINEAR', fill_mode='CONSTANT')
+        images=images, transforms=matrix, output_shape=tf.shape(images)[1:3],
+        fill_value=fill_value, interpolation='BILINEAR', fill_mode='CONSTANT')
 
 
-def rotate(images, v):
+def rotate(images, v, fill=None):
     """Rotate about the centre by v * ROTATE_DEGREES, v in [-1, 1]."""
     h = tf.cast(tf.shape(images)[1], tf.float32)
     w = tf.cast(tf.shape(images)[2], tf.float32)
@@ -128,7 +135,7 @@ def rotate(images, v):
     cos, sin = tf.cos(theta), tf.sin(theta)
     cx, cy = (w - 1) / 2, (h - 1) / 2
     return _transform(images, [cos, sin, cx - cos * cx - sin * cy,
-                               -sin, cos, cy + sin * cx - cos * cy])
+                               -sin, cos, cy + sin * cx - cos * cy], fill)
 
 
 def _shift_rows(images, v, which):
@@ -143,7 +150,8 @@ def _shift_rows(images, v, which):
 
 
 def _op_functions():
-    """name -> f(images, magnitude in [0, 1]) mapping the magnitude onto the op's range."""
+    """name -> f(images, magnitude in [0, 1], fill) mapping the magnitude onto the op's range;
+    `fill` (None: grey) is what the geometric ops give the pixels they uncover."""
     def enhance(m):
         return ENHANCE[0] + (ENHANCE[1] - ENHANCE[0]) * m
 
@@ -152,25 +160,26 @@ def _op_functions():
                        tf.int32)
 
     def shift(which):
-        return lambda x, m: _transform(x, _shift_rows(x, 2.0 * m - 1.0, which))
+        return lambda x, m, f: _transform(x, _shift_rows(x, 2.0 * m - 1.0, which), f)
     return {
-        'identity': lambda x, m: x,
-        'autocontrast': lambda x, m: autocontrast(x),
-        'equalize': lambda x, m: equalize(x),
-        'brightness': lambda x, m: _blend(tf.zeros_like(x), x, enhance(m)),
-        'color': lambda x, m: _blend(_grey(x), x, enhance(m)),
-        'contrast': lambda x, m: _blend(tf.reduce_mean(_grey(x), axis=[1, 2, 3], keepdims=True),
-                                        x, enhance(m)),
-        'sharpness': lambda x, m: sharpness(x, enhance(m)),
-        'posterize': lambda x, m: posterize(x, bits(m)),
-        'solarize': solarize,
-        'rotate': lambda x, m: rotate(x, 2.0 * m - 1.0),
+        'identity': lambda x, m, f: x,
+        'autocontrast': lambda x, m, f: autocontrast(x),
+        'equalize': lambda x, m, f: equalize(x),
+        'brightness': lambda x, m, f: _blend(tf.zeros_like(x), x, enhance(m)),
+        'color': lambda x, m, f: _blend(_grey(x), x, enhance(m)),
+        'contrast': lambda x, m, f: _blend(tf.reduce_mean(_grey(x), axis=[1, 2, 3], keepdims=True),
+                                           x, enhance(m)),
+        'sharpness': lambda x, m, f: sharpness(x, enhance(m)),
+        'posterize': lambda x, m, f: posterize(x, bits(m)),
+        'solarize': lambda x, m, f: solarize(x, m),
+        'rotate': lambda x, m, f: rotate(x, 2.0 * m - 1.0, f),
         **{name: shift(name) for name in ('shear_x', 'shear_y', 'translate_x', 'translate_y')},
     }
 
 
-def apply_op(images, op, magnitude):
-    """Apply, per image, OPS[op] at `magnitude` in [0, 1] (mapped onto the op's range).
+def apply_op(images, op, magnitude, fill=None):
+    """Apply, per image, OPS[op] at `magnitude` in [0, 1] (mapped onto the op's range), the
+    geometric ops filling with `fill` (None: grey; else per image, [B, 1, 1, C]).
 
     Each op runs only on the images that drew it (dynamic_partition, then dynamic_stitch back in
     batch order), so a batch costs about one op per image, not every op on every image.
@@ -179,15 +188,18 @@ def apply_op(images, op, magnitude):
     positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), op, len(OPS))
     parts = tf.dynamic_partition(images, op, len(OPS))
     magnitudes = tf.dynamic_partition(magnitude, op, len(OPS))
-    outputs = [functions[name](parts[i], magnitudes[i]) for i, name in enumerate(OPS)]
+    fills = (tf.dynamic_partition(fill, op, len(OPS)) if fill is not None else
+             [None] * len(OPS))
+    outputs = [functions[name](parts[i], magnitudes[i], fills[i]) for i, name in enumerate(OPS)]
     out = tf.dynamic_stitch(positions, outputs)
     out.set_shape(images.shape)
     return out
 
 
-def cutout(images, seed, max_fraction=CUTOUT_MAX, rows=None):
-    """Grey out one square per image, side uniform in [0, max_fraction] x min(H, W), centre uniform
-    over the image (the square is clipped at the borders)."""
+def cutout(images, seed, max_fraction=CUTOUT_MAX, rows=None, fill=None):
+    """Grey out one square per image (or fill it with `fill`, per image [B, 1, 1, C]), side
+    uniform in [0, max_fraction] x min(H, W), centre uniform over the image (the square is
+    clipped at the borders)."""
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
     s = tf.random.experimental.stateless_split(seed, 3)
@@ -200,14 +212,14 @@ def cutout(images, seed, max_fraction=CUTOUT_MAX, rows=None):
     in_rows = tf.abs(rows - cy[:, None]) < side[:, None] / 2          # [B, H]
     in_cols = tf.abs(cols - cx[:, None]) < side[:, None] / 2          # [B, W]
     mask = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])[..., None]
-    return tf.where(mask, tf.cast(FILL, images.dtype), images)
+    return tf.where(mask, tf.cast(FILL, images.dtype) if fill is None else fill, images)
 
 
-def rand_augment(images, seed, num_ops=NUM_OPS, rows=None):
-    """`num_ops` random ops per image with magnitudes drawn per image and op."""
+def rand_augment(images, seed, num_ops=NUM_OPS, rows=None, fill=None):
+    """`num_ops` random ops per image with magnitudes drawn per image and op (`fill`: apply_op's)."""
     s = tf.random.experimental.stateless_split(seed, 2 * num_ops)
     for k in range(num_ops):
         op = per_image_uniform(s[2 * k], images, rows, 0, len(OPS), dtype=tf.int32)
         magnitude = per_image_uniform(s[2 * k + 1], images, rows)
-        images = apply_op(images, op, magnitude)
+        images = apply_op(images, op, magnitude, fill)
     return images

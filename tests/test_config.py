@@ -22,7 +22,7 @@ def quiet(*args):
     (dict(batch=0), '--batch'), (dict(batch=-4), '--batch'), (dict(uratio=0), '--uratio'),
     (dict(ema_decay=1.0), '--ema_decay'), (dict(ema_decay=-0.5), '--ema_decay'),
     (dict(optimizer='rmsprop'), '--optimizer'), (dict(augment='heavy'), '--augment'),
-    (dict(labeled_augment='heavy'), '--labeled_augment'),
+    (dict(labeled_augment='heavy'), '--labeled_augment'), (dict(augment_fill='red'), '--augment_fill'),
     (dict(warmup_fraction=2.), '--warmup_fraction'), (dict(log_every_steps=0), '--log_every_steps'),
 ])
 def test_bad_training_flags(overrides, flag):

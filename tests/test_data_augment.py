@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from ssl_ema.data import randaugment
-from ssl_ema.data.augment import AUGMENTATIONS
+from ssl_ema.data.augment import AUGMENTATIONS, edge_colour
 
 SEED = tf.constant([3, 7], tf.int64)
 
@@ -48,10 +48,41 @@ def test_weak_without_flip_never_mirrors():
     assert (flipped[:, :, 0] == 0).any()
 
 
-def _op(name, images, magnitude):
+def _op(name, images, magnitude, fill=None):
     n = images.shape[0]
     return randaugment.apply_op(images, tf.fill([n], randaugment.OPS.index(name)),
-                                tf.fill([n], float(magnitude))).numpy()
+                                tf.fill([n], float(magnitude)), fill).numpy()
+
+
+def test_edge_colour_is_the_mean_of_the_border():
+    x = np.zeros((2, 4, 5, 1), np.float32)
+    x[0, 0, :] = 1.            # the top row: 5 of the 14 border pixels
+    x[1, 1:3, 1:4] = 1.        # inside only
+    np.testing.assert_allclose(edge_colour(tf.constant(x)).numpy().ravel(), [5 / 14, 0.],
+                               atol=1e-6)
+
+
+def test_fill_covers_what_each_augmentation_uncovers():
+    """--augment_fill=edge: the weak translation pads with each image's own fill (the anchors'
+    reflect padding copies the image instead), and RandAugment's geometric ops and Cutout fill
+    with it where the anchors fill grey."""
+    x = np.full((32, 16, 16, 1), 0.5, np.float32)
+    x[:, :, :8] = 1.0                              # left half 1, right half 0.5
+    fill = tf.constant(np.linspace(0.05, 0.2, 32, dtype=np.float32)[:, None, None, None])
+    uncovered = lambda out: np.isclose(out, fill.numpy()).all(axis=(2, 3))   # [B, H] rows
+    weak = AUGMENTATIONS['weak'](tf.constant(x), SEED, flip=False, fill=fill).numpy()
+    anchors = AUGMENTATIONS['weak'](tf.constant(x), SEED, flip=False).numpy()
+    # Every pixel is the image's or its own fill; some rows (vertical shifts) are all fill.
+    assert np.isin(weak - fill.numpy(), [0.]).sum() > 0
+    assert (np.isclose(weak, fill.numpy()) | np.isin(weak, [0.5, 1.])).all()
+    assert uncovered(weak).any() and not np.isin(anchors, fill.numpy().ravel()).any()
+    rotated = _op('rotate', tf.constant(x), 1.0, fill)       # 30 degrees: the corners uncovered
+    assert np.allclose(rotated[:, 0, 0], fill.numpy()[:, 0, 0])
+    assert np.allclose(_op('rotate', tf.constant(x), 1.0)[:, 0, 0], randaugment.FILL)
+    cut = randaugment.cutout(tf.constant(x), SEED, fill=fill).numpy()
+    greyed = randaugment.cutout(tf.constant(x), SEED).numpy()
+    changed = greyed != x                                     # the squares (grey never on 0.5)
+    assert changed.any() and np.allclose(cut[changed], np.broadcast_to(fill, x.shape)[changed])
 
 
 def test_translate_x_moves_by_thirty_percent():

@@ -138,3 +138,25 @@ def test_labeled_augment_changes_the_labeled_batch_alone(tiny_data):
     assert any(np.allclose(none_x[0], tiny_data.normalize(r).numpy(), atol=1e-5) for r in raw)
     with pytest.raises(Exception, match='--labeled_augment=bogus is unknown'):
         tiny_data.labeled(batch=4, augment='bogus')
+
+
+def test_augment_fill_edge_keeps_a_plain_background():
+    """--augment_fill=edge on black images: every view, labeled and unlabeled, weak and strong,
+    stays black, where the anchors' fills bring grey in (Cutout, RandAugment's geometric ops);
+    an unknown fill is refused."""
+    x = np.zeros((40, 8, 8, 1), np.uint8)
+    y = np.arange(40) % 2
+    data = SSLData(Arrays('black', x, y, x[:4], y[:4], num_classes=2),
+                   make_split(y, 4, 0, seed=1, num_classes=2), seed=1)
+    black = data.normalize(np.zeros(1, np.uint8)).numpy()[0]
+    views = ('weak', 'strong')
+    (lx, _), unlabeled = _take(data.train(batch=4, uratio=4, views=views, fill='edge',
+                                          labeled_augment='strong'), 1)[0]
+    for v in (lx,) + tuple(unlabeled):
+        np.testing.assert_array_equal(v, black)
+    (lx, _), (weak, strong) = _take(data.train(batch=4, uratio=4, views=views,
+                                               labeled_augment='strong'), 1)[0]
+    np.testing.assert_array_equal(weak, black)               # reflect padding of black is black
+    assert (strong != black).any() and (lx != black).any()   # grey squares and corners
+    with pytest.raises(Exception, match='--augment_fill=red is unknown'):
+        data.labeled(batch=4, fill='red')

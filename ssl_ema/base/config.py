@@ -57,6 +57,11 @@ class TrainConfig(Length):
     labeled_augment: str = hparam('', 'Augmentation of the labeled batch alone: weak, strong '
                                   '(RandAugment and Cutout, as the unlabeled strong view) or '
                                   'none; empty: --augment. Unlabeled views keep --augment.')
+    augment_fill: str = hparam('anchors', 'What the augmentations give the pixels they uncover: '
+                               'anchors (reflect padding for translations, grey for RandAugment\'s '
+                               'geometric ops and Cutout: google-research/fixmatch) or edge (each '
+                               'image\'s mean border colour, for all three: objects on a plain '
+                               'background, e.g. Fashion-MNIST\'s black).')
     image_size: str = hparam('', 'H or H,W pixels: every image is scaled to cover that size '
                              '(bilinear, antialiased) and centre-cropped, before --augment; '
                              'evaluation, the exported classifier and predict --resize use the '
@@ -199,7 +204,7 @@ class TrainConfig(Length):
     def __post_init__(self):
         choices = {'optimizer': ('sgd', 'adam', 'adamw'), 'lr_decay': ('cosine', 'cosine_to_zero', 'constant'),
                    'distribute': ('default', 'mirrored', 'multi_worker'),
-                   'augment': ('weak', 'strong', 'none'),
+                   'augment': ('weak', 'strong', 'none'), 'augment_fill': ('anchors', 'edge'),
                    'weight_decay_type': ('decoupled', 'l2'),
                    'input_norm': ('standardize', 'plus_minus_one'),
                    'precision': ('float32', 'mixed_bfloat16', 'mixed_float16', 'auto')}

@@ -283,7 +283,9 @@ class Trainer(Engine):
         cfg, views = self.cfg, tuple(self.algorithm.views)
 
         # Labeled views and indices only for the algorithms that ask (SimMatch, DeFixMatch), the
-        # labeled batch's own augmentation only when --labeled_augment is given.
+        # labeled batch's own augmentation and the fill only when --labeled_augment and
+        # --augment_fill are given.
+        fill = {'fill': cfg.augment_fill} if cfg.augment_fill != 'anchors' else {}
         labeled = {k: v for k, v in (('labeled_views', tuple(self.algorithm.labeled_views)),
                                      ('labeled_indices', self.algorithm.needs_labeled_indices),
                                      ('labeled_augment', cfg.labeled_augment)) if v}
@@ -291,10 +293,11 @@ class Trainer(Engine):
         def share_batches(share):   # called once per worker: it builds only its share
             if views:
                 return self.data.train(cfg.batch, cfg.uratio, views, start_step,
-                                       self.algorithm.needs_indices, share=share, **labeled)
+                                       self.algorithm.needs_indices, share=share, **labeled,
+                                       **fill)
             # supervised: never touch the unlabeled pool
             return self.data.labeled(cfg.batch, start_step, share=share,
-                                     augment=cfg.labeled_augment).map(
+                                     augment=cfg.labeled_augment, **fill).map(
                 lambda x, y: ((x, y), ()))
         return self.distributed_batches(share_batches)
 
