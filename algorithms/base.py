@@ -22,7 +22,7 @@ from ssl_ema.base.hparams import define_flags, from_flags, hparam
 # An algorithm's state, its replicas, banks and queues (algorithms/state.py), here for imports.
 from ssl_ema.algorithms.state import (LABELED_PRIOR, State, declared_state, enqueue,  # noqa: F401
                                       initial_state, replica_concat, replica_mean,
-                                      replica_offset, scatter_last)
+                                      replica_offset, scatter_last, starts_at_prior)
 
 ALGORITHMS: Dict[str, type] = {}
 

@@ -3,8 +3,11 @@
 MixMatch with (Sec. 3): distribution alignment (Sec. 3.2): the weak-view prediction is multiplied
 by p(y) / p~(y), renormalised, then sharpened with T = 0.5, where p~ is the mean of the unlabeled
 weak-view predictions over the last 128 batches (the paper's; the anchors' PMovingAverage,
-dbuf=128) and p(y) the running average of the labeled one-hot labels (momentum 0.999; the
-anchors' PData when the unlabeled distribution is not given), both starting uniform;
+dbuf=128), starting uniform, and p(y) the running average of the labeled one-hot labels
+(momentum 0.999; the anchors' PData when the unlabeled distribution is not given), starting at
+the labeled images' class distribution (USB's remixmatch.py, p_target_type 'gt'; the anchors
+start it uniform, which is the same on a class-balanced labeled set and on a long-tailed one
+under-aligns for the first ~1/(1 - 0.999) steps);
 augmentation anchoring (Sec. 3.1): that one guess is the target of K strongly augmented views
 (RandAugment here; the paper uses CTAugment, as the anchors' cta/cta_remixmatch.py, whose
 remixmatch_no_cta.py defaults to weak views only, 'd.d.d'); mixup of labeled, weak and
@@ -57,7 +60,7 @@ class ReMixMatchParts:
 
     def remixmatch_state(self, num_classes):
         window = (self.prediction_window,) if self.prediction_window else ()
-        return {'p_data': State((num_classes,), 1. / num_classes),
+        return {'p_data': State((num_classes,), 1. / num_classes, from_prior=True),
                 'p_model': State(window + (num_classes,), 1. / num_classes)}
 
     def aligned_guess(self, probs, state):

@@ -15,6 +15,9 @@ class State:
     shape: Tuple[int, ...]
     initial: float
     dtype: tf.DType = tf.float32
+    # A [K] state that starts at the labeled images' class distribution when the trainer gives
+    # it (as a LABELED_PRIOR state does), `initial` otherwise (ReMixMatch's p(y)).
+    from_prior: bool = False
 
 
 def declared_state(algorithm, num_classes: int, pool_size: int, labeled_size: int = 0
@@ -48,9 +51,16 @@ def initial_state(algorithm, num_classes: int, pool_size: int, labeled_size: int
         raise ValueError(f'{algorithm.name}\'s state needs the feature width')
     out = {name: tf.fill([feature_width if d == FEATURES else d for d in s.shape],
                          tf.cast(s.initial, s.dtype)) for name, s in declared.items()}
-    if labeled_prior is not None and LABELED_PRIOR in out:
-        out[LABELED_PRIOR] = tf.constant(labeled_prior, out[LABELED_PRIOR].dtype)
+    if labeled_prior is not None:
+        for name, s in declared.items():
+            if name == LABELED_PRIOR or s.from_prior:
+                out[name] = tf.constant(labeled_prior, s.dtype)
     return out
+
+
+def starts_at_prior(states: Dict[str, State]) -> bool:
+    """Whether any of `states` starts at the labeled class distribution."""
+    return any(name == LABELED_PRIOR or s.from_prior for name, s in states.items())
 
 
 def replica_mean(x):

@@ -108,6 +108,19 @@ def test_the_bases_defaults_and_run_names():
         'imbalanced': 0, 'rotation': 4}
 
 
+def test_remixmatch_p_y_starts_at_the_labeled_class_distribution():
+    """ReMixMatch's p(y) (and so ABC's and DARP's on it) starts at the labeled set's class
+    distribution (USB's 'gt' target): uniform only where the labels are; p~(y) starts uniform."""
+    prior = np.linspace(1., 4., 10) / 25
+    for algorithm in (algorithms.ALGORITHMS['remixmatch'](),
+                      algorithms.ALGORITHMS['darp'](base_algorithm='remixmatch')):
+        state = base.initial_state(algorithm, 10, 16, labeled_prior=prior)
+        np.testing.assert_allclose(state['p_data'], prior, rtol=1e-6)
+        np.testing.assert_allclose(state['p_model'], 0.1)
+        np.testing.assert_allclose(base.initial_state(algorithm, 10, 16)['p_data'], 0.1)
+    assert not base.starts_at_prior(algorithms.ALGORITHMS['fixmatch']().state(10, 16))
+
+
 def remixmatch_batch(algorithm, heads, seed=0, **state):
     """A tiny batch for a method on ReMixMatch: 4 labeled, 8 unlabeled images in its 3 views."""
     x = lambda n, i=0: tf.random.stateless_uniform((n, 8, 8, 1), [seed, n + i])  # noqa: E731

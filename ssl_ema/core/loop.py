@@ -106,10 +106,12 @@ class Trainer(Engine):
         its extra heads (trained with the student; evaluated and exported only for an open-set
         algorithm, whose unknown score is a head's; averaged when base.averages_carry_heads)."""
         labeled_size = data.labeled_size if self.algorithm.needs_labeled_indices else 0
-        prior = None   # the labeled class distribution, for the algorithms that keep it (ABC)
+        # The labeled class distribution, for the algorithms that keep it (ABC; ReMixMatch's
+        # p(y) starts there).
+        prior = None
         declared = base.declared_state(self.algorithm, data.num_classes, data.unlabeled_size,
                                        labeled_size)
-        if base.LABELED_PRIOR in declared:
+        if base.starts_at_prior(declared):
             labels = data.arrays.y_train[data.split.labeled]
             prior = np.bincount(labels, minlength=data.num_classes) / len(labels)
         width = (backbones.features(self.student).shape[-1]   # DASO's prototypes
