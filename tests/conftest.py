@@ -30,6 +30,25 @@ def quiet(*args):
     pass
 
 
+def script_over_names(script, args, names, timeout, processes=2):
+    """`python -c script *args *names` run as `processes` processes at once, each over a share of
+    `names` (tracing and XLA compiling are mostly one thread: two processes use two cores), each
+    printing one JSON dict as its last line; returns the dicts merged."""
+    import json
+    import subprocess
+    import sys
+    shares = [names[i::processes] for i in range(processes) if names[i::processes]]
+    running = [subprocess.Popen([sys.executable, '-c', script, *args, *share],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for share in shares]
+    merged = {}
+    for process in running:
+        out, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err[-3000:]
+        merged.update(json.loads(out.strip().splitlines()[-1]))
+    return merged
+
+
 def straight_and_resumed(cfg, algorithm, data, tmp_path, stop_at):
     """Train `cfg` straight through in tmp_path/straight, and in tmp_path/resumed stopped at step
     `stop_at` (a KeyboardInterrupt from the log line, as Ctrl-C) then continued by a new Trainer

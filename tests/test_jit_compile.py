@@ -2,13 +2,12 @@
 without it does; the stateful algorithms' scatters are static-shaped with a defined winner."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import script_over_names
 from ssl_ema import algorithms
 from ssl_ema.algorithms import base
 from ssl_ema.nn import draws
@@ -66,11 +65,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope='module')
 def steps_with_and_without_xla():
-    """Two training steps of every algorithm with and without --jit_compile, in one process."""
-    result = subprocess.run([sys.executable, '-c', STEPS, json.dumps(OVERRIDES), *NAMES],
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Two training steps of every algorithm with and without --jit_compile, in two processes."""
+    return script_over_names(STEPS, [json.dumps(OVERRIDES)], NAMES, timeout=1800)
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -2,14 +2,12 @@
 after known updates, learning on tiny digits, every backbone, two replicas, and resuming."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import straight_and_resumed, tiny_config, weights_of
+from conftest import script_over_names, straight_and_resumed, tiny_config, weights_of
 from ssl_ema import algorithms
 from ssl_ema.nn import backbones, losses
 from ssl_ema.algorithms import Batch, base
@@ -273,10 +271,7 @@ print(json.dumps(out))
 def two_replica_runs():
     """Two steps of every new algorithm on one device and on two (one process: the CPU split
     into two logical devices must happen before TensorFlow starts)."""
-    result = subprocess.run([sys.executable, '-c', MIRRORED, *STATEFUL], capture_output=True,
-                            text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return script_over_names(MIRRORED, [], list(STATEFUL), timeout=1800)
 
 
 @pytest.mark.parametrize('name', STATEFUL)
