@@ -83,7 +83,8 @@ FLOATS = st.one_of(st.floats(-1., 2.), st.sampled_from([0., 1., 1e9, -1e9, 1e-30
 BY_TYPE = {'int': st.integers(-3, 300), 'float': FLOATS, 'bool': st.booleans(),
            'string': st.sampled_from(['', 'bogus'])}
 CHOICES = {'optimizer': ['sgd', 'adam'], 'lr_decay': ['cosine', 'constant'],
-           'augment': ['weak', 'strong', 'none'], 'vat_target': ['ema', 'student'],
+           'augment': ['weak', 'strong', 'none'], 'augment_fill': ['anchors', 'edge'],
+           'vat_target': ['ema', 'student'],
            'tsa': ['none', 'linear', 'exp', 'log'],
            'algorithm': sorted(algorithms.ALGORITHMS),
            'arch': ['small_cnn', 'auto', 'cnn13', 'wrn10_1', 'wrn28_0', 'wrn11_1', 'wrn_2'],
