@@ -47,6 +47,14 @@ def test_flags_given_win_over_the_recipe():
     _, _, _, hyperparameters = fitting.recipe_defaults('hour', 'fashion_mnist', 'fixmatch',
                                                        explicit={'teacher'})
     assert 'teacher' not in hyperparameters and 'student_weak_pass' not in hyperparameters
+    # hour_avx2_edge's labeled batch is strongly augmented only with its edge fills
+    _, _, settings, _ = fitting.recipe_defaults('hour_avx2_edge', 'fashion_mnist', 'fixmatch', set())
+    assert (settings['augment_fill'], settings['labeled_augment']) == ('edge', 'strong')
+    for given in ('augment_fill', 'labeled_augment'):
+        _, _, settings, _ = fitting.recipe_defaults('hour_avx2_edge', 'fashion_mnist', 'fixmatch',
+                                                    explicit={given})
+        assert 'augment_fill' not in settings and 'labeled_augment' not in settings
+        assert settings['uratio'] == 1
     _, name, settings, _ = fitting.recipe_defaults('budget', 'fashion_mnist', 'supervised',
                                                    explicit={'algorithm'})
     assert name == 'supervised' and settings['train_kimg'] == recipe.settings['train_kimg']
@@ -116,8 +124,8 @@ def test_auto_resumes_a_run_with_the_recipe_it_was_made_with(tmp_path, monkeypat
     from ssl_ema.base.files import write_json
     monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: '')
     monkeypatch.setattr(machine, 'avx2_only', lambda **_: '')
-    for made, before_recipes in (('hour_bf16', False), ('hour_avx2', False), ('budget', False),
-                                 ('none', True)):
+    for made, before_recipes in (('hour_bf16', False), ('hour_avx2', False),
+                                 ('hour_avx2_edge', False), ('budget', False), ('none', True)):
         record = run_dir.run_record(tiny_config(recipe=made), algorithms.create('fixmatch'))
         if before_recipes:
             del record['config']['recipe']
