@@ -4,9 +4,10 @@ A recipe is a set of flag values (training settings, the algorithm, the algorith
 hyperparameters) and the self-training rounds that follow the run (core/distilling.py). Flags the
 user gives always win: a recipe only changes what would otherwise be a default. `none` is the
 toolkit's defaults as they have always been; `auto` (the default of --recipe) picks by dataset:
-the measured recipe (`DEFAULT`) where it was validated (Fashion-MNIST; a user's own data, npz:,
-folder:, arrays, once a second dataset validates it), `none` everywhere else (digits, the public
-benchmarks and their published protocols).
+the measured recipe (`DEFAULT`) where it was validated (Fashion-MNIST), `none` everywhere else
+(digits, the public benchmarks and their published protocols, and a user's own data, npz:,
+folder:, arrays: on the second dataset built to validate it, drawn shapes, the recipe fell below
+supervised, runs/RECIPE.md section 10).
 Every value names its source: runs/RECIPE.md is the study that chose it.
 """
 import dataclasses
@@ -102,8 +103,9 @@ NAMES = (AUTO,) + tuple(RECIPES)
 
 
 def own_data(dataset: str) -> bool:
-    """Where `auto` picks the measured recipe: Fashion-MNIST (a user's own images, npz:,
-    folder:, arrays, once a second dataset has validated it: runs/RECIPE.md)."""
+    """Where `auto` picks the measured recipe: Fashion-MNIST only (a user's own images, npz:,
+    folder:, arrays, once a dataset other than Fashion-MNIST validates it: runs/RECIPE.md
+    section 10)."""
     return dataset == 'fashion_mnist'
 
 
