@@ -48,7 +48,8 @@ def test_flags_given_win_over_the_recipe():
                                                        explicit={'teacher'})
     assert 'teacher' not in hyperparameters and 'student_weak_pass' not in hyperparameters
     # hour_avx2_edge's labeled batch is strongly augmented only with its edge fills
-    _, _, settings, _ = fitting.recipe_defaults('hour_avx2_edge', 'fashion_mnist', 'fixmatch', set())
+    _, _, settings, _ = fitting.recipe_defaults('hour_avx2_edge', 'fashion_mnist', 'fixmatch',
+                                                set())
     assert (settings['augment_fill'], settings['labeled_augment']) == ('edge', 'strong')
     for given in ('augment_fill', 'labeled_augment'):
         _, _, settings, _ = fitting.recipe_defaults('hour_avx2_edge', 'fashion_mnist', 'fixmatch',
