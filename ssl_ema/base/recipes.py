@@ -89,7 +89,7 @@ RECIPES['hour_avx2'] = Recipe(
 # +2.05 test over seeds 1-2 at equal CPU; at full length, section 11).
 RECIPES['hour_avx2_edge'] = Recipe(
     'hour_avx2_edge', 'hour_avx2 with augmentation fit for the data: edge fills, the labeled '
-    'batch strongly augmented (runs/RECIPE.md section 8)',
+    'batch strongly augmented (runs/RECIPE.md sections 8 and 11)',
     {**RECIPES['hour_avx2'].settings,
      'augment_fill': 'edge',               # RECIPE.md section 8
      'labeled_augment': 'strong'},         # RECIPE.md section 8: only with edge fills
