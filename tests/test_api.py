@@ -49,6 +49,15 @@ def test_readme_python_example_runs(tmp_path):
     assert os.path.isfile(tmp_path / 'runs' / 'digits_fixmatch' / 'export' / 'model.keras')
 
 
+def test_readme_and_training_docs_name_every_algorithm():
+    """Every --algorithm a user can give is named in the README's list and in docs/training.md."""
+    from ssl_ema.algorithms import ALGORITHMS
+    for page in ('README.md', os.path.join('docs', 'training.md')):
+        text = open(os.path.join(REPO, page)).read()
+        missing = [name for name in ALGORITHMS if f'`{name}`' not in text]
+        assert not missing, f'{page} does not name {missing}'
+
+
 def test_command_line_and_fit_give_the_same_weights(tmp_path):
     flags = dict(TINY, algorithm='fixmatch', arch='small_cnn')
     command = [sys.executable, '-m', 'ssl_ema.train', f'--train_dir={tmp_path / "cli"}']
