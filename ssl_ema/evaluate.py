@@ -28,11 +28,10 @@ from ssl_ema.base import files
 from ssl_ema.base.errors import DataError
 from ssl_ema.data.images import parse_size
 from ssl_ema.base.hparams import hparam
-from ssl_ema.core import classifier
+from ssl_ema.core import accuracy, classifier
 from ssl_ema.core.run_dir import open_run_dir
 
 MODELS = {'raw': 'raw student', 'ema': 'EMA'}
-BATCH = 1024   # images per forward pass, as the training loop's evaluation (core/accuracy.py)
 
 
 @dataclasses.dataclass
@@ -53,8 +52,9 @@ def predicted_classes(model, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf
     call = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1),
                        reduce_retracing=True)
-    return np.concatenate([call(tf.constant(np.asarray(images[i:i + BATCH]))).numpy()   # files too
-                           for i in range(0, len(images), BATCH)])
+    batch = accuracy.inference_batch(images.shape[1:])   # as the training loop's evaluation
+    return np.concatenate([call(tf.constant(np.asarray(images[i:i + batch]))).numpy()   # files too
+                           for i in range(0, len(images), batch)])
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Balanced accuracy, per-class recall and the open-set metrics (core/accuracy.py), by hand."""
+"""Balanced accuracy, per-class recall and the open-set metrics (core/accuracy.py), by hand; the
+inference batch size they are computed with."""
 import numpy as np
 import pytest
 
@@ -18,6 +19,24 @@ def test_auroc_counts_pairs_and_ties():
     # Unknown-over-known pairs: 0.9 beats 4; 0.4 beats 2 and ties 1 (1/2); 0.7 beats 3: 9.5 / 12.
     assert accuracy.auroc(known, unknown) == pytest.approx(100 * 9.5 / 12)
     assert accuracy.auroc([0.1, 0.2], [0.3]) == 100. and accuracy.auroc([0.5], [0.1]) == 0.
+
+
+def test_inference_batch_holds_about_2_17_pixels_and_leaves_predictions_alone():
+    assert accuracy.inference_batch((28, 28, 1)) == 128          # Fashion-MNIST
+    assert accuracy.inference_batch((32, 32, 3)) == 128          # CIFAR-10, SVHN
+    assert accuracy.inference_batch((8, 8, 1)) == 1024           # digits: the cap
+    assert accuracy.inference_batch((96, 96, 3)) == 64           # STL-10 and larger: the floor
+    assert accuracy.inference_batch((224, 224, 3)) == 64
+    import keras
+    from ssl_ema.nn import backbones
+    keras.utils.set_random_seed(0)
+    model = backbones.build('small_cnn', (28, 28, 1), 10)
+    x = np.random.default_rng(0).random((300, 28, 28, 1), np.float32)
+    scores = accuracy.make_scores(model, (28, 28, 1))
+    default = accuracy.predictions(scores, x)                    # slices of 128, the last of 44
+    one_pass = accuracy.predictions(scores, x, batch_size=1024)
+    np.testing.assert_array_equal(default[0], one_pass[0])
+    np.testing.assert_allclose(default[1], one_pass[1], rtol=1e-5)
 
 
 def fake_scores(table):

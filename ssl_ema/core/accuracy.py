@@ -9,6 +9,8 @@ METRICS keys, `{metric: {model: {split: value}}}`: balanced accuracy and per-cla
 every split, and for an open-set protocol (data/splits.py) the known-vs-unknown AUROC and the
 (K+1)-way balanced accuracy on the test images.
 """
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -23,6 +25,21 @@ METRICS = ('balanced_accuracy', 'recall', 'open_set')
 # baseline).
 
 
+# Images per inference batch: about 2^17 pixels a batch (128 images of 28x28 or 32x32, 1,024 of
+# 8x8), between 64 and 1,024, so that a layer's activations stay near the CPU's caches. Our
+# measurement (runs/SPEED.md, "Inference batch"; `python -m ssl_ema.bench.inference`): on
+# small_cnn at 28x28 a batch of 128 costs ~0.7x the CPU-seconds of 1,024, at 8x8 1,024 is best.
+PIXELS_PER_BATCH = 2 ** 17
+
+
+def inference_batch(image_shape) -> int:
+    """Images per inference-mode forward pass for images of `image_shape` (height, width, ...):
+    the power of two nearest below PIXELS_PER_BATCH / (height x width), within 64..1,024."""
+    height, width = (tuple(image_shape) + (1, 1))[:2]
+    fit = PIXELS_PER_BATCH / max(1, int(height) * int(width))
+    return int(min(1024, max(64, 2 ** math.floor(math.log2(fit)))))
+
+
 def make_predict(model, image_shape):
     """A compiled inference-mode arg-max for `model`, traced once for any batch size."""
     @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
@@ -31,8 +48,10 @@ def make_predict(model, image_shape):
     return predict
 
 
-def accuracy(predict, x, y, batch_size: int = 1024) -> float:
-    """Percentage of `x` that `predict` classifies as `y`."""
+def accuracy(predict, x, y, batch_size: int = None) -> float:
+    """Percentage of `x` that `predict` classifies as `y` (`batch_size` images at a time, by
+    default inference_batch's)."""
+    batch_size = batch_size or inference_batch(x.shape[1:])
     correct = 0
     for start in range(0, len(x), batch_size):
         pred = predict(tf.constant(x[start:start + batch_size])).numpy()
@@ -54,8 +73,10 @@ def make_scores(model, image_shape):
     return scores
 
 
-def predictions(scores, x, batch_size: int = 1024):
-    """(arg-max [N], unknown score [N]) of `scores` (make_scores) over `x` by slices."""
+def predictions(scores, x, batch_size: int = None):
+    """(arg-max [N], unknown score [N]) of `scores` (make_scores) over `x` by slices of
+    `batch_size` (default inference_batch's)."""
+    batch_size = batch_size or inference_batch(x.shape[1:])
     out = [[t.numpy() for t in scores(tf.constant(x[start:start + batch_size]))]
            for start in range(0, len(x), batch_size)]
     if not out:

@@ -10,6 +10,8 @@ only those labels exist.
 import numpy as np
 import tensorflow as tf
 
+from ssl_ema.core.accuracy import inference_batch
+
 
 def predict(memory, memory_labels, queries, num_classes, k=20, temperature=0.07):
     """The k-NN class of every row of `queries` ([Q, D]) given `memory` ([M, D]) and its labels."""
@@ -22,16 +24,19 @@ def predict(memory, memory_labels, queries, num_classes, k=20, temperature=0.07)
     return tf.argmax(scores, -1, output_type=tf.int32).numpy()
 
 
-def features(model, x, batch_size=1024) -> np.ndarray:
-    """`model`'s inference-mode outputs on `x`, in batches, as float32."""
+def features(model, x, batch_size=None) -> np.ndarray:
+    """`model`'s inference-mode outputs on `x`, in batches (default inference_batch's), as
+    float32."""
+    batch_size = batch_size or inference_batch(x.shape[1:])
     return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False), np.float32)
                            for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model, memory_x, memory_labels, x, y, num_classes, k=20, temperature=0.07,
-             batch_size=1024) -> float:
+             batch_size=None) -> float:
     """Percentage of `x` whose k-NN class, in `model`'s features, with (memory_x, memory_labels)
     as the memory, is `y`."""
+    batch_size = batch_size or inference_batch(x.shape[1:])
     memory = features(model, memory_x, batch_size)
     correct = 0
     for i in range(0, len(x), batch_size):   # [batch, M] similarities at a time

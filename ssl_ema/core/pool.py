@@ -8,8 +8,10 @@ number of images in memory at a time.
 import numpy as np
 import tensorflow as tf
 
+from ssl_ema.core.accuracy import inference_batch
 
-def predict_pool(model, data, flip=None, batch_size: int = 1024, unknown: bool = False):
+
+def predict_pool(model, data, flip=None, batch_size: int = None, unknown: bool = False):
     """Class probabilities [pool size, K] of `model` (inference mode) on every pool image; with
     `flip` (default: where the dataset allows horizontal flips) the mean of the image's and its
     mirror image's probabilities, a test-time augmentation that the weak view already trains on
@@ -34,6 +36,7 @@ def predict_pool(model, data, flip=None, batch_size: int = 1024, unknown: bool =
         return p, u
 
     pool = data.pool_images()
+    batch_size = batch_size or inference_batch(image_shape)
     out = [[t.numpy() for t in probabilities(tf.constant(pool[start:start + batch_size]))]
            for start in range(0, len(pool), batch_size)]
     if out:
@@ -81,7 +84,7 @@ def features_model(model):
     return keras.Model(model.inputs, backbones.features(model))
 
 
-def embed(model, images, flip: bool, batch_size: int = 1024) -> np.ndarray:
+def embed(model, images, flip: bool, batch_size: int = None) -> np.ndarray:
     """L2-normalised penultimate features of `images` (sliceable, normalised), summed over the
     image and its mirror image when `flip`."""
     features = features_model(model)
@@ -92,6 +95,7 @@ def embed(model, images, flip: bool, batch_size: int = 1024) -> np.ndarray:
         if flip:
             f += tf.cast(features(tf.reverse(x, [2]), training=False), tf.float32)
         return tf.math.l2_normalize(f, axis=-1)
+    batch_size = batch_size or inference_batch(images.shape[1:])
     return np.concatenate([run(tf.constant(images[s:s + batch_size])).numpy()
                            for s in range(0, len(images), batch_size)])
 
