@@ -34,19 +34,23 @@ def plot_cpu_time(records, path: str, row_labels) -> Dict[str, List[str]]:
     panels = sorted({(r['config']['dataset'], r['config']['labels']) for r in records
                      if r['cpu_curve']})
     figure, axes = figures.panels(len(panels), 5.5, 4)
+    # One colour per row in every panel (a row is the same recipe or algorithm across datasets).
+    colours = {row: f'C{k}' for k, row in enumerate(dict.fromkeys(
+        row_labels[r['config']['dataset'], r['variant']] for r in records if r['cpu_curve']))}
     drawn = {}
     for ax, (dataset, labels) in zip(axes.flat, panels):
         runs = [r for r in records if (r['config']['dataset'], r['config']['labels']) == (
             dataset, labels) and r['cpu_curve']]
-        for k, row in enumerate(dict.fromkeys(row_labels[dataset, r['variant']] for r in runs)):
+        for row in dict.fromkeys(row_labels[dataset, r['variant']] for r in runs):
             curves = [r['cpu_curve'] for r in runs if row_labels[dataset, r['variant']] == row]
             n = min(len(c) for c in curves)   # the evaluations every seed has reached
             cpu = np.array([[p[0] for p in c[:n]] for c in curves])
             acc = np.array([[p[1] for p in c[:n]] for c in curves])
-            ax.plot(cpu.mean(0), acc.mean(0), color=f'C{k}', marker='.',
+            ax.plot(cpu.mean(0), acc.mean(0), color=colours[row], marker='.',
                     label=f'{row} ({len(curves)} seed{"s" * (len(curves) > 1)})')
             if len(curves) > 1:
-                ax.fill_between(cpu.mean(0), acc.min(0), acc.max(0), color=f'C{k}', alpha=0.2)
+                ax.fill_between(cpu.mean(0), acc.min(0), acc.max(0), color=colours[row],
+                                alpha=0.2)
         ax.set_title(f'{dataset}, {labels} labels')
         figures.label(ax, 'CPU-seconds (every thread, start-up and evaluations included)',
                       'EMA test accuracy (%)', drawn)
