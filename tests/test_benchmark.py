@@ -39,7 +39,7 @@ def make_run(out, algorithm, labels, seed, ema_offset, evaluations=25, total_ste
     evaluation (i = 0, 1, ...), raw test 10 points lower, validation 1 point higher; each of
     `averages` (other tracked averages, e.g. ema_0.99) k + 1 points above the EMA (k its index)."""
     cfg = TrainConfig(algorithm=algorithm, labels=labels, seed=seed, train_steps=total_steps,
-                      arch='small_cnn')
+                      arch='small_cnn', recipe='none')   # auto on digits, as training records it
     path = os.path.join(out, 'runs', f'digits.{labels}@{seed}', f'{algorithm}_small_cnn')
     os.makedirs(path)
     history = [{'step': 10 * (i + 1), 'kimg': 10 * (i + 1) * 32 / 1024,
@@ -144,6 +144,22 @@ def test_every_tracked_average_reaches_the_csv_and_the_curves(tmp_path):
     assert drawn == {'mean_teacher': ['50 labels, raw', '50 labels, EMA', '50 labels, ema_0.99',
                                       '50 labels, polyak'],
                      'supervised': ['50 labels, raw', '50 labels, EMA']}
+
+
+def test_an_interrupted_run_resumes_from_its_latest_checkpoint_not_its_last_evaluation(tmp_path):
+    """An interrupted run saves a checkpoint past its last evaluation; the grid says where the
+    trainer will really resume."""
+    out = str(tmp_path / 'bench')
+    make_run(out, 'mean_teacher', 50, 1, 0., evaluations=10)   # last evaluation at step 100
+    checkpoints = os.path.join(out, 'runs', 'digits.50@1', 'mean_teacher_small_cnn', 'checkpoints')
+    os.makedirs(checkpoints)
+    for step in (90, 100, 117):   # ckpt-117: saved by the interrupt
+        open(os.path.join(checkpoints, f'ckpt-{step}.index'), 'w').close()
+    with open(os.path.join(checkpoints, 'checkpoint'), 'w') as f:   # tf.train's state file
+        f.write('model_checkpoint_path: "ckpt-117"\n' + ''.join(
+            f'all_model_checkpoint_paths: "ckpt-{step}"\n' for step in (90, 100, 117)))
+    [run] = grid.plan(['mean_teacher'], [50], [1], out, settings={'train_steps': 250})
+    assert (run.status, run.step) == ('resume', 117)
 
 
 def test_collect_rebuilds_the_same_files(hand_made):

@@ -25,19 +25,20 @@ class GridRun:
     algorithm: object
     name: str             # <dataset>.<labels>@<seed>/<run directory>, relative to OUT/runs
     status: str           # 'new', 'resume' or 'done'
-    step: int = 0         # step of the last evaluation on disk
+    step: int = 0         # step it resumes from (the latest checkpoint's) or has reached
 
 
 
 def run_status(train_dir: str, total_steps: int):
     """('done', step) if the run in train_dir reached total_steps, ('resume', step) if it started,
-    ('new', 0) otherwise; step is that of its last evaluation. A run with self-training rounds is
-    done when they are (run_dir.finished)."""
+    ('new', 0) otherwise; step is that of its last evaluation, or for a run to resume that of its
+    latest checkpoint (an interrupted run saves one past its last evaluation). A run with
+    self-training rounds is done when they are (run_dir.finished)."""
     step = (run_dir.read_summary(train_dir) or {}).get('step', 0)
     if run_dir.finished(train_dir):
         return 'done', step
     if os.path.exists(os.path.join(train_dir, run_dir.RECORD)):
-        return 'resume', step
+        return 'resume', max(step, run_dir.checkpoint_step(train_dir))
     return 'new', 0
 
 

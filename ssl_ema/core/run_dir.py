@@ -252,6 +252,14 @@ def read_summary(train_dir: str) -> Optional[dict]:
         return None
 
 
+def checkpoint_step(train_dir: str) -> int:
+    """Step of the latest checkpoint in `train_dir` (named ckpt-<step>), where a resumed run
+    starts; 0 without one."""
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(os.path.join(train_dir, CHECKPOINTS))
+    return int(latest.rsplit('-', 1)[1]) if latest else 0
+
+
 def write_summary(train_dir: str, summary: dict) -> None:
     files.write_json(os.path.join(train_dir, SUMMARY), summary)
 
