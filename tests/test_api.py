@@ -58,6 +58,20 @@ def test_readme_and_training_docs_name_every_algorithm():
         assert not missing, f'{page} does not name {missing}'
 
 
+def test_every_command_in_the_readme_table_exists():
+    """Each module the README's command table names (`python -m ssl_ema.x`, or `bench_ema` short
+    for ssl_ema.bench_ema) can be run."""
+    import importlib.util
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    rows = [line for line in readme.splitlines() if line.startswith('| `python -m ')]
+    commands = [row.split(' | ')[0] for row in rows]
+    names = [name if name.startswith('ssl_ema') else f'ssl_ema.{name}'
+             for cell in commands for name in re.findall(r'`(?:python -m )?([\w.]+)`', cell)]
+    assert len(names) >= 15, names
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    assert not missing, missing
+
+
 def test_command_line_and_fit_give_the_same_weights(tmp_path):
     flags = dict(TINY, algorithm='fixmatch', arch='small_cnn')
     command = [sys.executable, '-m', 'ssl_ema.train', f'--train_dir={tmp_path / "cli"}']
