@@ -33,6 +33,9 @@ def main(argv):
                                               for v in FLAGS.image_shape):
         sys.exit(f'error: --image_shape={",".join(FLAGS.image_shape)} must be three positive '
                  'integers, e.g. 28,28,1')
+    for name in ('images', 'repeats'):
+        if FLAGS[name].value < 1:
+            sys.exit(f'error: --{name}={FLAGS[name].value} must be at least 1')
     if not FLAGS.batches or not all(v.isdigit() and int(v) > 0 for v in FLAGS.batches):
         sys.exit(f'error: --batches={",".join(FLAGS.batches)} must be positive integers, '
                  'e.g. 1024,128')
