@@ -31,6 +31,10 @@ def test_small_cnn_width_from_the_name():
     assert convs(backbones.build('small_cnn_w32', (8, 8, 1), 10)) == [32, 32, 64, 64, 128]
     with pytest.raises(Exception, match='--arch=small_cnn_w0 is unknown; valid: .*small_cnn_wW'):
         backbones.build('small_cnn_w0', (8, 8, 1), 10)
+    lite = backbones.build('small_cnn_lite', (28, 28, 1), 10)   # one convolution at 28x28
+    assert convs(lite) == [32, 64, 64, 128] and lite.name == 'small_cnn_lite'
+    assert [layer.output.shape[1] for layer in lite.layers if hasattr(layer, 'filters')] == \
+        [28, 14, 14, 7]
 
 
 def test_auto_picks_by_image_size():

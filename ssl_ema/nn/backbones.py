@@ -4,7 +4,8 @@
   FixMatch code base): pre-activation residual blocks, leaky ReLU 0.1, batch norm momentum 0.999.
 - `cnn13`: the 13-layer "conv-large" of Laine & Aila 2017, used by Mean Teacher and VAT.
 - `small_cnn`: a few-thousand-image CNN for tiny inputs such as the 8x8 digits;
-  `small_cnn_wW` the same with W channels in its first block instead of 32.
+  `small_cnn_wW` the same with W channels in its first block instead of 32; `small_cnn_lite`
+  the same with one convolution at full resolution instead of two (0.67x the FLOPs).
 - `auto`: `small_cnn` below 32 pixels, `wrn28_2` from 32 pixels up.
 - `keras:PATH.keras`, `keras_hub:HANDLE_OR_DIR`, or a keras.Model given from Python: a backbone
   the user brings, pretrained or not, with what a classifier needs added (nn/custom_backbones.py).
@@ -105,20 +106,24 @@ def cnn13(input_shape, num_classes, dropout=0.5, bn_momentum=0.99):
     return keras.Model(inputs, outputs, name='cnn13')
 
 
-def small_cnn(input_shape, num_classes, bn_momentum=0.9, width=32):
+def small_cnn(input_shape, num_classes, bn_momentum=0.9, width=32, lite=False):
     """Two blocks of two 3x3 convolutions (width, 2 width channels; 2x2 max-pool after each),
     a 3x3 convolution of 4 width channels, global average pooling. `width` 32 is `small_cnn`;
-    `small_cnn_wW` sets it (the compute of a step grows as width^2)."""
+    `small_cnn_wW` sets it (the compute of a step grows as width^2). `lite` (`small_cnn_lite`)
+    keeps one convolution of the first block: the second, width to width channels at full
+    resolution, is a third of the FLOPs (at 28x28: 14.6 of 21.8 M multiply-adds are left)."""
     inputs = keras.Input(input_shape)
     x = inputs
     for filters in (width, 2 * width):
         x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
-        x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
+        if not (lite and filters == width):
+            x = _conv_bn_act(x, filters, 3, bn_momentum=bn_momentum)
         x = layers.MaxPooling2D(2, 2, padding='same')(x)
     x = _conv_bn_act(x, 4 * width, 3, bn_momentum=bn_momentum)
     x = layers.GlobalAveragePooling2D(name=FEATURES)(x)
     outputs = layers.Dense(num_classes)(x)
-    return keras.Model(inputs, outputs, name='small_cnn' if width == 32 else f'small_cnn_w{width}')
+    name = 'small_cnn_lite' if lite else 'small_cnn' if width == 32 else f'small_cnn_w{width}'
+    return keras.Model(inputs, outputs, name=name)
 
 
 def call_keeping_statistics(model, x):
@@ -186,7 +191,8 @@ def _layers(model):
             yield from _layers(layer)
 
 
-ARCHS = {'small_cnn': small_cnn, 'cnn13': cnn13}   # plus wrnD_K and small_cnn_wW, parsed
+ARCHS = {'small_cnn': small_cnn, 'small_cnn_lite': functools.partial(small_cnn, lite=True),
+         'cnn13': cnn13}   # plus wrnD_K and small_cnn_wW, parsed
 
 
 def resolve(arch: str, input_shape, model=None) -> str:
@@ -243,7 +249,7 @@ def _build(arch, input_shape, num_classes, conv_bias, precision, portable):
     narrow = re.fullmatch(r'small_cnn_w([1-9]\d*)', arch)
     if not wrn and not narrow and arch not in ARCHS:
         raise ConfigError(f'--arch={arch} is unknown; valid: auto, small_cnn, small_cnn_wW '
-                          '(e.g. small_cnn_w24), cnn13, wrnD_K (e.g. wrn28_2), '
+                          '(e.g. small_cnn_w24), small_cnn_lite, cnn13, wrnD_K (e.g. wrn28_2), '
                           'keras:PATH.keras, keras_hub:HANDLE_OR_DIR')
     with _building(precision, layers.BatchNormalization if portable else batch_norm.BatchNorm):
         if wrn:
