@@ -95,6 +95,15 @@ RECIPES['hour_avx2_edge'] = Recipe(
      'labeled_augment': 'strong'},         # RECIPE.md section 8: only with edge fills
     RECIPES['hour'].rounds,
     together=RECIPES['hour'].together + (('augment_fill', 'labeled_augment'),))
+# The AVX2 hour on a network that spends a third less at full resolution: the same settings for
+# the 1.5x the steps its cheaper step buys (RECIPE.md section 14).
+RECIPES['hour_avx2_lite'] = Recipe(
+    'hour_avx2_lite', 'hour_avx2_edge on small_cnn_lite (one convolution at full resolution, '
+    '1.5x the steps a CPU-second) for 1.5x its steps (runs/RECIPE.md section 14)',
+    {**RECIPES['hour_avx2_edge'].settings,
+     'arch': 'small_cnn_lite',             # RECIPE.md section 14: 0.65x small_cnn's CPU a step
+     'train_kimg': 480.},                  # RECIPE.md section 14: the same CPU as 320 kimg
+    RECIPES['hour'].rounds, together=RECIPES['hour_avx2_edge'].together)
 # What auto picks where a recipe was measured: by whether the run computes bfloat16 natively,
 # else whether its float32 is no wider than AVX2.
 DEFAULT, DEFAULT_BFLOAT16, DEFAULT_AVX2 = 'hour', 'hour_bf16', 'hour_avx2_edge'
