@@ -18,7 +18,7 @@ from ssl_ema.core import fitting, run_dir
 def test_auto_picks_the_measured_recipe_only_where_it_was_measured():
     assert recipes.resolve('auto', 'fashion_mnist').name == 'hour'
     assert recipes.resolve('auto', 'fashion_mnist', bfloat16=True).name == 'hour_bf16'
-    assert recipes.resolve('auto', 'fashion_mnist', avx2=True).name == 'hour_avx2_edge'
+    assert recipes.resolve('auto', 'fashion_mnist', avx2=True).name == 'hour_avx2_lite'
     assert recipes.resolve('auto', 'fashion_mnist', bfloat16=True, avx2=True).name == 'hour_bf16'
     assert recipes.resolve('auto', 'digits', avx2=True).name == 'none'
     assert recipes.resolve('auto', 'digits', bfloat16=True).name == 'none'
@@ -105,13 +105,14 @@ def test_auto_takes_the_recipe_of_the_machines_kind(monkeypatch, native, avx2):
     from ssl_ema.base import machine
     monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: native)
     monkeypatch.setattr(machine, 'avx2_only', lambda **_: avx2)
-    float32 = 'hour_avx2_edge' if avx2 else 'hour'
+    float32 = 'hour_avx2_lite' if avx2 else 'hour'
     recipe, _, settings, _ = fitting.recipe_defaults('auto', 'fashion_mnist', 'fixmatch', set())
     assert recipe.name == ('hour_bf16' if native else float32)
     assert settings.get('precision', 'float32') == ('mixed_bfloat16' if native else 'float32')
     assert settings['train_kimg'] == recipes.RECIPES[recipe.name].settings['train_kimg']
     assert settings['uratio'] == (1 if avx2 else 2)
     assert settings.get('augment_fill', 'anchors') == ('edge' if avx2 else 'anchors')
+    assert settings['arch'] == ('small_cnn_lite' if avx2 else 'small_cnn')
     # --precision given decides, whatever the machine
     for precision, name in (('float32', float32), ('mixed_bfloat16', 'hour_bf16'),
                             ('auto', 'hour_bf16' if native else float32)):
@@ -127,7 +128,8 @@ def test_auto_resumes_a_run_with_the_recipe_it_was_made_with(tmp_path, monkeypat
     monkeypatch.setattr(machine, 'native_bfloat16', lambda **_: '')
     monkeypatch.setattr(machine, 'avx2_only', lambda **_: '')
     for made, before_recipes in (('hour_bf16', False), ('hour_avx2', False),
-                                 ('hour_avx2_edge', False), ('budget', False), ('none', True)):
+                                 ('hour_avx2_edge', False), ('hour_avx2_lite', False),
+                                 ('budget', False), ('none', True)):
         record = run_dir.run_record(tiny_config(recipe=made), algorithms.create('fixmatch'))
         if before_recipes:
             del record['config']['recipe']

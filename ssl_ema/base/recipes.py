@@ -106,7 +106,7 @@ RECIPES['hour_avx2_lite'] = Recipe(
     RECIPES['hour'].rounds, together=RECIPES['hour_avx2_edge'].together)
 # What auto picks where a recipe was measured: by whether the run computes bfloat16 natively,
 # else whether its float32 is no wider than AVX2.
-DEFAULT, DEFAULT_BFLOAT16, DEFAULT_AVX2 = 'hour', 'hour_bf16', 'hour_avx2_edge'
+DEFAULT, DEFAULT_BFLOAT16, DEFAULT_AVX2 = 'hour', 'hour_bf16', 'hour_avx2_lite'
 AUTO = 'auto'
 NAMES = (AUTO,) + tuple(RECIPES)
 
