@@ -68,7 +68,8 @@ class TrainConfig(Length):
                              'same size. Default: the data\'s own size (a folder of mixed sizes: '
                              'the median height and width of its training images).')
     arch: str = hparam('auto', 'Backbone: small_cnn (small_cnn_wW: W channels, not 32, in its '
-                       'first block; small_cnn_lite: one convolution at full resolution), cnn13, wrnD_K (e.g. wrn28_2), or auto '
+                       'first block; small_cnn_lite: one convolution at full resolution), '
+                       'cnn13, wrnD_K (e.g. wrn28_2), or auto '
                        '(small_cnn below 32 pixels, wrn28_2 from 32 up); or one you bring, '
                        'pretrained or not: keras:PATH.keras (a Keras 3 model file) or '
                        'keras_hub:HANDLE_OR_DIR (a keras-hub preset, needs keras-hub), with '

@@ -96,7 +96,7 @@ RECIPES['hour_avx2_edge'] = Recipe(
     RECIPES['hour'].rounds,
     together=RECIPES['hour'].together + (('augment_fill', 'labeled_augment'),))
 # The AVX2 hour on a network that spends a third less at full resolution: the same settings for
-# the 1.5x the steps its cheaper step buys (RECIPE.md section 14).
+# the 1.5x more steps its cheaper step buys in the same CPU (RECIPE.md section 14).
 RECIPES['hour_avx2_lite'] = Recipe(
     'hour_avx2_lite', 'hour_avx2_edge on small_cnn_lite (one convolution at full resolution, '
     '1.5x the steps a CPU-second) for 1.5x its steps (runs/RECIPE.md section 14)',
