@@ -13,6 +13,26 @@ def digits_data():
     return data.build('digits', labels=50, valid=200, seed=1)
 
 
+@pytest.fixture(scope='session')
+def kink_free_backbone(tmp_path_factory):
+    """`keras:PATH` of a digits backbone whose outputs are smooth functions of its weights: three
+    3x3 convolutions (16, 32, 64 channels; the second strided), each with batch norm and softplus,
+    no ReLU-type kink, no max-pool (the toolkit adds pooling and the head). Where two runs sum in
+    another order (XLA, two replicas), small_cnn's weights 1e-7 apart sometimes put an activation
+    on the other side of a LeakyReLU's kink or swap a max-pool window's two largest inputs, and a
+    derivative jumps there: tests that compare two summation orders to 1e-4 compare on this."""
+    import keras
+    path = str(tmp_path_factory.mktemp('backbone') / 'kink_free.keras')
+    inputs = keras.Input((8, 8, 1))
+    x = inputs
+    for filters, stride in ((16, 1), (32, 2), (64, 1)):
+        x = keras.layers.Conv2D(filters, 3, strides=stride, padding='same', use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Activation('softplus')(x)
+    keras.Model(inputs, x).save(path)
+    return 'keras:' + path
+
+
 def tiny_config(**overrides):
     """A TrainConfig for fast tests: small batches, few steps, every setting overridable."""
     from ssl_ema.base.config import TrainConfig

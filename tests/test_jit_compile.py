@@ -3,7 +3,6 @@ without it does; the stateful algorithms' scatters are static-shaped with a defi
 import json
 import math
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,16 +26,16 @@ OVERRIDES = {'flexmatch': {'confidence_threshold': 0.},
              'defixmatch': {'confidence_threshold': 0.}, 'comatch': {'queue_size': 48},
              'shrinkmatch': {'confidence_threshold': .2}, 'crmatch': {'confidence_threshold': 0.}}
 
-# The steps run on a backbone whose outputs are smooth functions of the weights (kink_free_backbone:
-# softplus, no max-pool). On small_cnn, XLA's other summation order (weights 1e-7 apart after one
-# step) sometimes moves an input of a LeakyReLU across 0 or swaps a max-pool window's two largest
-# inputs, and the derivative jumps there (slope 0.1 -> 1): measured on AVX2 and AVX-512 CPUs
-# (2026-12-03/07), updates 4e-4 to 1e-3 of the largest apart for VAT, ACR and CRMatch, and hard
-# pseudo-labels of near-uniform predictions flipped for SequenceMatch and OpenMatch. A confidence
-# near a threshold, one step below the loss: the comparison is of XLA, not of where a kink falls.
-# On the smooth backbone every algorithm meets rtol 1e-4 (AVX2, 2026-12-07): VAT's updates, the
-# normalised gradient of a finite difference, 2.3e-5 of the largest apart. small_cnn itself,
-# LeakyReLU and max-pool compiled, is compared on FixMatch, which meets no kink in two steps.
+# The steps run on conftest's kink_free_backbone (softplus, no max-pool). On small_cnn, XLA's
+# other summation order (weights 1e-7 apart after one step) sometimes moves an input of a
+# LeakyReLU across 0 or swaps a max-pool window's two largest inputs, and the derivative jumps
+# there (slope 0.1 -> 1): measured on AVX2 and AVX-512 CPUs (2026-12-03/07), updates 4e-4 to 1e-3
+# of the largest apart for VAT, ACR and CRMatch, and hard pseudo-labels of near-uniform
+# predictions flipped for SequenceMatch and OpenMatch. A confidence near a threshold, one step
+# below the loss: the comparison is of XLA, not of where a kink falls. On the smooth backbone
+# every algorithm meets rtol 1e-4 (AVX2, 2026-12-07): VAT's updates, the normalised gradient of
+# a finite difference, 2.3e-5 of the largest apart. small_cnn itself, LeakyReLU and max-pool
+# compiled, is compared on FixMatch, which meets no kink in two steps.
 ON_SMALL_CNN = ('fixmatch',)
 
 STEPS = '''
@@ -50,7 +49,7 @@ dataset = data.build('digits', labels=50, valid=200, seed=1)
 overrides, backbone = json.loads(sys.argv[1]), sys.argv[2]
 out = {}
 for key in sys.argv[3:]:
-    name, arch = key.split('@') if '@' in key else (key, 'keras:' + backbone)
+    name, arch = key.split('@') if '@' in key else (key, backbone)
     for jit in (False, True):
         cfg = TrainConfig(algorithm=name, batch=16, uratio=2, train_steps=2, arch=arch,
                           jit_compile=jit)
@@ -70,24 +69,11 @@ print(json.dumps(out))
 KEYS = NAMES + [f'{name}@small_cnn' for name in ON_SMALL_CNN]
 
 
-def kink_free_backbone(path):
-    """Three 3x3 convolutions (16, 32, 64 channels; the second strided), each with batch norm and
-    softplus: no ReLU-type kink, no max-pool. The toolkit adds pooling and the head."""
-    inputs = keras.Input((8, 8, 1))   # digits
-    x = inputs
-    for filters, stride in ((16, 1), (32, 2), (64, 1)):
-        x = keras.layers.Conv2D(filters, 3, strides=stride, padding='same', use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.Activation('softplus')(x)
-    keras.Model(inputs, x).save(path)
-
-
 @pytest.fixture(scope='module')
-def steps_with_and_without_xla(tmp_path_factory):
+def steps_with_and_without_xla(kink_free_backbone):
     """Two training steps of every algorithm with and without --jit_compile, in two processes."""
-    path = str(tmp_path_factory.mktemp('backbone') / 'kink_free.keras')
-    kink_free_backbone(path)
-    return script_over_names(STEPS, [json.dumps(OVERRIDES), path], KEYS, timeout=1800)
+    return script_over_names(STEPS, [json.dumps(OVERRIDES), kink_free_backbone], KEYS,
+                             timeout=1800)
 
 
 @pytest.mark.parametrize('key', KEYS)
