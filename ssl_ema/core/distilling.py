@@ -1,6 +1,6 @@
 """A self-training round: a finished run (the teacher) labels the unlabeled pool once, and a new
 student learns the labels and those pseudo-labels (algorithms/distillation.py's loss), with every
-guarantee of a run directory (resume, lock, NaN guard, records, export: core/fitting.fit).
+guarantee of a run directory (resume, lock, NaN guard, records, export: core/one_run.train).
 
 On disk, a round is a run directory of its own, by default inside its teacher's:
 
@@ -15,6 +15,7 @@ the round's classifier. A round trains on its teacher's dataset, split and input
 (its --dataset, --labels, --valid, --seed ... are the teacher's, never its own).
 """
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -24,7 +25,7 @@ import numpy as np
 from ssl_ema.base import files
 from ssl_ema.base.config import TrainConfig
 from ssl_ema.base.errors import ConfigError
-from ssl_ema.core import pool, run_dir
+from ssl_ema.core import one_run, pool, run_dir
 
 PSEUDO_LABELS = 'pseudo_labels.npz'
 ROUNDS = 'rounds'
@@ -162,7 +163,6 @@ def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(
     """Train (or resume) the round whose teacher is `teacher_dir`; returns its directory.
     `explicit`: names of the settings the user gave (a data or split setting that differs from
     the teacher's is refused); `train_dir`: where (default: default_train_dir)."""
-    from ssl_ema.core import fitting
     teacher = open_teacher(teacher_dir)
     cfg = student_config(cfg, teacher, explicit)
     if train_dir:
@@ -172,7 +172,9 @@ def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(
         if json.load(f) != json.loads(json.dumps(data.split.as_dict())):
             raise ConfigError(f'--teacher_run={teacher_dir}: its split.json is not the split its '
                               'flags make here (another version or dataset files); retrain it')
-    return fitting.fit(cfg, algorithm, log=log, dataset=data, round_of=(teacher, prepare))
+    return one_run.train(cfg, algorithm, log=log, dataset=data, round_of=(
+        functools.partial(default_train_dir, teacher.train_dir),
+        lambda train_dir, *args: prepare(train_dir, teacher, *args)))
 
 
 def run_rounds(train_dir: str, cfg: TrainConfig, rounds, log=print, publish=True) -> str:
