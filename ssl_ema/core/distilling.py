@@ -117,7 +117,7 @@ def hidden_accuracy(targets, weights, data) -> float:
     return float(100. * right[kept].mean()) if kept.any() else float('nan')
 
 
-def prepare(train_dir: str, teacher: run_dir.RunDir, algorithm, data, trainer, log=print):
+def prepare(teacher: run_dir.RunDir, train_dir: str, algorithm, data, trainer, log=print):
     """Before a round trains (under its run-directory lock): the pool's pseudo-labels, made once
     and kept in train_dir (a resumed round reads them back: the teacher is not run again), checked
     against the teacher as it is now; the student starts from the teacher's weights with
@@ -174,7 +174,7 @@ def distill(cfg: TrainConfig, algorithm, teacher_dir: str, log=print, explicit=(
                               'flags make here (another version or dataset files); retrain it')
     return one_run.train(cfg, algorithm, log=log, dataset=data, round_of=(
         functools.partial(default_train_dir, teacher.train_dir),
-        lambda train_dir, *args: prepare(train_dir, teacher, *args)))
+        functools.partial(prepare, teacher)))
 
 
 def run_rounds(train_dir: str, cfg: TrainConfig, rounds, log=print, publish=True) -> str:

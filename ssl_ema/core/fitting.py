@@ -41,11 +41,11 @@ def recipe_defaults(recipe: str, dataset: str, algorithm: str, explicit, precisi
 def fit(cfg: TrainConfig, algorithm, log=print, backbone=None, dataset=None) -> str:
     """Train (or resume) the run that `cfg` and `algorithm` define (core/one_run.train: the
     keywords are its), then its self-training rounds, if any; returns its directory."""
-    def rounds(train_dir, cfg, chief):
+    def rounds(train_dir, run_cfg, chief):
         # The recipe's rounds (else one with ssl_ema.distill's defaults); never for supervised,
         # which reads no unlabeled image. train_dir's export and accuracy.json become the last
         # round's. Every worker trains them; the chief publishes.
-        distilling.run_rounds(train_dir, cfg, recipes.RECIPES[cfg.recipe].rounds or ({},), log,
-                              publish=chief)
+        distilling.run_rounds(train_dir, run_cfg, recipes.RECIPES[run_cfg.recipe].rounds or ({},),
+                              log, publish=chief)
     return one_run.train(cfg, algorithm, log, backbone, dataset,
                          then=rounds if cfg.self_training_kimg and algorithm.views else None)
