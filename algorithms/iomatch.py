@@ -13,7 +13,8 @@ Closed-set loss: soft cross-entropy of the strong view to p where max p reaches
 soft cross-entropy of the strong view's (K+1)-way prediction to q where max q reaches
 `open_set_threshold`, off during the first `open_set_start_fraction` of training (theirs: the
 first epoch). Both are batch means, as USB's consistency_loss. The unknown score evaluated and
-exported is the open-set classifier's probability of class K+1 (nn/heads.unknown_score).
+exported is q_{K+1} / (q_{K+1} + max_k q_k) of the open-set classifier's probabilities, above 0.5
+exactly where "unknown" is its arg-max (the authors' evaluate_io; nn/heads.unknown_score).
 
 Defaults (the authors' config/openset_cv/iomatch/iomatch_cifar10_*.yaml and the algorithm's
 arguments): thresholds 0.95 (p_cutoff) and 0.5 (q_cutoff), lambda_u, the OVA and open-set weights

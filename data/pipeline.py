@@ -270,7 +270,7 @@ class SSLData:
 
     def unknown_test_images(self):
         """An open-set protocol's test images of the unknown classes, normalised (None
-        otherwise): the negatives of the known-vs-unknown AUROC (core/accuracy.py)."""
+        otherwise): the positives of the known-vs-unknown AUROC (core/accuracy.py)."""
         a = self.arrays
         unknown = np.flatnonzero(a.y_test >= a.num_classes)
         if not len(unknown):

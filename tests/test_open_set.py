@@ -92,9 +92,12 @@ def test_unknown_scores_by_hand():
     # p(outlier) of class 0 in image 0: 3/4; of class 1 in image 1: 1/4.
     np.testing.assert_allclose(unknown_score(OneVsAll(), logits, outputs), [0.75, 0.25],
                                rtol=1e-5)
-    open_logits = tf.constant([[0.] * 4 + [LN(0.2), LN(0.2), LN(0.6)]])
-    np.testing.assert_allclose(unknown_score(OpenSetProjection(), logits[:1], open_logits),
-                               [0.6], rtol=1e-5)
+    # IOMatch: q = (0.2, 0.2, 0.6) and (0.3, 0.3, 0.4): q_3 / (q_3 + max(q_1, q_2)) = 0.75 and
+    # 0.4 / 0.7, above 0.5 though q_3 is 0.4: "unknown" is the arg-max, so the image is unknown.
+    open_logits = tf.constant([[0.] * 4 + [LN(0.2), LN(0.2), LN(0.6)],
+                               [0.] * 4 + [LN(0.3), LN(0.3), LN(0.4)]])
+    np.testing.assert_allclose(unknown_score(OpenSetProjection(), logits, open_logits),
+                               [0.75, 0.4 / 0.7], rtol=1e-5)
 
 
 def test_the_averages_carry_an_open_set_algorithms_heads():

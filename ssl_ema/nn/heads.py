@@ -64,8 +64,7 @@ class OpenSetProjection:
     projection Dense(width of the features) - ReLU - Dense(units), and on it K one-vs-all
     classifiers Dense(2K) without bias (laid out as OneVsAll's) and a (K+1)-way open-set
     classifier Dense(K+1), its last class "unknown". Output: [N, 2K + K + 1], the one-vs-all
-    logits then the open-set logits (split_open_set). Unknown score: the open-set classifier's
-    probability of class K+1."""
+    logits then the open-set logits (split_open_set). Unknown score: see unknown_score."""
     units: int = 128
 
 
@@ -84,14 +83,17 @@ def unknown_score(head, logits, output):
     """The "unknown" score [N] in [0, 1] of an open-set head's `output` beside the classifier's
     `logits` (above 0.5: called unknown, accuracy.UNKNOWN_THRESHOLD): OneVsAll, the outlier
     probability of the predicted class (OpenMatch, Sec. 3.3, OP_Match utils/misc.py test's
-    unk_score); OpenSetProjection, the (K+1)-way classifier's probability of class K+1 (IOMatch's
-    open-set prediction). Keras ops: it serialises inside an exported model."""
+    unk_score); OpenSetProjection, q_{K+1} / (q_{K+1} + max_k q_k) over the (K+1)-way
+    classifier's probabilities q, above 0.5 exactly where class K+1 is its arg-max (IOMatch's
+    open-set prediction, the authors' evaluate.ipynb evaluate_io: pred_q = argmax q). Keras ops:
+    it serialises inside an exported model."""
     k = logits.shape[-1]
     if isinstance(head, OneVsAll):
         predicted = ops.one_hot(ops.argmax(logits, axis=-1), k)
         return ops.sum(ova_probabilities(output)[:, 0, :] * predicted, axis=-1)
     if isinstance(head, OpenSetProjection):
-        return ops.softmax(ops.cast(split_open_set(output, k)[1], 'float32'), axis=-1)[:, k]
+        q = ops.softmax(ops.cast(split_open_set(output, k)[1], 'float32'), axis=-1)
+        return q[:, k] / (q[:, k] + ops.max(q[:, :k], axis=-1))
     raise ValueError(f'{type(head).__name__} heads give no unknown score')
 
 
