@@ -11,7 +11,9 @@ rarest; each unlabeled image whose balanced-classifier confidence on the weak vi
 trains its strong view on that hard pseudo-label under a Bernoulli mask of probability
 1 - t (1 - min_c N_c / N_yhat), t the fraction of training done (USB's abc.py: epoch / epochs,
 the masks' schedule). The masks are drawn from the run's checkpointed generator. The loss
-added: abc_weight * (labeled term + unlabeled term). Defaults: tau = 0.95, abc_weight 1 (USB's
+added: abc_weight * (labeled term + unlabeled term). On FixMatch the unlabeled term reads one
+strong view an image (USB's abc.py; the authors' ABCfix.py adds the term on two strong views).
+Defaults: tau = 0.95, abc_weight 1 (USB's
 abc_p_cutoff, abc_loss_ratio), the base's lambda_u = 1 and tau = 0.95 (FixMatch's).
 
 On ReMixMatch the base is ReMixMatch's whole loss (mixup, distribution alignment, pre-mixup,

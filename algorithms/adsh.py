@@ -89,6 +89,10 @@ class ADSH(WeakStrong):
     def pool_pass_every_fraction(self):
         return self.adapt_every_fraction
 
+    @property
+    def pool_pass_start(self):   # the first pass after one interval, never on the untrained model
+        return self.adapt_every_fraction
+
     def state(self, num_classes, pool_size):
         return {LABELED_PRIOR: State((num_classes,), 1. / num_classes),
                 'thresholds': State((num_classes,), self.confidence_threshold)}

@@ -25,7 +25,9 @@ in expectation is the authors' class-balanced sampling of them; each is mixed wi
 at its position in the unlabeled batch (theirs: a separate batch of labeled and pool images).
 The Bernoulli draws and the lambdas come from the run's checkpointed generator. Defaults:
 lambda_max = 0.6 (the authors' run_cifar10.sh --max_lam 0.6, USB cossl_max_lam), the start at
-400/500 (theirs; USB cossl_warm_epoch 200 of 256), the base's lambda_u = 1 and tau = 0.95.
+400/500 (theirs; USB cossl_warm_epoch 200 of 256), the base's lambda_u = 1 and tau = 0.95. The
+base's FixMatch reads one strong view an image, as USB's (the authors' averages two,
+train_cifar_fix_cossl.py).
 """
 import tensorflow as tf
 

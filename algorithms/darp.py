@@ -14,11 +14,21 @@ the projection, alpha * m_j images most confident in class j keep class j's mass
 Ours: the pool's distributions come from a pass of the EMA model over the whole pool every
 `refine_every_steps` from `start_fraction` of training on (core/pool.py), not from each image's
 last training-batch prediction (USB); between passes each image's refined distribution is looked
-up by its pool index. The base's confidence mask stays on its own prediction, the hard
-pseudo-label is the refined distribution's arg-max (USB's gen_ulb_targets). Defaults: alpha 2,
-T = 10 iterations, refinement every 10 steps, from epoch 200 of 256 (USB's
-fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml: darp_alpha, darp_iter_T,
-darp_num_refine_iter, darp_warmup_epochs; its remixmatch_darp configs the same).
+up by its pool index. On FixMatch the hard pseudo-label is the refined distribution's arg-max and
+the confidence mask is taken on the refined distribution too (the authors' train_fix: max_p,
+p_hat = max(targets_u) after the refinement; USB masks on the unrefined prediction), so an image
+whose label the projection moved trains only if the move is confident. Defaults: alpha 2, T = 10
+iterations, refinement every 10 steps (USB's fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml:
+darp_alpha, darp_iter_T, darp_num_refine_iter; the authors' --alpha, --iter_T, --num_iter), from
+40% of training on (the authors' run.sh and README: --warm 200 of --epoch 500; USB keeps 200
+epochs of its 256).
+
+The target is the labeled prior (the authors' Table 1, where the pool follows the labels; USB
+always). For a pool whose distribution differs (the reversed pool), the authors' Table 2 target
+is an estimate of the pool's distribution by black-box shift estimation (their
+train_base_estim.py: a supervised model's confusion matrix on images held out of the labeled
+set, inverted against its predicted pool distribution); that is not built here, so on such a
+pool DARP projects towards the labels' distribution, as USB's does.
 
 On ReMixMatch (the authors' train_remix in training_functions.py) DARP refines ReMixMatch's
 guess: the pool's distributions are aligned by the run's p(y) and p~(y) and sharpened
@@ -82,8 +92,8 @@ class DARP(Plugged):
                                   'darp_iter_T 10).')
     refine_every_steps: int = hparam(10, 'Steps between two refinements, each a pass of the EMA '
                                      'model over the pool (USB darp_num_refine_iter 10).')
-    start_fraction: float = hparam(200 / 256, 'Fraction of training before the first '
-                                   'refinement (USB: darp_warmup_epochs 200 of 256 epochs).')
+    start_fraction: float = hparam(0.4, 'Fraction of training before the first refinement '
+                                   '(the authors\' run.sh: --warm 200 of --epoch 500).')
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,8 +139,8 @@ class DARP(Plugged):
             return Losses(xe, unlabeled, dict(metrics, refined_changed=tf.reduce_mean(changed)),
                           state)
         xe, probs, strong_logits = self.weak_strong(student, teacher, batch)
-        mask = losses.confidence_mask(probs, self.confidence_threshold)
         target, changed = self.refined(batch, probs)
+        mask = losses.confidence_mask(target, self.confidence_threshold)
         hard = tf.one_hot(tf.argmax(target, -1), tf.shape(probs)[-1])
         pseudo = losses.soft_cross_entropy(hard, tf.cast(strong_logits, tf.float32), mask)
         return Losses(xe, self.consistency_weight * pseudo,

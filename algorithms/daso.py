@@ -3,7 +3,8 @@ pseudo-labels, plugged on a base algorithm (--base_algorithm, FixMatch: USB's cl
 fixmatch_daso; the authors' ytaek-oh/daso, lib/models/daso_model.py).
 
 A class-balanced queue keeps, for every class, the pooled features of the last L labeled images
-of that class as the EMA model sees them; the class prototypes c_k are their means. Each
+of that class as the EMA model sees them (in inference mode; the authors' and USB's EMA model
+runs in training mode there, with the labeled batch's own batch-norm statistics); the class prototypes c_k are their means. Each
 unlabeled image's semantic pseudo-label is q^s = softmax_k(cos(z, c_k) / T_proto), z the pooled
 features of its weak view (Sec. 3.2). It is blended with the linear (classifier's) pseudo-label q
 by the distribution-aware weight of q's class k = argmax q: q^ = (1 - v_k) q + v_k q^s, with

@@ -4,7 +4,9 @@ Learning"): class weights from the effective number of samples, plugged on a bas
 
 Each class's weight is the inverse of its effective number of samples (Cui et al., CVPR 2019,
 arXiv 1901.05555, Eq. 3: E_n = (1 - beta^n) / (1 - beta)), smoothed by choosing beta = (N - 1) / N
-with N the mean class count, and normalised so that the K weights sum to K:
+with N the mean class count (USB's saw/utils.py; the authors' classWeights.getClassWeights
+with --effective 1, as their jeff_remix_0.sh and jeff_stl_0.sh pass: their train_example.sh for
+FixMatch on CIFAR-10 passes a fixed beta 0.99 instead), and normalised so that the K weights sum to K:
 w_c = K * [(1 - beta) / (1 - beta^n_c)] / sum_j [(1 - beta) / (1 - beta^n_j)]. The labeled
 loss weighs each image's cross-entropy by w(labeled counts)[y] (the authors' --distbl gt_l); the
 unlabeled loss weighs each confident image by w(predicted counts)[pseudo-label] (--distbu
@@ -15,8 +17,9 @@ available to us, so the equations are cited from the effective-number paper they
 
 Ours: the predicted counts come from a pass of the EMA model over the pool (core/pool.py) every
 `reweight_every_fraction` of training, as USB's re-evaluation of the pool after every epoch
-(256 epochs: 1/256); until the first pass the unlabeled weights are 1 (USB's: the weights of a
-uniform pool). Defaults: lambda_u 1 and tau 0.95 (USB's fixmatch_saw_cifar10_lb1500_100_ulb3000
+(256 epochs: 1/256), the first after one such interval; until then the unlabeled weights are 1
+(USB's: the weights of a uniform pool). One strong view an image, as USB's FixMatch (the authors'
+FixMatch trains two, train_fix_cifar10.py). Defaults: lambda_u 1 and tau 0.95 (USB's fixmatch_saw_cifar10_lb1500_100_ulb3000
 _100_0.yaml: ulb_loss_ratio, p_cutoff; the authors' scripts: --lambda_u 1 --tau 0.95).
 """
 import numpy as np
@@ -62,6 +65,10 @@ class SAW(WeakStrong):
 
     @property
     def pool_pass_every_fraction(self):
+        return self.reweight_every_fraction
+
+    @property
+    def pool_pass_start(self):   # the first pass after one interval, never on the untrained model
         return self.reweight_every_fraction
 
     def state(self, num_classes, pool_size, labeled_size=0):

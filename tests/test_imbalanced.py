@@ -38,20 +38,23 @@ def identity(x, training=False):
     return x
 
 
-def test_darp_pseudo_labels_follow_the_refined_distribution():
+def test_darp_pseudo_labels_and_masks_follow_the_refined_distribution():
     darp = algorithms.ALGORITHMS['darp']()
-    weak = tf.math.log(tf.constant([[0.97, 0.03], [0.6, 0.4], [0.96, 0.04]]))
-    # Image 0 of the batch (pool index 5) was refined towards class 1; the others not yet.
+    weak = tf.math.log(tf.constant([[0.97, 0.03], [0.6, 0.4], [0.96, 0.04], [0.99, 0.01]]))
+    # Pool images 5 and 3 were refined (towards class 1: confidently, and not); 0 and 1 not yet.
     refined = np.zeros([6, 2], np.float32)
-    refined[5] = [0.2, 0.8]
+    refined[5], refined[3] = [0.02, 0.98], [0.3, 0.7]
     batch = Batch(tf.constant([[2., 0.]]), tf.constant([0]), (weak, weak), tf.constant(1.),
                   tf.random.Generator.from_seed(0), tf.constant(.9),
-                  state={'refined': tf.constant(refined)}, unlabeled_index=tf.constant([5, 0, 1]))
+                  state={'refined': tf.constant(refined)},
+                  unlabeled_index=tf.constant([5, 0, 1, 3]))
     out = darp(identity, None, batch)
-    # Masks from the base's own confidence (0.97, 0.6, 0.96 against 0.95); labels 1, -, 0.
-    expected = (-np.log(0.03) - np.log(0.96)) / 3
+    # Masks on the refined distribution where there is one (0.98, -, -, 0.7), else on the base's
+    # own (-, 0.6, 0.96, -), against 0.95 (the authors' train_fix): labels 1, -, 0, -; image 3,
+    # confident before the projection (0.99), is dropped.
+    expected = (-np.log(0.03) - np.log(0.96)) / 4
     np.testing.assert_allclose(float(out.unlabeled), expected, rtol=1e-5)
-    np.testing.assert_allclose(float(out.metrics['mask']), 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(out.metrics['mask']), 2 / 4, rtol=1e-6)
 
 
 def test_abc_masks_by_hand():
