@@ -31,7 +31,9 @@ estimate updates tau from its own divergences (theirs from the all-zero sums of 
 before the estimate starts, tau = 2/3 for one epoch). Defaults, the authors' CIFAR-10-LT
 commands (README.md) and train.py: threshold 0.95, tau_max = tau12 = tau2 = 2 (tau1, tau12,
 tau2), tau starting at tau_max, ema_u 0.99, the estimate from epoch 6 of 500 (est_epoch 5;
-250000 steps of 500-step epochs), lambda_u 1 (Lx + Lu + Lx_b + Lu_b).
+250000 steps of 500-step epochs), lambda_u 1 (Lx + Lu + Lx_b + Lu_b). The unlabeled batch's
+ratio is the run's --uratio (the authors' --mu defaults to 1; the long-tailed protocol gives
+every method USB's 2).
 """
 import tensorflow as tf
 
