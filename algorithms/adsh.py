@@ -20,8 +20,10 @@ reaches tau_1, 1 (every image passes). Ours: the head class is the one with the 
 images (the labeled prior's arg-max; among equals, the pool's most predicted), every threshold starts at tau_1 (FixMatch's, until the
 first pass), and a pass in which no head-class image reaches tau_1 sets every threshold to
 tau_1; a class the pool never predicts keeps its threshold. The confidences come from a pass of
-the EMA model over the pool (core/pool.py) every `adapt_every_fraction` of training, as USB's
-re-evaluation of the pool after every epoch (256 epochs: 1/256). Defaults: tau_1 0.95 and
+the EMA model over the pool (core/pool.py) every 1/256 of training, as USB's re-evaluation
+after every one of its 256 epochs, but at most once an epoch of the pool (1/256 of a CPU-sized
+run would be a pass every 4 steps; an `adapt_every_fraction` given is kept as given), the first
+after one interval. Defaults: tau_1 0.95 and
 lambda_u 1 (USB's fixmatch_adsh_cifar10_lb1500_100_ulb3000_100_0.yaml: adsh_tau_1's default
 0.95, p_cutoff, ulb_loss_ratio).
 """
@@ -75,23 +77,25 @@ class ADSH(WeakStrong):
                                          'the share of every class\'s pseudo-labels (USB '
                                          'adsh_tau_1 0.95); every threshold starts at it.')
     teacher: str = teacher_field()
-    adapt_every_fraction: float = hparam(1 / 256, 'Fraction of training between two choices of '
+    adapt_every_fraction: float = hparam(0., 'Fraction of training between two choices of '
                                          'the thresholds, each a pass of the EMA model over the '
-                                         'pool (USB: after every one of 256 epochs).')
+                                         'pool; 0: every 1/256 of training (USB: after every '
+                                         'one of 256 epochs) but at most once an epoch of the '
+                                         'pool.')
 
     def __post_init__(self):
         super().__post_init__()
         check_base(self, BASES, 'adapts the thresholds of')
-        if not 0 < self.adapt_every_fraction <= 1:
-            raise ConfigError('--adapt_every_fraction must be in (0, 1]')
+        if not 0 <= self.adapt_every_fraction <= 1:
+            raise ConfigError('--adapt_every_fraction must be in [0, 1]')
 
     @property
     def pool_pass_every_fraction(self):
-        return self.adapt_every_fraction
+        return self.adapt_every_fraction or 1 / 256   # USB: after every one of 256 epochs
 
     @property
-    def pool_pass_start(self):   # the first pass after one interval, never on the untrained model
-        return self.adapt_every_fraction
+    def pool_pass_every_pool_epochs(self):
+        return 0. if self.adapt_every_fraction else 1.
 
     def state(self, num_classes, pool_size):
         return {LABELED_PRIOR: State((num_classes,), 1. / num_classes),

@@ -163,10 +163,14 @@ class Algorithm:
     targets_read_heads = False
     # A pass of the EMA model over the whole unlabeled pool (core/pool.py) every this many steps
     # (0: never), or every this fraction of training (pool_pass_every_fraction, when the steps
-    # are 0): the trainer hands its class probabilities to `from_pool` (DARP, OpenMatch).
+    # are 0), but no more often than once every pool_pass_every_pool_epochs epochs of the pool
+    # (the steps in which the run reads as many unlabeled images as the pool holds; alone, that
+    # often): the trainer hands its class probabilities to `from_pool` (DARP, OpenMatch). Never
+    # at step 0 (core/pool.pass_due).
     pool_pass_every_steps = 0
     pool_pass_every_fraction = 0.
-    pool_pass_start = 0.   # ... from this fraction of training on
+    pool_pass_every_pool_epochs = 0.
+    pool_pass_start = 0.   # ... from this fraction of training on (0: after one interval)
 
     def from_pool(self, probabilities, state: Dict[str, 'np.ndarray'], progress: float,
                   unknown=None) -> dict:

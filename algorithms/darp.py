@@ -11,15 +11,18 @@ solved on the dual by coordinate ascent (Eq. 5-7): X_ij = q_ij/e * exp(-lambda_i
 the projection, alpha * m_j images most confident in class j keep class j's mass rescaled to m_j
 (the initialisation of the authors' estimate_pseudo; USB's DARPPseudoLabelingHook).
 
-Ours: the pool's distributions come from a pass of the EMA model over the whole pool every
-`refine_every_steps` from `start_fraction` of training on (core/pool.py), not from each image's
-last training-batch prediction (USB); between passes each image's refined distribution is looked
-up by its pool index. On FixMatch the hard pseudo-label is the refined distribution's arg-max and
+Ours: the pool's distributions come from a pass of the EMA model over the whole pool (core/
+pool.py) every 10 steps but at most once an epoch of the pool (`refine_every_steps` 0; given, as
+given) from `start_fraction` of training on, not from each image's last training-batch prediction (USB); between passes each image's
+refined distribution is looked up by its pool index. USB's refinement every 10 steps re-solves
+the projection on stored predictions each refreshed once an epoch of the pool, as the image
+passes; a pass as often would cost a pool's inference every 10 steps (on a CPU-sized run, several
+times the training itself). On FixMatch the hard pseudo-label is the refined distribution's arg-max and
 the confidence mask is taken on the refined distribution too (the authors' train_fix: max_p,
 p_hat = max(targets_u) after the refinement; USB masks on the unrefined prediction), so an image
 whose label the projection moved trains only if the move is confident. Defaults: alpha 2, T = 10
-iterations, refinement every 10 steps (USB's fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml:
-darp_alpha, darp_iter_T, darp_num_refine_iter; the authors' --alpha, --iter_T, --num_iter), from
+iterations (USB's fixmatch_darp_cifar10_lb1500_100_ulb3000_100_0.yaml: darp_alpha, darp_iter_T;
+the authors' --alpha, --iter_T), from
 40% of training on (the authors' run.sh and README: --warm 200 of --epoch 500; USB keeps 200
 epochs of its 256).
 
@@ -90,21 +93,27 @@ class DARP(Plugged):
                                'candidates (USB darp_alpha 2.0).')
     darp_iterations: int = hparam(10, 'Coordinate-ascent rounds T of the projection (USB '
                                   'darp_iter_T 10).')
-    refine_every_steps: int = hparam(10, 'Steps between two refinements, each a pass of the EMA '
-                                     'model over the pool (USB darp_num_refine_iter 10).')
+    refine_every_steps: int = hparam(0, 'Steps between two refinements, each a pass of the EMA '
+                                     'model over the pool; 0: every 10 steps (USB\'s '
+                                     'darp_num_refine_iter, on predictions refreshed as the '
+                                     'images pass) but at most once an epoch of the pool.')
     start_fraction: float = hparam(0.4, 'Fraction of training before the first refinement '
                                    '(the authors\' run.sh: --warm 200 of --epoch 500).')
 
     def __post_init__(self):
         super().__post_init__()
-        if self.darp_alpha <= 0 or self.darp_iterations < 1 or self.refine_every_steps < 1 \
+        if self.darp_alpha <= 0 or self.darp_iterations < 1 or self.refine_every_steps < 0 \
                 or not 0 <= self.start_fraction <= 1:
-            raise ConfigError('--darp_alpha must be > 0, --darp_iterations and '
-                              '--refine_every_steps >= 1, --start_fraction in [0, 1]')
+            raise ConfigError('--darp_alpha must be > 0, --darp_iterations >= 1, '
+                              '--refine_every_steps >= 0, --start_fraction in [0, 1]')
 
     @property
     def pool_pass_every_steps(self):
-        return self.refine_every_steps
+        return self.refine_every_steps or 10   # USB darp_num_refine_iter
+
+    @property
+    def pool_pass_every_pool_epochs(self):
+        return 0. if self.refine_every_steps else 1.
 
     @property
     def pool_pass_start(self):

@@ -7,8 +7,8 @@ each labeled image: cross-entropy L_x and the hard-negative OVA loss L_ova (Eq. 
 nn/open_set.ova_loss). On two weak views of each unlabeled image: OVA entropy minimisation
 L_oem (their mean) and soft open-set consistency L_socr between the views' OVA probabilities
 (Eq. 3). L_fix: FixMatch (hard pseudo-labels of the first weak view above `confidence_threshold`
-train the strong view) on the selected inliers only. Every `select_every_fraction` of training
-from `start_fraction` on, a pass of the EMA model (with its averaged OVA head) over the whole pool
+train the strong view) on the selected inliers only. Every 1/512 of training but at most once an
+epoch of the pool (or every `select_every_fraction` given) from `start_fraction` on, a pass of the EMA model (with its averaged OVA head) over the whole pool
 (core/pool.py) selects the images whose unknown score, the outlier probability of their
 predicted class, is below 0.5 (OP_Match utils/misc.py exclude_dataset, run on their EMA model);
 before the first selection L_fix is 0.
@@ -19,9 +19,11 @@ a second forward pass); one joint forward pass over all views. Defaults: lambda_
 lambda_socr 0.5 (CIFAR-10), threshold 0 and lambda_u 1 (OP_Match run_cifar10.sh and
 utils/parser.py: --threshold 0.0, L_fix unweighted); uratio 2 (their mu) in
 runs/algorithms/openmatch.flags. Their schedule, 512 epochs of 1024 steps, starts FixMatch and
-the selections at epoch 10 (start_fix) and re-selects every epoch: as fractions of training,
-start 10/512 and every 1/512, whatever our --train_kimg (a 32-kimg run at batch 32: from step
-20, every 2 steps).
+the selections at epoch 10 (start_fix): as a fraction of training, 10/512 whatever our
+--train_kimg. They re-select every epoch, 1/512 of training; ours too, but at most once an epoch of
+the pool (theirs: 131,072 unlabeled images an epoch, ~2.6 epochs of CIFAR-10's pool), where
+1/512 of a 32-kimg run would pass over the whole pool every 2 steps, many times the training's
+cost.
 """
 import tensorflow as tf
 
@@ -52,20 +54,25 @@ class OpenMatch(Algorithm):
     start_fraction: float = hparam(10 / 512, 'Fraction of training before the first inlier '
                                    'selection, from which FixMatch trains (OP_Match start_fix '
                                    '10 of 512 epochs).')
-    select_every_fraction: float = hparam(1 / 512, 'Fraction of training between two inlier '
+    select_every_fraction: float = hparam(0., 'Fraction of training between two inlier '
                                           'selections, each a pass of the EMA model over the '
-                                          'pool (OP_Match: every epoch of 512).')
+                                          'pool; 0: every 1/512 of training (OP_Match: every '
+                                          'epoch of 512) but at most once an epoch of the pool.')
 
     def __post_init__(self):
         super().__post_init__()
         if self.oem_weight < 0 or self.socr_weight < 0 or not 0 <= self.start_fraction <= 1 \
-                or not 0 < self.select_every_fraction <= 1:
+                or not 0 <= self.select_every_fraction <= 1:
             raise ConfigError('--oem_weight and --socr_weight must be >= 0, --start_fraction in '
-                              '[0, 1], --select_every_fraction in (0, 1]')
+                              '[0, 1], --select_every_fraction in [0, 1]')
 
     @property
     def pool_pass_every_fraction(self):
-        return self.select_every_fraction
+        return self.select_every_fraction or 1 / 512   # OP_Match: every epoch of 512
+
+    @property
+    def pool_pass_every_pool_epochs(self):
+        return 0. if self.select_every_fraction else 1.
 
     @property
     def pool_pass_start(self):

@@ -16,8 +16,9 @@ saw/utils.py (effective_weights) compute these weights; the paper's own numberin
 available to us, so the equations are cited from the effective-number paper they build on.
 
 Ours: the predicted counts come from a pass of the EMA model over the pool (core/pool.py) every
-`reweight_every_fraction` of training, as USB's re-evaluation of the pool after every epoch
-(256 epochs: 1/256), the first after one such interval; until then the unlabeled weights are 1
+1/256 of training, as USB's re-evaluation after every one of its 256 epochs, but at most once an
+epoch of the pool (1/256 of a CPU-sized run would be a pass every 4 steps; a
+`reweight_every_fraction` given is kept as given), the first after one interval; until then the unlabeled weights are 1
 (USB's: the weights of a uniform pool). One strong view an image, as USB's FixMatch (the authors'
 FixMatch trains two, train_fix_cifar10.py). Defaults: lambda_u 1 and tau 0.95 (USB's fixmatch_saw_cifar10_lb1500_100_ulb3000
 _100_0.yaml: ulb_loss_ratio, p_cutoff; the authors' scripts: --lambda_u 1 --tau 0.95).
@@ -52,24 +53,25 @@ class SAW(WeakStrong):
     consistency_weight: float = hparam(1., 'Weight lambda_u of the base\'s unlabeled loss.')
     confidence_threshold: float = hparam(0.95, 'The base\'s confidence threshold tau.')
     teacher: str = teacher_field()
-    reweight_every_fraction: float = hparam(1 / 256, 'Fraction of training between two '
+    reweight_every_fraction: float = hparam(0., 'Fraction of training between two '
                                             're-countings of the pool\'s predicted classes, each '
-                                            'a pass of the EMA model over the pool (USB: after '
-                                            'every one of 256 epochs).')
+                                            'a pass of the EMA model over the pool; 0: every '
+                                            '1/256 of training (USB: after every one of 256 '
+                                            'epochs) but at most once an epoch of the pool.')
 
     def __post_init__(self):
         super().__post_init__()
         check_base(self, BASES, 'weighs')
-        if not 0 < self.reweight_every_fraction <= 1:
-            raise ConfigError('--reweight_every_fraction must be in (0, 1]')
+        if not 0 <= self.reweight_every_fraction <= 1:
+            raise ConfigError('--reweight_every_fraction must be in [0, 1]')
 
     @property
     def pool_pass_every_fraction(self):
-        return self.reweight_every_fraction
+        return self.reweight_every_fraction or 1 / 256   # USB: after every one of 256 epochs
 
     @property
-    def pool_pass_start(self):   # the first pass after one interval, never on the untrained model
-        return self.reweight_every_fraction
+    def pool_pass_every_pool_epochs(self):
+        return 0. if self.reweight_every_fraction else 1.
 
     def state(self, num_classes, pool_size, labeled_size=0):
         # unlabeled_weights: w(predicted counts), 1 until the first pass over the pool.

@@ -57,6 +57,29 @@ def test_darp_pseudo_labels_and_masks_follow_the_refined_distribution():
     np.testing.assert_allclose(float(out.metrics['mask']), 2 / 4, rtol=1e-6)
 
 
+def test_pool_passes_follow_the_papers_interval_at_most_once_an_epoch_of_the_pool():
+    """core/pool.pass_due: the paper's interval where the run is long (USB's length: SAW's 1/256
+    of training), one epoch of the pool where that is sparser (a CPU-sized run), as given where
+    a flag gives it; never at step 0; from the start fraction (or one interval) on."""
+    from ssl_ema.core.pool import pass_due, pass_interval
+    saw, adsh = algorithms.ALGORITHMS['saw'](), algorithms.ALGORITHMS['adsh']()
+    # USB's length, 262,144 steps of 64 unlabeled images over a 7,443-image pool: 1/256.
+    assert pass_interval(saw, 262144, 7443, 64) == 1024
+    # A CPU-sized run of 1024 steps: 1/256 would be every 4 steps; an epoch of the pool is 117.
+    assert pass_interval(saw, 1024, 7443, 64) == pass_interval(adsh, 1024, 7443, 64) == 117
+    assert pass_interval(algorithms.ALGORITHMS['saw'](reweight_every_fraction=1 / 256),
+                         1024, 7443, 64) == 4
+    due = [s for s in range(1025) if pass_due(saw, s, 1024, 7443, 64)]
+    assert due == list(range(117, 1025, 117))
+    darp = algorithms.ALGORITHMS['darp']()   # from 40% of training: step 410, every 117
+    assert pass_interval(darp, 262144, 7443, 64) == 117   # 10 steps, at most once a pool epoch
+    assert [s for s in range(1025) if pass_due(darp, s, 1024, 7443, 64)][:3] == [410, 527, 644]
+    openmatch = algorithms.ALGORITHMS['openmatch']()   # from 10/512: step 20
+    assert [s for s in range(400) if pass_due(openmatch, s, 1024, 20000, 128)] == [20, 177, 334]
+    assert not pass_due(algorithms.ALGORITHMS['fixmatch'](), 512, 1024, 7443, 64)
+    assert not pass_due(algorithms.ALGORITHMS['darp'](start_fraction=0.), 0, 1024, 7443, 64)
+
+
 def test_abc_masks_by_hand():
     prior = tf.constant([0.5, 0.3, 0.2])
     np.testing.assert_allclose(abc_keep_probability(prior, tf.constant([0, 1, 2])),

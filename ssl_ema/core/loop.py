@@ -190,10 +190,8 @@ class Trainer(Engine):
     def before_step(self, step):
         """The algorithm's pass of the EMA model over the whole pool, on its schedule, before the
         step's update: a pure function of the checkpointed weights, so a resumed run redoes it."""
-        every, fraction = (self.algorithm.pool_pass_every_steps,
-                           self.algorithm.pool_pass_every_fraction)
-        every = every or (max(1, round(fraction * self.cfg.total_steps)) if fraction else 0)
-        if not every or step % every or step < self.algorithm.pool_pass_start * self.cfg.total_steps:
+        if not pool.pass_due(self.algorithm, step, self.cfg.total_steps, self.data.unlabeled_size,
+                             self.cfg.batch * self.cfg.uratio):
             return
         state = {k: v.numpy() for k, v in self.state.items()}
         progress = step / self.cfg.total_steps

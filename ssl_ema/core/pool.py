@@ -11,6 +11,33 @@ import tensorflow as tf
 from ssl_ema.core.accuracy import inference_batch
 
 
+def pass_interval(algorithm, total_steps: int, pool_size: int, unlabeled_per_step: int) -> int:
+    """The steps between two of `algorithm`'s passes over the pool (0: it makes none): its
+    pool_pass_every_steps, else its pool_pass_every_fraction of `total_steps`, but no fewer than
+    its pool_pass_every_pool_epochs epochs of the pool (each pool_size / unlabeled_per_step
+    steps; alone, exactly that many)."""
+    every = int(algorithm.pool_pass_every_steps) or (
+        max(1, round(algorithm.pool_pass_every_fraction * total_steps))
+        if algorithm.pool_pass_every_fraction else 0)
+    if algorithm.pool_pass_every_pool_epochs:
+        every = max(every, int(np.ceil(algorithm.pool_pass_every_pool_epochs * pool_size
+                                       / max(1, unlabeled_per_step))))
+    return every
+
+
+def pass_due(algorithm, step: int, total_steps: int, pool_size: int,
+             unlabeled_per_step: int) -> bool:
+    """Whether `algorithm` passes over the pool before `step`: every pass_interval steps from
+    its pool_pass_start fraction of training on (from one interval on where that is 0), never at
+    step 0 (the untrained model)."""
+    every = pass_interval(algorithm, total_steps, pool_size, unlabeled_per_step)
+    if not every or step < 1:
+        return False
+    start = algorithm.pool_pass_start
+    first = max(1, int(np.ceil(start * total_steps - 1e-9))) if start else every
+    return step >= first and (step - first) % every == 0
+
+
 def predict_pool(model, data, flip=None, batch_size: int = None, unknown: bool = False):
     """Class probabilities [pool size, K] of `model` (inference mode) on every pool image; with
     `flip` (default: where the dataset allows horizontal flips) the mean of the image's and its
